@@ -1,0 +1,145 @@
+"""The ``avl`` TorchDynamo backend: run the passes, then hand the pieces to the inner compiler."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import fx
+
+from avl_compile.options import AvlOptions
+from avl_compile.passes.find_attention_sites import find_attention_sites
+from avl_compile.passes.find_image_mask import find_image_scatters
+from avl_compile.passes.record_image_mask import insert_image_mask_recorders
+from avl_compile.passes.rewrite_attention_sites import rewrite_attention_sites
+from avl_compile.passes.split_at_runtime_calls import split_at_runtime_calls
+from avl_compile.runtime import AvlRuntime, register_runtime
+
+log = logging.getLogger("avl_compile")
+
+
+class AvlBackend:
+    """A Dynamo backend holding its runtime state; one instance per compiled model is best.
+
+    ``backend="avl"`` uses one process-wide instance; the per-layer state lives with each
+    KV cache, so models compiled through it still never share state.
+    """
+
+    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
+        self.options = AvlOptions.from_mapping(options)
+        self.runtime = AvlRuntime()
+        self.runtime_key = register_runtime(self.runtime)
+        self.graphs: list[CompiledGraphRecord] = []
+
+    def __call__(
+        self,
+        gm: fx.GraphModule,
+        example_inputs: list[Any],
+        options: Mapping[str, Any] | None = None,
+    ) -> Callable:
+        opts = AvlOptions.from_mapping(options) if options is not None else self.options
+        before = gm.print_readable(print_output=False) if log.isEnabledFor(logging.DEBUG) else None
+        sites = find_attention_sites(gm.graph)
+        scatters = find_image_scatters(gm.graph)
+        recorders = insert_image_mask_recorders(gm.graph, scatters, self.runtime_key)
+        rewritten = rewrite_attention_sites(gm.graph, sites, opts, self.runtime)
+        gm.recompile()
+        record = CompiledGraphRecord(
+            index=len(self.graphs),
+            sites=sites,
+            recorders=recorders,
+            rewritten=rewritten,
+            code_before=before,
+        )
+        self.graphs.append(record)
+        if rewritten or recorders:
+            log.info(
+                "avl: graph %d: rewrote %d of %d attention sites (policy=%s), %d image-mask "
+                "recorder(s)",
+                record.index,
+                rewritten,
+                len(sites),
+                opts.policy,
+                recorders,
+            )
+        for site in sites:
+            if site.reason is not None:
+                log.debug("avl: graph %d: %s left dense: %s", record.index, site.name, site.reason)
+        if not (rewritten or recorders):
+            return _inner_backend(opts.inner)(gm, example_inputs)
+        return _compile_pieces(gm, example_inputs, opts.inner)
+
+
+class CompiledGraphRecord:
+    def __init__(self, index: int, sites, recorders: int, rewritten: int, code_before) -> None:
+        self.index = index
+        self.sites = sites
+        self.recorders = recorders
+        self.rewritten = rewritten
+        self.code_before = code_before
+
+
+def _inner_backend(name: str) -> Callable:
+    from torch._dynamo.backends.registry import lookup_backend
+
+    return lookup_backend(name)
+
+
+def _compile_pieces(gm: fx.GraphModule, example_inputs: list[Any], inner: str) -> Callable:
+    """Compile every piece between runtime calls with the inner compiler.
+
+    Like Dynamo's DDPOptimizer, an interpreter walks the split graph with fake tensors to get
+    each piece's example inputs.
+    """
+    if inner == "eager":
+        return gm.forward
+    split, runtime_names = split_at_runtime_calls(gm)
+    compile_piece = _inner_backend(inner)
+    # Dynamo hands backends a fresh fake mode (not the one of the nodes' example values).
+    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    fake_mode = fake_mode or torch._subclasses.fake_tensor.FakeTensorMode()
+    fake_inputs = [
+        fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs
+    ]
+
+    class PieceCompiler(torch.fx.Interpreter):
+        def call_module(self, target, args, kwargs):
+            submodule = self.fetch_attr(target)
+            if target in runtime_names:
+                return submodule(*args)  # runtime calls answer fake inputs with fake outputs
+            with fake_mode:
+                result = submodule(*args)
+            single = _make_tuple_output(submodule)
+            compiled = compile_piece(submodule, list(args))
+            setattr(self.module, target, _Piece(compiled, single))
+            return result
+
+    with fake_mode:
+        PieceCompiler(split).run(*fake_inputs)
+    split.recompile()
+    return split.forward
+
+
+def _make_tuple_output(gm: fx.GraphModule) -> bool:
+    """AOTAutograd-based compilers want tuple outputs; returns True if one was made."""
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    if isinstance(output.args[0], (tuple, list)):
+        return False
+    output.args = ((output.args[0],),)
+    gm.recompile()
+    return True
+
+
+class _Piece(torch.nn.Module):
+    """A compiled piece, called like the submodule it replaces."""
+
+    def __init__(self, compiled: Callable, single_output: bool) -> None:
+        super().__init__()
+        self.compiled = compiled
+        self.single_output = single_output
+
+    def forward(self, *args):
+        result = self.compiled(*args)
+        return result[0] if self.single_output else tuple(result)

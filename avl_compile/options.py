@@ -1,0 +1,103 @@
+"""User options of the ``avl`` backend: names, defaults and validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+POLICIES = ("avl",)
+INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+
+
+@dataclasses.dataclass(frozen=True)
+class AvlOptions:
+    """Options accepted through ``torch.compile(..., backend="avl", options={...})``.
+
+    Fractions are of the ORIGINAL number of image tokens N (vision) or of the text tokens
+    seen so far (text), as in the A-VL paper; counts are floors (see README).
+    """
+
+    policy: str = "avl"
+    vision_keep: float = 0.5  # S: image rows kept in the KV cache after prefill
+    vision_compute: float = 0.3  # C: image rows attended on non-refresh decode steps
+    refresh_every: int = 3  # K: every K-th decode step attends all kept image rows; -1 = always
+    text_keep: float = 0.6  # T: text budget = max(round(T * n_text), text_min_budget)
+    text_heavy_share: float = 0.7  # share of the text budget given to heavy hitters
+    text_min_budget: int = 20
+    prefill_filter_keep: float | None = None  # P: FastV-style prefill filter, None = off
+    prefill_filter_layer: int = 2
+    inner: str = "inductor"
+
+    @classmethod
+    def from_mapping(cls, options: Mapping[str, Any] | None) -> AvlOptions:
+        options = dict(options or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(
+                f"avl backend: unknown option(s) {unknown}; allowed options are {sorted(known)}"
+            )
+        result = cls(**options)
+        result.validate()
+        return result
+
+    def validate(self) -> None:
+        if self.policy not in POLICIES:
+            _fail("policy", self.policy, f"one of {list(POLICIES)}")
+        if self.inner not in INNER_COMPILERS:
+            _fail("inner", self.inner, f"one of {list(INNER_COMPILERS)}")
+        for name in ("vision_keep", "vision_compute", "text_keep"):
+            _check_fraction(name, getattr(self, name))
+        _check_fraction("text_heavy_share", self.text_heavy_share, allow_zero=True)
+        if self.vision_compute > self.vision_keep:
+            _fail(
+                "vision_compute",
+                self.vision_compute,
+                f"a fraction no larger than vision_keep={self.vision_keep} (C <= S)",
+            )
+        if not _is_int(self.refresh_every) or not (
+            self.refresh_every == -1 or self.refresh_every >= 1
+        ):
+            _fail(
+                "refresh_every", self.refresh_every, "an integer >= 1, or -1 (no core restriction)"
+            )
+        if not _is_int(self.text_min_budget) or self.text_min_budget < 0:
+            _fail("text_min_budget", self.text_min_budget, "an integer >= 0")
+        if not _is_int(self.prefill_filter_layer) or self.prefill_filter_layer < 1:
+            _fail("prefill_filter_layer", self.prefill_filter_layer, "an integer >= 1")
+        if self.prefill_filter_keep is not None:
+            _check_fraction("prefill_filter_keep", self.prefill_filter_keep)
+            if self.vision_keep > self.prefill_filter_keep:
+                _fail(
+                    "vision_keep",
+                    self.vision_keep,
+                    f"a fraction no larger than prefill_filter_keep={self.prefill_filter_keep}"
+                    " when the prefill filter is on (S <= P)",
+                )
+
+    @property
+    def keeps_everything(self) -> bool:
+        """True when every budget is 100%: the policy must then reproduce dense attention."""
+        return (
+            self.vision_keep == 1.0
+            and self.vision_compute == 1.0
+            and self.text_keep == 1.0
+            and self.prefill_filter_keep in (None, 1.0)
+        )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_fraction(name: str, value: Any, allow_zero: bool = False) -> None:
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    low_ok = is_number and (value >= 0 if allow_zero else value > 0)
+    if not (is_number and math.isfinite(value) and low_ok and value <= 1):
+        _fail(name, value, "a fraction in [0, 1]" if allow_zero else "a fraction in (0, 1]")
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"avl backend: option {name}={value!r} is invalid; it must be {allowed}")

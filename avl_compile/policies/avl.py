@@ -1,0 +1,407 @@
+"""A-VL adaptive attention at one decoder attention site, on a compacted KV cache.
+
+Cache layout per (batch row, kv head) after prefill: [sink prefix | secondary image rows |
+kept text rows | empty slots], each part in positional order; decode tokens are appended.
+Every slot carries its original (padded) position, its kind and, for text, its accumulated
+attention. Decode attention is split by modality: core image rows (shared by the heads of the
+layer) and sink + kept text (per kv head), merged exactly through their log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from avl_compile.lowering.gathered_attention import gathered_attention, merge_partial_attention
+from avl_compile.options import AvlOptions
+from avl_compile.policies.budgets import (
+    fraction_count,
+    is_refresh_step,
+    split_text_budget,
+    text_budget,
+)
+
+EMPTY, SINK, IMAGE, TEXT = 0, 1, 2, 3
+_QUERY_CHUNK = 256  # query rows per block when summing prefill attention columns
+
+
+@dataclasses.dataclass
+class PrefillContext:
+    """What the sites of one prefill forward share: the image mask and the prefill filter."""
+
+    image_mask: Tensor  # [B, L] bool
+    filter_keep: Tensor | None = None  # [B, L] bool, image tokens that pass the prefill filter
+
+
+@dataclasses.dataclass
+class LayerCacheState:
+    """Bookkeeping of one layer's compacted cache; slots align with the cache's dim -2."""
+
+    position: Tensor  # [B, Hkv, L] long, original position, -1 for an empty slot
+    kind: Tensor  # [B, Hkv, L] int8: EMPTY, SINK, IMAGE or TEXT
+    core: Tensor  # [B, Hkv, L] bool, image rows attended on non-refresh steps
+    text_score: Tensor  # [B, Hkv, L] accumulated attention of text rows
+    n_text: list[int]  # text tokens seen so far per row (kept or not)
+    n_core: list[int]  # core size per row, floor(C * N)
+    next_position: int  # position of the next decode token
+    step: int = 0  # 0 after prefill; decode step t is the t-th decode forward
+
+
+def _score_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _prefill_logits_bias(
+    attn_mask: Tensor | None, is_causal: bool, q_len: int, k_len: int, device: torch.device
+) -> Tensor:
+    """Additive bias [B or 1, 1, Lq, Lk] equal to what SDPA applies for these arguments."""
+    bias = torch.zeros(1, 1, q_len, k_len, device=device, dtype=torch.float64)
+    if is_causal:
+        causal = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
+        bias = bias.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            bias = bias.masked_fill(~attn_mask, float("-inf"))
+        else:
+            bias = bias + attn_mask.to(torch.float64)
+    return bias
+
+
+def _key_is_valid(attn_mask: Tensor | None, batch: int, k_len: int, device) -> Tensor:
+    """[B, Lk]: keys the last query row may attend, i.e. not left padding."""
+    if attn_mask is None:
+        return torch.ones(batch, k_len, dtype=torch.bool, device=device)
+    last_row = attn_mask[:, 0, -1, :].expand(batch, k_len)
+    if attn_mask.dtype == torch.bool:
+        return last_row.clone()
+    return last_row > torch.finfo(attn_mask.dtype).min / 2
+
+
+def _mask_to_index(mask: Tensor) -> Tensor:
+    """Bool [..., L] -> int64 [..., n] of the True positions in order, padded with -1."""
+    length = mask.shape[-1]
+    count = int(mask.sum(-1).max()) if mask.numel() else 0
+    order = torch.where(mask, torch.arange(length, device=mask.device), length)
+    index = order.sort(dim=-1).values[..., :count]
+    return index.masked_fill(index == length, -1)
+
+
+def _topk_positions(scores: Tensor, candidates: Tensor, k: int) -> Tensor:
+    """Positions (sorted) of the k largest ``scores`` among the ``candidates`` positions."""
+    if k <= 0 or candidates.numel() == 0:
+        return candidates[:0]
+    k = min(k, candidates.numel())
+    best = torch.topk(scores[candidates], k).indices
+    return candidates[best].sort().values
+
+
+def select_text(positions: Tensor, scores: Tensor, budget: int, heavy_share: float) -> Tensor:
+    """H2O selection among text ``positions`` (ascending): recent window + heavy hitters."""
+    if positions.numel() <= budget:
+        return positions
+    heavy, recent = split_text_budget(budget, heavy_share)
+    split = positions.numel() - recent
+    older, newest = positions[:split], positions[split:]
+    if heavy <= 0 or split == 0:
+        return newest
+    best = torch.topk(scores[:split], min(heavy, split)).indices
+    return torch.cat([older[best.sort().values], newest])
+
+
+class AvlPolicy:
+    """Prefill selection and decode attention of A-VL for one attention site."""
+
+    def __init__(self, options: AvlOptions, layer_idx: int) -> None:
+        self.options = options
+        self.layer_idx = layer_idx
+
+    # ---------------------------------------------------------------- prefill
+    def prefill(
+        self,
+        query: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        attn_mask: Tensor | None,
+        is_causal: bool,
+        scale: float,
+        context: PrefillContext,
+    ) -> tuple[Tensor, Tensor, Tensor, LayerCacheState]:
+        opts = self.options
+        batch, q_heads, q_len, head_dim = query.shape
+        kv_heads, k_len = keys.shape[1], keys.shape[2]
+        group = q_heads // kv_heads
+        bias = _prefill_logits_bias(attn_mask, is_causal, q_len, k_len, query.device)
+        filtered = self._filtered_keys(context, batch, k_len)
+        if filtered is not None:
+            bias = bias.masked_fill(~filtered[:, None, None, :], float("-inf"))
+            output = F.scaled_dot_product_attention(
+                query,
+                keys,
+                values,
+                attn_mask=bias.to(query.dtype),
+                scale=scale,
+                enable_gqa=group > 1,
+            )
+        else:
+            output = F.scaled_dot_product_attention(
+                query,
+                keys,
+                values,
+                attn_mask=attn_mask,
+                is_causal=is_causal,
+                scale=scale,
+                enable_gqa=group > 1,
+            )
+
+        acc = _score_dtype(query.dtype)
+        key_valid = _key_is_valid(attn_mask, batch, k_len, query.device)
+        if filtered is not None:
+            key_valid = key_valid & filtered
+        last_probs = self._probs(query[:, :, -1:, :], keys, bias[..., -1:, :], scale, acc)
+        image_score = last_probs[:, :, 0, :].mean(dim=1)  # [B, Lk], head-averaged
+        query_valid = key_valid[:, k_len - q_len :]
+        column_sums = self._column_sums(query, keys, bias, scale, acc, query_valid)
+
+        image_mask = context.image_mask
+        slot_rows: list[list[Tensor]] = []
+        n_text, n_core = [], []
+        core_positions: list[Tensor] = []
+        for b in range(batch):
+            valid = key_valid[b]
+            image_pos = torch.nonzero(image_mask[b]).flatten()
+            first_image = int(image_pos[0])
+            n_images = image_pos.numel()
+            positions = torch.arange(k_len, device=query.device)
+            sink = positions[valid & (positions < first_image)]
+            image_candidates = image_pos
+            if context.filter_keep is not None and self.layer_idx >= opts.prefill_filter_layer:
+                image_candidates = torch.nonzero(context.filter_keep[b]).flatten()
+            secondary = _topk_positions(
+                image_score[b], image_candidates, fraction_count(opts.vision_keep, n_images)
+            )
+            core = _topk_positions(
+                image_score[b], image_candidates, fraction_count(opts.vision_compute, n_images)
+            )
+            text = positions[valid & ~image_mask[b] & (positions >= first_image)]
+            budget = text_budget(text.numel(), opts.text_keep, opts.text_min_budget)
+            rows = []
+            for h in range(kv_heads):
+                kept_text = select_text(
+                    text, column_sums[b, h, text], budget, opts.text_heavy_share
+                )
+                rows.append(torch.cat([sink, secondary, kept_text]))
+            slot_rows.append(rows)
+            n_text.append(text.numel())
+            n_core.append(fraction_count(opts.vision_compute, n_images))
+            core_positions.append(core)
+
+        width = max(len(r) for rows in slot_rows for r in rows)
+        position = torch.full((batch, kv_heads, width), -1, dtype=torch.long, device=query.device)
+        for b, rows in enumerate(slot_rows):
+            for h, r in enumerate(rows):
+                position[b, h, : r.numel()] = r
+        safe = position.clamp(min=0)
+        kind = torch.full_like(position, EMPTY, dtype=torch.int8)
+        is_image = image_mask.gather(1, safe.flatten(1)).view_as(position)
+        kind[position >= 0] = TEXT
+        kind[(position >= 0) & is_image] = IMAGE
+        for b in range(batch):
+            first_image = int(torch.nonzero(image_mask[b])[0])
+            kind[b][(position[b] >= 0) & (position[b] < first_image)] = SINK
+        core_mask = torch.zeros_like(position, dtype=torch.bool)
+        for b, core in enumerate(core_positions):
+            core_mask[b] = torch.isin(position[b], core) & (kind[b] == IMAGE)
+        text_score = column_sums.gather(2, safe).masked_fill(kind != TEXT, 0.0)
+        state = LayerCacheState(
+            position=position,
+            kind=kind,
+            core=core_mask,
+            text_score=text_score,
+            n_text=n_text,
+            n_core=n_core,
+            next_position=k_len,
+        )
+        return output, _gather_rows(keys, safe), _gather_rows(values, safe), state
+
+    def _filtered_keys(self, context: PrefillContext, batch: int, k_len: int) -> Tensor | None:
+        if context.filter_keep is None or self.layer_idx < self.options.prefill_filter_layer:
+            return None
+        return ~context.image_mask | context.filter_keep
+
+    def choose_prefill_filter(
+        self,
+        query: Tensor,
+        keys: Tensor,
+        attn_mask: Tensor | None,
+        is_causal: bool,
+        scale: float,
+        context: PrefillContext,
+    ) -> Tensor:
+        """Image tokens [B, L] that pass the FastV-style filter, by this layer's last-row score."""
+        batch, q_len, k_len = query.shape[0], query.shape[2], keys.shape[2]
+        bias = _prefill_logits_bias(attn_mask, is_causal, q_len, k_len, query.device)
+        probs = self._probs(
+            query[:, :, -1:, :], keys, bias[..., -1:, :], scale, _score_dtype(query.dtype)
+        )
+        score = probs[:, :, 0, :].mean(dim=1)
+        keep = torch.zeros_like(context.image_mask)
+        for b in range(batch):
+            image_pos = torch.nonzero(context.image_mask[b]).flatten()
+            count = fraction_count(self.options.prefill_filter_keep, image_pos.numel())
+            keep[b, _topk_positions(score[b], image_pos, count)] = True
+        return keep
+
+    @staticmethod
+    def _probs(query: Tensor, keys: Tensor, bias: Tensor, scale: float, acc: torch.dtype) -> Tensor:
+        """Softmax rows [B, Hq, q, Lk] of ``query`` against all keys (GQA aware)."""
+        group = query.shape[1] // keys.shape[1]
+        expanded = keys.to(acc).repeat_interleave(group, dim=1)
+        logits = torch.matmul(query.to(acc), expanded.transpose(-1, -2)) * scale
+        return torch.softmax(logits + bias.to(acc), dim=-1).nan_to_num(0.0)
+
+    def _column_sums(
+        self,
+        query: Tensor,
+        keys: Tensor,
+        bias: Tensor,
+        scale: float,
+        acc: torch.dtype,
+        query_valid: Tensor,
+    ) -> Tensor:
+        """Accumulated attention per kv head [B, Hkv, Lk]: column sums over valid query rows."""
+        batch, q_heads, q_len, _ = query.shape
+        kv_heads = keys.shape[1]
+        total = torch.zeros(batch, q_heads, keys.shape[2], dtype=acc, device=query.device)
+        for start in range(0, q_len, _QUERY_CHUNK):
+            stop = min(start + _QUERY_CHUNK, q_len)
+            probs = self._probs(query[:, :, start:stop], keys, bias[..., start:stop, :], scale, acc)
+            weight = query_valid[:, None, start:stop, None].to(acc)
+            total += (probs * weight).sum(dim=2)
+        return total.view(batch, kv_heads, q_heads // kv_heads, -1).sum(dim=2)
+
+    # ----------------------------------------------------------------- decode
+    def decode(
+        self,
+        query: Tensor,
+        past_keys: Tensor,
+        new_keys: Tensor,
+        past_values: Tensor,
+        new_values: Tensor,
+        scale: float,
+        state: LayerCacheState,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        opts = self.options
+        batch, q_heads = query.shape[:2]
+        kv_heads = past_keys.shape[1]
+        group = q_heads // kv_heads
+        keys = torch.cat([past_keys, new_keys], dim=-2)
+        values = torch.cat([past_values, new_values], dim=-2)
+        self._append_token(state, batch, kv_heads, query.device)
+        state.step += 1
+        refresh = is_refresh_step(state.step, opts.refresh_every)
+
+        image_rows = (state.kind[:, :1] == IMAGE) & (state.core[:, :1] | refresh)
+        text_rows = (state.kind == SINK) | (state.kind == TEXT)
+        image_index = _mask_to_index(image_rows)  # [B, 1, n], shared by the heads
+        text_index = _mask_to_index(text_rows)  # [B, Hkv, m], per kv head
+        parts = [gathered_attention(query, keys, values, text_index, scale)]
+        if image_index.shape[-1]:
+            parts.append(gathered_attention(query, keys, values, image_index, scale))
+        output, lse = merge_partial_attention(parts)
+
+        acc = state.text_score.dtype
+        text_probs = _index_probs(query, keys, text_index, lse, scale, acc)  # [B, Hq, m]
+        text_probs = text_probs.view(batch, kv_heads, group, -1).sum(dim=2)
+        state.text_score.scatter_add_(
+            2, text_index.clamp(min=0), text_probs.masked_fill(text_index < 0, 0.0)
+        )
+        state.text_score.masked_fill_(state.kind != TEXT, 0.0)
+        if refresh and opts.refresh_every != -1:
+            image_probs = _index_probs(query, keys, image_index, lse, scale, acc).mean(dim=1)
+            self._choose_core(state, image_index[:, 0], image_probs)
+
+        keep = self._text_keep_mask(state)
+        if keep is not None:
+            keys, values = self._compact(state, keep, keys, values)
+        return output, keys, values
+
+    @staticmethod
+    def _append_token(state: LayerCacheState, batch: int, kv_heads: int, device) -> None:
+        shape = (batch, kv_heads, 1)
+        state.position = torch.cat(
+            [state.position, torch.full(shape, state.next_position, device=device)], dim=-1
+        )
+        state.kind = torch.cat(
+            [state.kind, torch.full(shape, TEXT, dtype=torch.int8, device=device)], dim=-1
+        )
+        state.core = torch.cat(
+            [state.core, torch.zeros(shape, dtype=torch.bool, device=device)], -1
+        )
+        state.text_score = torch.cat([state.text_score, state.text_score.new_zeros(shape)], -1)
+        state.n_text = [n + 1 for n in state.n_text]
+        state.next_position += 1
+
+    @staticmethod
+    def _choose_core(state: LayerCacheState, image_index: Tensor, image_probs: Tensor) -> None:
+        core = torch.zeros_like(state.core[:, 0])
+        for b, count in enumerate(state.n_core):
+            rows = image_index[b][image_index[b] >= 0]
+            if count > 0 and rows.numel():
+                best = torch.topk(image_probs[b, : rows.numel()], min(count, rows.numel())).indices
+                core[b, rows[best]] = True
+        state.core = core.unsqueeze(1).expand_as(state.core).clone()
+
+    def _text_keep_mask(self, state: LayerCacheState) -> Tensor | None:
+        """Slots to keep [B, Hkv, L] after the H2O text budget, or None if nothing is evicted."""
+        opts = self.options
+        keep = state.kind != EMPTY
+        evicted = False
+        for b, n_text in enumerate(state.n_text):
+            budget = text_budget(n_text, opts.text_keep, opts.text_min_budget)
+            for h in range(state.kind.shape[1]):
+                slots = torch.nonzero(state.kind[b, h] == TEXT).flatten()  # positional order
+                if slots.numel() <= budget:
+                    continue
+                chosen = select_text(
+                    slots, state.text_score[b, h, slots], budget, opts.text_heavy_share
+                )
+                keep[b, h, slots] = False
+                keep[b, h, chosen] = True
+                evicted = True
+        return keep if evicted else None
+
+    @staticmethod
+    def _compact(
+        state: LayerCacheState, keep: Tensor, keys: Tensor, values: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        width = int(keep.sum(-1).max())
+        order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :width]
+        still = keep.gather(-1, order)
+        state.position = state.position.gather(-1, order).masked_fill(~still, -1)
+        state.kind = state.kind.gather(-1, order).masked_fill(~still, EMPTY)
+        state.core = state.core.gather(-1, order) & still
+        state.text_score = state.text_score.gather(-1, order).masked_fill(~still, 0.0)
+        return _gather_rows(keys, order), _gather_rows(values, order)
+
+
+def _gather_rows(cache: Tensor, slots: Tensor) -> Tensor:
+    """cache [B, H, L, D] rows at slots [B, H, n] -> [B, H, n, D]."""
+    return cache.gather(2, slots.unsqueeze(-1).expand(-1, -1, -1, cache.shape[-1]))
+
+
+def _index_probs(
+    query: Tensor, keys: Tensor, index: Tensor, lse: Tensor, scale: float, acc: torch.dtype
+) -> Tensor:
+    """Final softmax probabilities [B, Hq, n] of the selected rows (single query row)."""
+    batch, q_heads = query.shape[:2]
+    kv_heads = keys.shape[1]
+    rows = index.expand(batch, kv_heads, -1)
+    picked = _gather_rows(keys, rows.clamp(min=0)).to(acc)
+    grouped = query[:, :, -1].reshape(batch, kv_heads, q_heads // kv_heads, -1).to(acc)
+    logits = torch.matmul(grouped, picked.transpose(-1, -2)) * scale  # [B, Hkv, g, n]
+    probs = torch.exp(logits - lse[:, :, -1].reshape(batch, kv_heads, -1, 1).to(acc))
+    probs = probs.masked_fill((rows < 0).unsqueeze(2), 0.0)
+    return probs.reshape(batch, q_heads, -1)

@@ -1,0 +1,199 @@
+"""Runtime side of the rewritten graphs: the functions the FX passes insert, and the state
+that must outlive one graph call (image positions, per-layer cache bookkeeping).
+
+Per-layer state is keyed by the KV-cache tensor the site returned: the next decode graph
+receives that very tensor as its past keys. So state follows the cache: a new ``generate``
+(new cache) starts fresh, two models never share it, and it is freed with the cache.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from avl_compile.options import AvlOptions
+from avl_compile.policies.avl import AvlPolicy, PrefillContext
+
+log = logging.getLogger("avl_compile")
+
+
+@dataclasses.dataclass
+class SiteInfo:
+    """A rewritten decoder attention site: static facts read off the graph."""
+
+    name: str
+    layer_idx: int
+    scale: float | None
+    is_causal: bool
+    options: AvlOptions
+    runtime: AvlRuntime
+
+
+class AvlRuntime:
+    """State shared by the graphs one backend compiles."""
+
+    def __init__(self) -> None:
+        self.layer_states: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+        self.prefill_context: PrefillContext | None = None
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._warned: set[str] = set()
+
+    def warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(message, stacklevel=3)
+
+    # Called from the graph right after the image features are scattered into the embeddings.
+    def record_image_mask(self, mask: Tensor, inputs_embeds: Tensor) -> None:
+        image_mask = mask.expand(inputs_embeds.shape).any(dim=-1)
+        self.prefill_context = PrefillContext(image_mask=image_mask.clone())
+        self.counters["image_masks_recorded"] += 1
+
+    def run_site(
+        self,
+        site: SiteInfo,
+        query: Tensor,
+        past_keys: Tensor,
+        new_keys: Tensor,
+        past_values: Tensor,
+        new_values: Tensor,
+        attn_mask: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        scale = site.scale if site.scale is not None else query.shape[-1] ** -0.5
+        if past_keys.numel() == 0:
+            return self._prefill(site, query, new_keys, new_values, attn_mask, scale)
+        state = self.layer_states.get(past_keys)
+        if state is None:
+            return self._dense(
+                site,
+                query,
+                past_keys,
+                new_keys,
+                past_values,
+                new_values,
+                attn_mask,
+                scale,
+                is_causal=False,
+            )
+        if self.prefill_context is not None:
+            self.prefill_context = None  # decoding has begun: the prompt's image mask is spent
+        if query.shape[2] != 1:
+            raise NotImplementedError(
+                f"avl: {site.name} got {query.shape[2]} new tokens on a compacted KV cache; only "
+                "one token per decode step is supported (assisted or speculative decoding is not)"
+            )
+        policy = AvlPolicy(site.options, site.layer_idx)
+        output, keys, values = policy.decode(
+            query, past_keys, new_keys, past_values, new_values, scale, state
+        )
+        self.layer_states[keys] = state
+        self.counters["decode_sites"] += 1
+        return output, keys, values
+
+    def _prefill(self, site, query, keys, values, attn_mask, scale):
+        context = self.prefill_context
+        batch, q_len = query.shape[0], query.shape[2]
+        reason = None
+        if context is None:
+            reason = "no image tokens were found for this prompt"
+        elif tuple(context.image_mask.shape) != (batch, q_len):
+            reason = (
+                f"the recorded image mask {tuple(context.image_mask.shape)} does not match the "
+                f"prompt {(batch, q_len)}"
+            )
+        elif not bool(context.image_mask.any(dim=-1).all()):
+            reason = "a prompt in the batch holds no image tokens"
+        if reason is not None:
+            self.warn_once(f"avl: {site.name} runs dense attention: {reason}")
+            return self._dense(
+                site, query, None, keys, None, values, attn_mask, scale, site.is_causal
+            )
+        policy = AvlPolicy(site.options, site.layer_idx)
+        opts = site.options
+        if opts.prefill_filter_keep is not None and site.layer_idx == opts.prefill_filter_layer - 1:
+            context.filter_keep = policy.choose_prefill_filter(
+                query, keys, attn_mask, site.is_causal, scale, context
+            )
+        output, kept_keys, kept_values, state = policy.prefill(
+            query, keys, values, attn_mask, site.is_causal, scale, context
+        )
+        self.layer_states[kept_keys] = state
+        self.counters["prefill_sites"] += 1
+        log.debug("%s: prefill kept %d of %d KV rows", site.name, kept_keys.shape[2], q_len)
+        return output, kept_keys, kept_values
+
+    @staticmethod
+    def _dense(
+        site, query, past_keys, new_keys, past_values, new_values, attn_mask, scale, is_causal
+    ):
+        keys = new_keys if past_keys is None else torch.cat([past_keys, new_keys], dim=-2)
+        values = new_values if past_values is None else torch.cat([past_values, new_values], -2)
+        output = F.scaled_dot_product_attention(
+            query,
+            keys,
+            values,
+            attn_mask=attn_mask,
+            is_causal=is_causal,
+            scale=site.scale,
+            enable_gqa=query.shape[1] != keys.shape[1],
+        )
+        return output, keys, values
+
+
+_SITES: dict[str, SiteInfo] = {}
+
+
+def register_site(site: SiteInfo) -> str:
+    key = f"{site.name}#{len(_SITES)}"
+    _SITES[key] = site
+    return key
+
+
+def attention_site(
+    site_key: str,
+    query: Tensor,
+    past_keys: Tensor,
+    new_keys: Tensor,
+    past_values: Tensor,
+    new_values: Tensor,
+    attn_mask: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Graph entry of a rewritten site: returns (attention output, new keys, new values)."""
+    site = _SITES[site_key]
+    if is_fake(query):  # the backend is propagating shapes through the split graph
+        keys = torch.cat([past_keys, new_keys], dim=-2)
+        values = torch.cat([past_values, new_values], dim=-2)
+        output = query.new_empty((*query.shape[:-1], values.shape[-1]))
+        return output, keys, values
+    output, keys, values = site.runtime.run_site(
+        site, query, past_keys, new_keys, past_values, new_values, attn_mask
+    )
+    # Compiled pieces downstream were specialised on contiguous layouts (see the fake path).
+    return output.contiguous(), keys.contiguous(), values.contiguous()
+
+
+def record_image_mask(runtime_key: str, mask: Tensor, inputs_embeds: Tensor) -> None:
+    if is_fake(mask):
+        return
+    _RUNTIMES[runtime_key].record_image_mask(mask, inputs_embeds)
+
+
+_RUNTIMES: dict[str, AvlRuntime] = {}
+
+
+def register_runtime(runtime: AvlRuntime) -> str:
+    key = f"runtime{id(runtime)}"
+    _RUNTIMES[key] = runtime
+    return key
+
+
+torch.fx.node.has_side_effect(record_image_mask)
+torch.fx.node.has_side_effect(attention_site)
