@@ -30,7 +30,9 @@ class AvlBackend:
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         self.options = AvlOptions.from_mapping(options)
         self.runtime = AvlRuntime()
-        self.runtime_key = register_runtime(self.runtime)
+        # Registered for the life of the process: Dynamo guards compiled code on the backend's
+        # id, and a freed backend's id reused by a new one would let stale graphs run.
+        self.runtime_key = register_runtime(self.runtime, self)
         self.graphs: list[CompiledGraphRecord] = []
 
     def __call__(
@@ -40,6 +42,7 @@ class AvlBackend:
         options: Mapping[str, Any] | None = None,
     ) -> Callable:
         opts = AvlOptions.from_mapping(options) if options is not None else self.options
+        _raise_recompile_limit()
         before = gm.print_readable(print_output=False) if log.isEnabledFor(logging.DEBUG) else None
         sites = find_attention_sites(gm.graph)
         scatters = find_image_scatters(gm.graph)
@@ -79,6 +82,19 @@ class CompiledGraphRecord:
         self.recorders = recorders
         self.rewritten = rewritten
         self.code_before = code_before
+
+
+RECOMPILE_LIMIT = 64
+
+
+def _raise_recompile_limit() -> None:
+    """Each compiled model adds ~4 entries (prefill, first decodes, dynamic decode) to the
+    forward's code cache. Past Dynamo's limit (8) the forward would run uncompiled on a
+    compacted cache, which is wrong, so the limit is raised for a few models per process."""
+    config = torch._dynamo.config
+    if config.recompile_limit < RECOMPILE_LIMIT:
+        log.info("avl: raising torch._dynamo.config.recompile_limit to %d", RECOMPILE_LIMIT)
+        config.recompile_limit = RECOMPILE_LIMIT
 
 
 def _inner_backend(name: str) -> Callable:

@@ -3,7 +3,9 @@ that must outlive one graph call (image positions, per-layer cache bookkeeping).
 
 Per-layer state is keyed by the KV-cache tensor the site returned: the next decode graph
 receives that very tensor as its past keys. So state follows the cache: a new ``generate``
-(new cache) starts fresh, two models never share it, and it is freed with the cache.
+(new cache) starts fresh, two models never share it, and it is freed with the cache. The
+store is process-wide because Dynamo may run a graph compiled by one backend instance for
+another model of the same class; keyed by cache tensors, sharing the store is safe.
 """
 
 from __future__ import annotations
@@ -37,12 +39,24 @@ class SiteInfo:
     runtime: AvlRuntime
 
 
+# KV-cache keys tensor -> bookkeeping of that layer's compacted cache
+_LAYER_STATES: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+
+
+class _PrefillSlot:
+    """The image mask of the prompt being prefilled, from the graph that scattered it."""
+
+    context: PrefillContext | None = None
+
+
+_PREFILL = _PrefillSlot()
+
+
 class AvlRuntime:
-    """State shared by the graphs one backend compiles."""
+    """Counters and warnings of the graphs one backend compiles; state lives in the stores."""
 
     def __init__(self) -> None:
-        self.layer_states: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
-        self.prefill_context: PrefillContext | None = None
+        self.layer_states = _LAYER_STATES
         self.counters: collections.Counter[str] = collections.Counter()
         self._warned: set[str] = set()
 
@@ -54,7 +68,7 @@ class AvlRuntime:
     # Called from the graph right after the image features are scattered into the embeddings.
     def record_image_mask(self, mask: Tensor, inputs_embeds: Tensor) -> None:
         image_mask = mask.expand(inputs_embeds.shape).any(dim=-1)
-        self.prefill_context = PrefillContext(image_mask=image_mask.clone())
+        _PREFILL.context = PrefillContext(image_mask=image_mask.clone())
         self.counters["image_masks_recorded"] += 1
 
     def run_site(
@@ -72,6 +86,10 @@ class AvlRuntime:
             return self._prefill(site, query, new_keys, new_values, attn_mask, scale)
         state = self.layer_states.get(past_keys)
         if state is None:
+            self.warn_once(
+                f"avl: {site.name} runs dense attention: this KV cache was not filled by the "
+                "avl backend's prefill (no image tokens, or a cache made elsewhere)"
+            )
             return self._dense(
                 site,
                 query,
@@ -83,8 +101,7 @@ class AvlRuntime:
                 scale,
                 is_causal=False,
             )
-        if self.prefill_context is not None:
-            self.prefill_context = None  # decoding has begun: the prompt's image mask is spent
+        _PREFILL.context = None  # decoding has begun: the prompt's image mask is spent
         if query.shape[2] != 1:
             raise NotImplementedError(
                 f"avl: {site.name} got {query.shape[2]} new tokens on a compacted KV cache; only "
@@ -99,7 +116,7 @@ class AvlRuntime:
         return output, keys, values
 
     def _prefill(self, site, query, keys, values, attn_mask, scale):
-        context = self.prefill_context
+        context = _PREFILL.context
         batch, q_len = query.shape[0], query.shape[2]
         reason = None
         if context is None:
@@ -189,9 +206,13 @@ def record_image_mask(runtime_key: str, mask: Tensor, inputs_embeds: Tensor) -> 
 _RUNTIMES: dict[str, AvlRuntime] = {}
 
 
-def register_runtime(runtime: AvlRuntime) -> str:
-    key = f"runtime{id(runtime)}"
+_BACKENDS: list[object] = []
+
+
+def register_runtime(runtime: AvlRuntime, backend: object) -> str:
+    key = f"runtime{len(_RUNTIMES)}"
     _RUNTIMES[key] = runtime
+    _BACKENDS.append(backend)
     return key
 
 

@@ -1,0 +1,244 @@
+"""Plain eager reference of the A-VL policy: the oracle the compiled path is tested against.
+
+No compiler, no cache compaction: like the authors' code, the full KV cache is kept and the
+policy is applied with masks over it. It plugs into transformers' attention interface, so
+the model runs unchanged; only the attention function differs.
+
+    tokens = reference_generate(model, inputs, options, max_new_tokens=32, do_sample=False)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+from avl_compile.options import AvlOptions
+from avl_compile.policies.budgets import (
+    fraction_count,
+    is_refresh_step,
+    split_text_budget,
+    text_budget,
+)
+
+ATTENTION_NAME = "avl_reference"
+
+
+@dataclasses.dataclass
+class _LayerMemory:
+    """What one layer remembers between steps, indexed by cache position."""
+
+    sink: Tensor  # [B, L] bool
+    image: Tensor  # [B, L] bool, all image tokens of the prompt
+    secondary: Tensor  # [B, L] bool, image tokens still in the cache
+    core: Tensor  # [B, L] bool
+    text_kept: Tensor  # [B, Hkv, L] bool
+    text_score: Tensor  # [B, Hkv, L] accumulated attention
+    n_text: list[int]
+    n_core: list[int]
+    step: int = 0
+
+    def grow(self) -> None:
+        """Append the new decode token: a text token, kept, with no attention yet."""
+
+        def pad(t: Tensor, value) -> Tensor:
+            return torch.cat([t, torch.full_like(t[..., :1], value)], dim=-1)
+
+        self.sink, self.image = pad(self.sink, False), pad(self.image, False)
+        self.secondary, self.core = pad(self.secondary, False), pad(self.core, False)
+        self.text_kept, self.text_score = pad(self.text_kept, True), pad(self.text_score, 0.0)
+        self.n_text = [n + 1 for n in self.n_text]
+
+
+class AvlReference:
+    """Holds the options, the prompt's image mask and each layer's memory for one generate."""
+
+    def __init__(self, options: AvlOptions, image_mask: Tensor) -> None:
+        self.options = options
+        self.image_mask = image_mask.bool()
+        self.layers: dict[int, _LayerMemory] = {}
+        self.filter_keep: Tensor | None = None
+
+    # -- the attention function (transformers' AttentionInterface signature)
+    def attention(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        group = query.shape[1] // key.shape[1]
+        key = key.repeat_interleave(group, dim=1)
+        value = value.repeat_interleave(group, dim=1)
+        allowed = attention_mask.bool()  # [B, 1, q, k] from the bool mask function below
+        if query.shape[2] > 1:
+            policy_mask = self._prefill_mask(module.layer_idx, query, key, allowed, scale)
+        else:
+            policy_mask = self._decode_mask(module.layer_idx, key.shape[2], group)
+        allowed = allowed & policy_mask
+        acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+        logits = torch.matmul(query.to(acc), key.to(acc).transpose(-1, -2)) * scale
+        probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+        probs = probs.nan_to_num(0.0)  # fully masked rows (left padding)
+        output = torch.matmul(probs, value.to(acc)).to(query.dtype)
+        if query.shape[2] > 1:
+            self._after_prefill(module.layer_idx, probs, allowed, group)
+        else:
+            self._after_decode(module.layer_idx, probs, group)
+        return output.transpose(1, 2).contiguous(), None
+
+    # -- prefill
+    def _prefill_mask(self, layer: int, query, key, allowed, scale) -> Tensor:
+        opts = self.options
+        if opts.prefill_filter_keep is None:
+            return torch.ones_like(allowed)
+        if layer == opts.prefill_filter_layer - 1:
+            logits = torch.matmul(query[:, :, -1:].double(), key.double().transpose(-1, -2))
+            logits = (logits * scale).masked_fill(~allowed[:, :, -1:], float("-inf"))
+            score = torch.softmax(logits, dim=-1)[:, :, 0].mean(dim=1)
+            self.filter_keep = torch.zeros_like(self.image_mask)
+            for b in range(score.shape[0]):
+                image_pos = self.image_mask[b].nonzero().flatten()
+                count = fraction_count(opts.prefill_filter_keep, image_pos.numel())
+                best = score[b, image_pos].topk(count).indices
+                self.filter_keep[b, image_pos[best]] = True
+        if layer >= opts.prefill_filter_layer:
+            visible = ~self.image_mask | self.filter_keep
+            return visible[:, None, None, :]
+        return torch.ones_like(allowed)
+
+    def _after_prefill(self, layer: int, probs: Tensor, allowed: Tensor, group: int) -> None:
+        opts = self.options
+        batch, q_heads, length, _ = probs.shape
+        kv_heads = q_heads // group
+        key_valid = allowed[:, 0, -1, :]  # not padding, not filtered out
+        last_row = probs[:, :, -1, :].mean(dim=1)  # head-averaged last-token attention
+        column_sums = (probs * key_valid[:, None, :, None]).sum(dim=2)
+        column_sums = column_sums.view(batch, kv_heads, group, length).sum(dim=2)
+        memory = _LayerMemory(
+            sink=torch.zeros(batch, length, dtype=torch.bool),
+            image=self.image_mask.clone(),
+            secondary=torch.zeros(batch, length, dtype=torch.bool),
+            core=torch.zeros(batch, length, dtype=torch.bool),
+            text_kept=torch.zeros(batch, kv_heads, length, dtype=torch.bool),
+            text_score=column_sums.clone(),
+            n_text=[],
+            n_core=[],
+        )
+        filtered = self.filter_keep is not None and layer >= opts.prefill_filter_layer
+        for b in range(batch):
+            image_pos = self.image_mask[b].nonzero().flatten()
+            n_images = image_pos.numel()
+            first_image = int(image_pos[0])
+            for j in range(length):
+                if key_valid[b, j] and j < first_image:
+                    memory.sink[b, j] = True
+            candidates = self.filter_keep[b].nonzero().flatten() if filtered else image_pos
+            for fraction, target in (
+                (opts.vision_keep, memory.secondary),
+                (opts.vision_compute, memory.core),
+            ):
+                count = min(fraction_count(fraction, n_images), candidates.numel())
+                best = last_row[b, candidates].topk(count).indices
+                target[b, candidates[best]] = True
+            text = [
+                j
+                for j in range(first_image, length)
+                if key_valid[b, j] and not self.image_mask[b, j]
+            ]
+            memory.n_text.append(len(text))
+            memory.n_core.append(fraction_count(opts.vision_compute, n_images))
+            for h in range(kv_heads):
+                for j in self._h2o_keep(text, column_sums[b, h], len(text)):
+                    memory.text_kept[b, h, j] = True
+        self.layers[layer] = memory
+
+    # -- decode
+    def _decode_mask(self, layer: int, length: int, group: int) -> Tensor:
+        memory = self.layers[layer]
+        memory.grow()
+        memory.step += 1
+        assert memory.sink.shape[-1] == length, "reference: cache and memory disagree"
+        refresh = is_refresh_step(memory.step, self.options.refresh_every)
+        image_rows = memory.secondary if refresh else memory.core
+        shared = (memory.sink | image_rows)[:, None, :] | memory.text_kept
+        return shared.repeat_interleave(group, dim=1)[:, :, None, :]  # [B, Hq, 1, L]
+
+    def _after_decode(self, layer: int, probs: Tensor, group: int) -> None:
+        opts = self.options
+        memory = self.layers[layer]
+        batch, q_heads, _, length = probs.shape
+        kv_heads = q_heads // group
+        row = probs[:, :, 0, :]
+        per_kv_head = row.view(batch, kv_heads, group, length).sum(dim=2)
+        memory.text_score += per_kv_head * memory.text_kept
+        if opts.refresh_every != -1 and is_refresh_step(memory.step, opts.refresh_every):
+            head_mean = row.mean(dim=1)
+            memory.core = torch.zeros_like(memory.core)
+            for b in range(batch):
+                secondary = memory.secondary[b].nonzero().flatten()
+                count = min(memory.n_core[b], secondary.numel())
+                best = head_mean[b, secondary].topk(count).indices
+                memory.core[b, secondary[best]] = True
+        for b in range(batch):
+            for h in range(kv_heads):
+                kept = memory.text_kept[b, h].nonzero().flatten().tolist()
+                keep = set(self._h2o_keep(kept, memory.text_score[b, h], memory.n_text[b]))
+                for j in kept:
+                    memory.text_kept[b, h, j] = j in keep
+
+    def _h2o_keep(self, kept: list[int], score: Tensor, n_text: int) -> list[int]:
+        """Text positions to keep: the most recent ones plus the heaviest of the older ones."""
+        opts = self.options
+        budget = text_budget(n_text, opts.text_keep, opts.text_min_budget)
+        if len(kept) <= budget:
+            return kept
+        n_heavy, n_recent = split_text_budget(budget, opts.text_heavy_share)
+        older, recent = kept[: len(kept) - n_recent], kept[len(kept) - n_recent :]
+        if n_heavy == 0 or not older:
+            return recent
+        best = torch.tensor([float(score[j]) for j in older], dtype=score.dtype)
+        heavy = [older[i] for i in best.topk(min(n_heavy, len(older))).indices.tolist()]
+        return sorted(heavy) + recent
+
+
+def _bool_mask(*args, **kwargs):
+    kwargs["allow_is_causal_skip"] = False  # the reference always wants an explicit mask
+    return sdpa_mask(*args, **kwargs)
+
+
+_active: list[AvlReference] = []
+
+
+def _dispatch(module, query, key, value, attention_mask, **kwargs):
+    return _active[-1].attention(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(ATTENTION_NAME, _dispatch)
+ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, _bool_mask)
+
+
+@contextlib.contextmanager
+def reference_attention(model, reference: AvlReference):
+    """Run ``model``'s decoder with the reference policy inside the block."""
+    language_config = model.config.get_text_config()
+    previous = language_config._attn_implementation
+    language_config._attn_implementation = ATTENTION_NAME
+    _active.append(reference)
+    try:
+        yield reference
+    finally:
+        _active.pop()
+        language_config._attn_implementation = previous
+
+
+def reference_generate(
+    model, inputs: Mapping[str, Any], options: Mapping[str, Any] | None = None, **generate_kwargs
+):
+    """``model.generate(**inputs)`` under the eager reference policy."""
+    opts = AvlOptions.from_mapping(options)
+    image_mask = inputs["input_ids"] == model.config.image_token_id
+    reference = AvlReference(opts, image_mask)
+    with reference_attention(model, reference):
+        return model.generate(**inputs, **generate_kwargs)
