@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -10,7 +11,7 @@ import torch
 from torch import fx
 
 from avl_compile.options import AvlOptions
-from avl_compile.passes.find_attention_sites import find_attention_sites
+from avl_compile.passes.find_attention_sites import AttentionSite, find_attention_sites
 from avl_compile.passes.find_image_mask import find_image_scatters
 from avl_compile.passes.record_image_mask import insert_image_mask_recorders
 from avl_compile.passes.rewrite_attention_sites import rewrite_attention_sites
@@ -43,7 +44,6 @@ class AvlBackend:
     ) -> Callable:
         opts = AvlOptions.from_mapping(options) if options is not None else self.options
         _raise_recompile_limit()
-        before = gm.print_readable(print_output=False) if log.isEnabledFor(logging.DEBUG) else None
         sites = find_attention_sites(gm.graph)
         scatters = find_image_scatters(gm.graph)
         recorders = insert_image_mask_recorders(gm.graph, scatters, self.runtime_key)
@@ -54,7 +54,6 @@ class AvlBackend:
             sites=sites,
             recorders=recorders,
             rewritten=rewritten,
-            code_before=before,
         )
         self.graphs.append(record)
         if rewritten or recorders:
@@ -75,13 +74,14 @@ class AvlBackend:
         return _compile_pieces(gm, example_inputs, opts.inner)
 
 
+@dataclasses.dataclass
 class CompiledGraphRecord:
-    def __init__(self, index: int, sites, recorders: int, rewritten: int, code_before) -> None:
-        self.index = index
-        self.sites = sites
-        self.recorders = recorders
-        self.rewritten = rewritten
-        self.code_before = code_before
+    """What the backend did to one graph Dynamo handed it (kept for inspection and tests)."""
+
+    index: int
+    sites: list[AttentionSite]
+    recorders: int
+    rewritten: int
 
 
 RECOMPILE_LIMIT = 64

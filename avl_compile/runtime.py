@@ -119,7 +119,7 @@ class AvlRuntime:
         context = _PREFILL.context
         batch, q_len = query.shape[0], query.shape[2]
         reason = None
-        if context is None:
+        if context is None or site.layer_idx in context.used_by_layers:
             reason = "no image tokens were found for this prompt"
         elif tuple(context.image_mask.shape) != (batch, q_len):
             reason = (
@@ -133,6 +133,7 @@ class AvlRuntime:
             return self._dense(
                 site, query, None, keys, None, values, attn_mask, scale, site.is_causal
             )
+        context.used_by_layers.add(site.layer_idx)
         policy = AvlPolicy(site.options, site.layer_idx)
         opts = site.options
         if opts.prefill_filter_keep is not None and site.layer_idx == opts.prefill_filter_layer - 1:

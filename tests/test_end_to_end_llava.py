@@ -132,8 +132,9 @@ def test_recompiles_per_generate_stay_bounded():
     )
     graphs = model._avl_backend.graphs
     first = len(graphs)
-    # LLaVA's graph break splits prefill into 4 graphs; decode steps 1 and 2, then dynamic
-    assert first <= 6
+    # LLaVA's graph break splits prefill into 4 graphs (7 with transformers 5.17, whose
+    # vision tower compiles separately); decode steps 1 and 2, then dynamic
+    assert first <= 9
     assert sum(g.rewritten for g in graphs) == 3 * 3  # prefill + two decode graphs, 3 layers
     greedy(model, llava_prompt(make(), [[1, 2, 3, 4, 5]], [[7, 8, 9]], seed=3).inputs, 40)
     second = len(graphs)

@@ -34,6 +34,7 @@ class PrefillContext:
 
     image_mask: Tensor  # [B, L] bool
     filter_keep: Tensor | None = None  # [B, L] bool, image tokens that pass the prefill filter
+    used_by_layers: set[int] = dataclasses.field(default_factory=set)  # a layer seen twice = stale
 
 
 @dataclasses.dataclass

@@ -1,0 +1,51 @@
+import torch
+from helpers import GraphCapture
+from toy_decoder import ToyDecoder, toy_inputs
+
+from avl_compile.passes.find_attention_sites import find_attention_sites
+from avl_compile.tiny_models import llava_prompt, tiny_llava
+
+
+def _capture(module, *args, **kwargs):
+    capture = GraphCapture()
+    torch.compile(module, backend=capture)(*args, **kwargs)
+    return capture.graphs
+
+
+def test_gqa_form_is_a_decoder_site_and_the_encoder_attention_is_not():
+    (graph,) = _capture(ToyDecoder("gqa"), *toy_inputs())
+    sites = find_attention_sites(graph.graph)
+    assert len(sites) == 2
+    decoder = next(s for s in sites if s.rewritable)
+    assert decoder.layer_idx == 0 and decoder.name.endswith("layers.0.self_attn")
+    assert decoder.key_cat.target is torch.cat and decoder.value_cat.target is torch.cat
+    encoder = next(s for s in sites if not s.rewritable)
+    assert "not a decoder site" in encoder.reason
+
+
+def test_repeat_kv_form_with_an_explicit_mask_is_a_decoder_site():
+    x, past_keys, past_values = toy_inputs()
+    mask = torch.ones(1, 1, 5, 8, dtype=torch.bool)
+    (graph,) = _capture(ToyDecoder("repeat_kv"), x, past_keys, past_values, mask)
+    decoder = [s for s in find_attention_sites(graph.graph) if s.rewritable]
+    assert len(decoder) == 1
+    assert decoder[0].arguments["attn_mask"] is not None
+
+
+def test_a_cache_with_other_users_is_left_dense_with_the_reason():
+    (graph,) = _capture(ToyDecoder("gqa"), *toy_inputs(), extra_user=True)
+    reasons = [s.reason for s in find_attention_sites(graph.graph)]
+    assert any(r and "users other than" in r for r in reasons)
+
+
+def test_llava_decoder_sites_are_found_by_structure_in_every_graph():
+    model = tiny_llava()
+    prompt = llava_prompt(model, [[1, 5]], [[7, 8]])
+    capture = GraphCapture()
+    model.forward = torch.compile(model.forward, backend=capture)
+    model.generate(**prompt.inputs, max_new_tokens=4, do_sample=False)
+    per_graph = [find_attention_sites(g.graph) for g in capture.graphs]
+    decoder_graphs = [sites for sites in per_graph if sites]
+    assert len(decoder_graphs) >= 3  # prefill, then decode graphs
+    for sites in decoder_graphs:
+        assert [s.layer_idx for s in sites if s.rewritable] == [0, 1, 2]

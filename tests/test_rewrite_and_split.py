@@ -1,0 +1,98 @@
+"""rewrite_attention_sites, record_image_mask and split_at_runtime_calls on captured graphs."""
+
+import warnings
+
+import pytest
+import torch
+from helpers import GraphCapture
+from toy_decoder import ToyDecoder, toy_inputs
+
+from avl_compile import AvlBackend
+from avl_compile.options import AvlOptions
+from avl_compile.passes.find_attention_sites import SDPA_TARGETS, find_attention_sites
+from avl_compile.passes.find_image_mask import find_image_scatters
+from avl_compile.passes.record_image_mask import insert_image_mask_recorders
+from avl_compile.passes.rewrite_attention_sites import rewrite_attention_sites
+from avl_compile.passes.split_at_runtime_calls import is_runtime_call, split_at_runtime_calls
+from avl_compile.runtime import AvlRuntime, attention_site, record_image_mask
+from avl_compile.tiny_models import llava_prompt, tiny_llava
+
+
+def _toy_graph(**kwargs):
+    capture = GraphCapture()
+    torch.compile(ToyDecoder(), backend=capture)(*toy_inputs(past=0), **kwargs)
+    return capture.graphs[0]
+
+
+def test_rewrite_replaces_the_decoder_sdpa_and_the_cache_write_back():
+    gm = _toy_graph()
+    sites = find_attention_sites(gm.graph)
+    count = rewrite_attention_sites(gm.graph, sites, AvlOptions(), AvlRuntime())
+    assert count == 1
+    calls = [n for n in gm.graph.nodes if n.target is attention_site]
+    assert len(calls) == 1
+    remaining = [n for n in gm.graph.nodes if n.target in SDPA_TARGETS]
+    assert len(remaining) == 1  # the encoder-style attention stays
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    returned = output.args[0]
+    assert [r.args for r in returned[1:]] == [(calls[0], 1), (calls[0], 2)]
+    assert not [n for n in gm.graph.nodes if n.target is torch.cat]  # the concat is gone
+
+
+def test_rewritten_toy_without_an_image_runs_dense_with_one_warning():
+    model = ToyDecoder()
+    inputs = toy_inputs(past=0)
+    expected = model(*inputs)
+    compiled = torch.compile(model, backend=AvlBackend({"inner": "eager"}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = compiled(*inputs)
+        compiled(*inputs)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e)
+    messages = [str(w.message) for w in caught if "avl" in str(w.message)]
+    assert len(messages) == 1
+    assert "layers.0.self_attn" in messages[0] and "no image tokens" in messages[0]
+
+
+def test_recorder_is_inserted_after_the_scatter_and_survives_dead_code_elimination():
+    model = tiny_llava()
+    capture = GraphCapture()
+    model.forward = torch.compile(model.forward, backend=capture)
+    model.generate(**llava_prompt(model, [[1]], [[7]]).inputs, max_new_tokens=2, do_sample=False)
+    gm = next(g for g in capture.graphs if find_image_scatters(g.graph))
+    scatters = find_image_scatters(gm.graph)
+    assert insert_image_mask_recorders(gm.graph, scatters, "runtime-under-test") == 1
+    gm.graph.eliminate_dead_code()
+    recorder = next(n for n in gm.graph.nodes if n.target is record_image_mask)
+    assert recorder.prev is scatters[0].node
+
+
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+def test_split_pieces_compile_and_reproduce_the_graph(inner):
+    model = ToyDecoder()
+    inputs = toy_inputs(past=0)
+    expected = model(*inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = torch.compile(model, backend=AvlBackend({"inner": inner}))(*inputs)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e)
+
+
+def test_split_isolates_each_runtime_call_with_its_outputs():
+    gm = _toy_graph()
+    rewrite_attention_sites(gm.graph, find_attention_sites(gm.graph), AvlOptions(), AvlRuntime())
+    gm.recompile()
+    split, runtime_names = split_at_runtime_calls(gm)
+    assert len(runtime_names) == 1
+    for name, submodule in split.named_children():
+        calls = [n for n in submodule.graph.nodes if is_runtime_call(n)]
+        if name in runtime_names:
+            assert len(calls) == 1
+            others = [
+                n for n in submodule.graph.nodes if n.op == "call_function" and n not in calls
+            ]
+            assert all(n.args[0] is calls[0] for n in others)  # only getitems of the call
+        else:
+            assert not calls

@@ -1,0 +1,63 @@
+"""State that outlives one graph call: it follows the KV cache and is freed with it."""
+
+import gc
+
+import torch
+from helpers import compiled_greedy, greedy
+
+from avl_compile.runtime import _LAYER_STATES
+from avl_compile.tiny_models import llava_prompt, tiny_llava
+
+
+def test_nothing_leaks_across_100_generate_calls():
+    prompt = llava_prompt(tiny_llava(), [[1, 5]], [[7, 8]])
+    model, _ = compiled_greedy(tiny_llava, prompt.inputs, {"inner": "eager"}, new_tokens=2)
+    gc.collect()
+    baseline = len(_LAYER_STATES)
+    for _ in range(100):
+        out = greedy(model, prompt.inputs, new_tokens=2)
+        assert len(_LAYER_STATES) <= baseline + 3  # the live cache's layers, no more
+    del out
+    gc.collect()
+    assert len(_LAYER_STATES) == 0
+
+
+def test_a_cache_the_backend_did_not_fill_runs_dense_with_a_warning():
+    prompt = llava_prompt(tiny_llava(), [[1, 5]], [[7, 8]])
+    model, _ = compiled_greedy(tiny_llava, prompt.inputs, {"inner": "eager"}, new_tokens=2)
+    runtime = model._avl_backend.runtime
+    site = next(iter(__import__("avl_compile.runtime").runtime._SITES.values()))
+    past = torch.randn(1, 2, 4, 16)
+    new = torch.randn(1, 2, 1, 16)
+    query = torch.randn(1, 4, 1, 16)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        output, keys, _ = runtime.run_site(site, query, past, new, past, new, None)
+    assert keys.shape[2] == 5  # nothing evicted
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query,
+        torch.cat([past, new], 2),
+        torch.cat([past, new], 2),
+        scale=site.scale,
+        enable_gqa=True,
+    )
+    torch.testing.assert_close(output, expected)
+    assert any("not filled by the avl backend" in str(w.message) for w in caught)
+
+
+def test_an_image_mask_is_used_once_per_layer_then_is_stale():
+    prompt = llava_prompt(tiny_llava(), [[1, 5]], [[7, 8]])
+    model, _ = compiled_greedy(tiny_llava, prompt.inputs, {"inner": "eager"}, new_tokens=2)
+    with torch.no_grad():
+        model(**prompt.inputs)  # a prefill with no decode after it leaves its mask behind
+    text_only = {
+        "input_ids": torch.full_like(prompt.inputs["input_ids"], 9),
+        "attention_mask": prompt.inputs["attention_mask"],
+    }
+    expected = greedy(tiny_llava(), text_only, new_tokens=4).sequences
+    got = greedy(model, text_only, new_tokens=4)
+    assert torch.equal(got.sequences, expected)
+    full_length = text_only["input_ids"].shape[1] + 3
+    assert all(layer.keys.shape[2] == full_length for layer in got.past_key_values.layers)
