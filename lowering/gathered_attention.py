@@ -29,13 +29,8 @@ def gathered_attention(
     float64 inputs)``; a row with no valid index gets output 0 and lse -inf.
     """
     batch, q_heads, q_len, head_dim = query.shape
-    kv_heads, cache_len = keys.shape[1], keys.shape[2]
-    _check_inputs(query, keys, values, index)
-    if index.numel() and int(index.max()) >= cache_len:
-        raise IndexError(
-            f"avl::gathered_attention: index {int(index.max())} is out of range for a cache of "
-            f"{cache_len} rows"
-        )
+    kv_heads = keys.shape[1]
+    check_gathered_attention_inputs(query, keys, values, index, check_range=True)
     acc = _accumulate_dtype(query.dtype)
     group = q_heads // kv_heads
     rows = index.expand(batch, kv_heads, index.shape[-1])
@@ -55,12 +50,15 @@ def gathered_attention(
 
 @gathered_attention.register_fake
 def _(query: Tensor, keys: Tensor, values: Tensor, index: Tensor, scale: float):
-    _check_inputs(query, keys, values, index)
+    check_gathered_attention_inputs(query, keys, values, index)
     lse = query.new_empty(query.shape[:-1], dtype=_accumulate_dtype(query.dtype))
     return torch.empty_like(query), lse
 
 
-def _check_inputs(query: Tensor, keys: Tensor, values: Tensor, index: Tensor) -> None:
+def check_gathered_attention_inputs(
+    query: Tensor, keys: Tensor, values: Tensor, index: Tensor, check_range: bool = False
+) -> None:
+    """Shape and dtype checks; ``check_range`` also reads the index (a device sync)."""
     if query.dim() != 4 or keys.dim() != 4 or values.shape != keys.shape:
         raise ValueError(
             "avl::gathered_attention: expected query [B, Hq, Lq, D] and keys/values "
@@ -79,6 +77,16 @@ def _check_inputs(query: Tensor, keys: Tensor, values: Tensor, index: Tensor) ->
         )
     if index.shape[-1] == 0:
         raise ValueError("avl::gathered_attention: the row selection is empty (n = 0)")
+    if index.shape[0] != query.shape[0] or index.shape[1] not in (1, keys.shape[1]):
+        raise ValueError(
+            f"avl::gathered_attention: index {tuple(index.shape)} must be [B, 1 or Hkv, n] for "
+            f"B={query.shape[0]}, Hkv={keys.shape[1]}"
+        )
+    if check_range and index.numel() and int(index.max()) >= keys.shape[2]:
+        raise IndexError(
+            f"avl::gathered_attention: index {int(index.max())} is out of range for a cache of "
+            f"{keys.shape[2]} rows"
+        )
 
 
 def merge_partial_attention(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:

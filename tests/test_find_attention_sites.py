@@ -45,7 +45,11 @@ def test_llava_decoder_sites_are_found_by_structure_in_every_graph():
     model.forward = torch.compile(model.forward, backend=capture)
     model.generate(**prompt.inputs, max_new_tokens=4, do_sample=False)
     per_graph = [find_attention_sites(g.graph) for g in capture.graphs]
-    decoder_graphs = [sites for sites in per_graph if sites]
+    decoder_graphs = [sites for sites in per_graph if any(s.rewritable for s in sites)]
     assert len(decoder_graphs) >= 3  # prefill, then decode graphs
     for sites in decoder_graphs:
         assert [s.layer_idx for s in sites if s.rewritable] == [0, 1, 2]
+    # transformers 5.17 captures the CLIP tower's own attention: it must be left alone
+    for sites in per_graph:
+        if not any(s.rewritable for s in sites):
+            assert all("not a decoder site" in s.reason for s in sites)

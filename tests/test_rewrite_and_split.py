@@ -96,3 +96,30 @@ def test_split_isolates_each_runtime_call_with_its_outputs():
             assert all(n.args[0] is calls[0] for n in others)  # only getitems of the call
         else:
             assert not calls
+
+
+def test_image_mask_recorded_in_one_graph_drives_the_sites_of_another():
+    decoder = ToyDecoder()
+    embed = torch.nn.Embedding(300, 16)
+    image_token = 299
+
+    def forward(input_ids, features, past_keys, past_values):
+        embeds = embed(input_ids)
+        mask = (input_ids == image_token)[..., None].expand_as(embeds)
+        embeds = embeds.masked_scatter(mask, features)
+        torch._dynamo.graph_break()  # as LLaVA's get_placeholder_mask does without fullgraph
+        return decoder(embeds, past_keys, past_values)
+
+    n_image = 10
+    input_ids = torch.tensor([[1, 2] + [image_token] * n_image + [5, 6, 7]])
+    features = torch.randn(n_image, 16)
+    empty = torch.zeros(1, 2, 0, 4)
+    backend = AvlBackend({"inner": "eager", "text_min_budget": 1, "text_keep": 0.5})
+    with torch.no_grad():
+        _, keys, values = torch.compile(forward, backend=backend)(input_ids, features, empty, empty)
+    graphs = backend.graphs
+    assert any(g.recorders and not g.rewritten for g in graphs)
+    assert any(g.rewritten and not g.recorders for g in graphs)
+    # sink 2 + floor(0.5 * 10) image rows + max(round(0.5 * 3), 1) text rows
+    assert keys.shape[2] == values.shape[2] == 2 + 5 + 2
+    assert backend.runtime.counters["prefill_sites"] == 1
