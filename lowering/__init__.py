@@ -1,5 +1,33 @@
 """Kernels and ops the rewritten graphs call (imported as ``avl_compile.lowering``)."""
 
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
 from avl_compile.lowering.gathered_attention import gathered_attention, merge_partial_attention
 
-__all__ = ["gathered_attention", "merge_partial_attention"]
+__all__ = ["attend_selected_rows", "gathered_attention", "merge_partial_attention"]
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@functools.cache
+def _triton_op():
+    try:
+        from avl_compile.lowering.triton_gathered_attention import gathered_attention_triton
+    except ImportError:  # triton is an optional dependency
+        return None
+    return gathered_attention_triton
+
+
+def attend_selected_rows(
+    query: Tensor, keys: Tensor, values: Tensor, index: Tensor, scale: float
+) -> tuple[Tensor, Tensor]:
+    """Gathered attention on the best implementation for the device: the Triton kernel on
+    GPUs, the PyTorch op elsewhere. Returns (output, log-sum-exp)."""
+    if query.is_cuda and query.dtype in _TRITON_DTYPES and _triton_op() is not None:
+        return _triton_op()(query, keys, values, index, scale)
+    return gathered_attention(query, keys, values, index, scale)

@@ -35,9 +35,8 @@ def gathered_attention(
     group = q_heads // kv_heads
     rows = index.expand(batch, kv_heads, index.shape[-1])
     valid = rows >= 0
-    gather_at = rows.clamp(min=0).unsqueeze(-1).expand(-1, -1, -1, head_dim)
-    picked_keys = keys.gather(2, gather_at).to(acc)
-    picked_values = values.gather(2, gather_at).to(acc)
+    picked_keys = pick_rows(keys, rows).to(acc)
+    picked_values = pick_rows(values, rows).to(acc)
     grouped_query = query.reshape(batch, kv_heads, group * q_len, head_dim).to(acc)
     logits = torch.matmul(grouped_query, picked_keys.transpose(-1, -2)) * scale
     logits = logits.masked_fill(~valid.unsqueeze(-2), float("-inf"))
@@ -53,6 +52,17 @@ def _(query: Tensor, keys: Tensor, values: Tensor, index: Tensor, scale: float):
     check_gathered_attention_inputs(query, keys, values, index)
     lse = query.new_empty(query.shape[:-1], dtype=_accumulate_dtype(query.dtype))
     return torch.empty_like(query), lse
+
+
+def pick_rows(cache: Tensor, rows: Tensor) -> Tensor:
+    """cache [B, H, L, D] at rows [B, H, n] (-1 read as row 0) -> [B, H, n, D].
+
+    One index_select over the flattened cache: on CPUs much faster than ``gather`` with an
+    index expanded over D."""
+    batch, heads, length, dim = cache.shape
+    base = torch.arange(batch * heads, device=rows.device).view(batch, heads, 1) * length
+    flat = (base + rows.clamp(min=0)).flatten()
+    return cache.reshape(batch * heads * length, dim).index_select(0, flat).view(*rows.shape, dim)
 
 
 def check_gathered_attention_inputs(

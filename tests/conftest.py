@@ -1,5 +1,12 @@
-import pytest
-import torch
+import os
+
+# Triton kernels run on the CPU through the interpreter; it is chosen when a kernel is
+# defined, so it must be set before any test imports one.
+if os.environ.get("CUDA_VISIBLE_DEVICES", "") == "" and not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from avl_compile.lowering.gathered_attention import gathered_attention, merge_partial_attention
+from avl_compile.lowering import attend_selected_rows, merge_partial_attention
+from avl_compile.lowering.gathered_attention import pick_rows
 from avl_compile.options import AvlOptions
 from avl_compile.policies.budgets import (
     fraction_count,
@@ -225,7 +226,7 @@ class AvlPolicy:
             n_core=n_core,
             next_position=k_len,
         )
-        return output, _gather_rows(keys, safe), _gather_rows(values, safe), state
+        return output, pick_rows(keys, safe), pick_rows(values, safe), state
 
     def _filtered_keys(self, context: PrefillContext, batch: int, k_len: int) -> Tensor | None:
         if context.filter_keep is None or self.layer_idx < self.options.prefill_filter_layer:
@@ -308,9 +309,9 @@ class AvlPolicy:
         text_rows = (state.kind == SINK) | (state.kind == TEXT)
         image_index = _mask_to_index(image_rows)  # [B, 1, n], shared by the heads
         text_index = _mask_to_index(text_rows)  # [B, Hkv, m], per kv head
-        parts = [gathered_attention(query, keys, values, text_index, scale)]
+        parts = [attend_selected_rows(query, keys, values, text_index, scale)]
         if image_index.shape[-1]:
-            parts.append(gathered_attention(query, keys, values, image_index, scale))
+            parts.append(attend_selected_rows(query, keys, values, image_index, scale))
         output, lse = merge_partial_attention(parts)
 
         acc = state.text_score.dtype
@@ -385,12 +386,7 @@ class AvlPolicy:
         state.kind = state.kind.gather(-1, order).masked_fill(~still, EMPTY)
         state.core = state.core.gather(-1, order) & still
         state.text_score = state.text_score.gather(-1, order).masked_fill(~still, 0.0)
-        return _gather_rows(keys, order), _gather_rows(values, order)
-
-
-def _gather_rows(cache: Tensor, slots: Tensor) -> Tensor:
-    """cache [B, H, L, D] rows at slots [B, H, n] -> [B, H, n, D]."""
-    return cache.gather(2, slots.unsqueeze(-1).expand(-1, -1, -1, cache.shape[-1]))
+        return pick_rows(keys, order), pick_rows(values, order)
 
 
 def _index_probs(
@@ -400,7 +396,7 @@ def _index_probs(
     batch, q_heads = query.shape[:2]
     kv_heads = keys.shape[1]
     rows = index.expand(batch, kv_heads, -1)
-    picked = _gather_rows(keys, rows.clamp(min=0)).to(acc)
+    picked = pick_rows(keys, rows.clamp(min=0)).to(acc)
     grouped = query[:, :, -1].reshape(batch, kv_heads, q_heads // kv_heads, -1).to(acc)
     logits = torch.matmul(grouped, picked.transpose(-1, -2)) * scale  # [B, Hkv, g, n]
     probs = torch.exp(logits - lse[:, :, -1].reshape(batch, kv_heads, -1, 1).to(acc))
