@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from torch import Tensor
@@ -27,7 +28,15 @@ def attend_selected_rows(
     query: Tensor, keys: Tensor, values: Tensor, index: Tensor, scale: float
 ) -> tuple[Tensor, Tensor]:
     """Gathered attention on the best implementation for the device: the Triton kernel on
-    GPUs, the PyTorch op elsewhere. Returns (output, log-sum-exp)."""
-    if query.is_cuda and query.dtype in _TRITON_DTYPES and _triton_op() is not None:
+    GPUs, the PyTorch op elsewhere. Returns (output, log-sum-exp).
+
+    ``AVL_GATHERED_ATTENTION=triton`` forces the kernel (on a CPU under TRITON_INTERPRET=1,
+    for tests) and ``=torch`` the PyTorch op."""
+    forced = os.environ.get("AVL_GATHERED_ATTENTION")
+    if forced == "triton":
+        if _triton_op() is None:
+            raise RuntimeError("AVL_GATHERED_ATTENTION=triton, but triton is not installed")
+        return _triton_op()(query, keys, values, index, scale)
+    if forced != "torch" and query.is_cuda and query.dtype in _TRITON_DTYPES and _triton_op():
         return _triton_op()(query, keys, values, index, scale)
     return gathered_attention(query, keys, values, index, scale)

@@ -94,3 +94,29 @@ def test_kernel_inside_an_inductor_graph():
     for got, expected in zip(compiled(query, keys, values, index),
                              attend(query, keys, values, index), strict=True):  # fmt: skip
         torch.testing.assert_close(got, expected, atol=4e-3, rtol=0)
+
+
+@pytest.mark.parametrize("options", [{"vision_keep": 1.0, "vision_compute": 1.0, "text_keep": 1.0},
+                                     {}])  # fmt: skip
+def test_the_backend_decodes_through_the_kernel(monkeypatch, options):
+    from helpers import compiled_greedy, greedy
+
+    from avl_compile.tiny_models import llava_prompt, tiny_llava
+
+    prompt = llava_prompt(tiny_llava(), [[1, 5, 6]], [[7, 8, 9]])
+    options = {**options, "inner": "eager"}
+    if options.get("vision_keep") == 1.0:
+        expected = greedy(tiny_llava(), prompt.inputs, new_tokens=16).sequences
+    else:
+        monkeypatch.setenv("AVL_GATHERED_ATTENTION", "torch")
+        expected = compiled_greedy(tiny_llava, prompt.inputs, options, 16)[1].sequences
+        torch._dynamo.reset()
+    calls = []
+    import avl_compile.lowering as lowering
+
+    original = lowering._triton_op()
+    monkeypatch.setattr(lowering, "_triton_op", lambda: lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setenv("AVL_GATHERED_ATTENTION", "triton")
+    _, got = compiled_greedy(tiny_llava, prompt.inputs, options, 16)
+    assert calls, "the kernel was not used"
+    assert torch.equal(got.sequences, expected)
