@@ -7,7 +7,9 @@ import pytest
 import torch
 from test_gathered_attention import _reference
 
-from avl_compile.lowering.triton_gathered_attention import (
+pytest.importorskip("triton")
+
+from avl_compile.lowering.triton_gathered_attention import (  # noqa: E402
     gathered_attention_triton,
     interpreting,
 )
