@@ -54,7 +54,8 @@ def _gathered_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start in range(0, n_index, BLOCK_N):
+    start = 0
+    while start < n_index:  # a while loop: Triton 3.6's interpreter rejects range(n_index)
         offsets = start + tl.arange(0, BLOCK_N)
         idx = tl.load(
             index + b * si_b + h * si_h + offsets * si_n, mask=offsets < n_index, other=-1
@@ -81,6 +82,7 @@ def _gathered_attention_kernel(
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
+        start += BLOCK_N
 
     has_rows = l_i > 0
     result = acc / tl.where(has_rows, l_i, 1.0)[:, None]

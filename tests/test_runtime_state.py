@@ -11,7 +11,7 @@ from avl_compile.tiny_models import llava_prompt, tiny_llava
 
 def test_nothing_leaks_across_100_generate_calls():
     prompt = llava_prompt(tiny_llava(), [[1, 5]], [[7, 8]])
-    model, _ = compiled_greedy(tiny_llava, prompt.inputs, {"inner": "eager"}, new_tokens=2)
+    model = compiled_greedy(tiny_llava, prompt.inputs, {"inner": "eager"}, new_tokens=2)[0]
     gc.collect()
     baseline = len(_LAYER_STATES)
     for _ in range(100):
