@@ -357,23 +357,35 @@ class AvlPolicy:
         state.core = core.unsqueeze(1).expand_as(state.core).clone()
 
     def _text_keep_mask(self, state: LayerCacheState) -> Tensor | None:
-        """Slots to keep [B, Hkv, L] after the H2O text budget, or None if nothing is evicted."""
+        """Slots to keep [B, Hkv, L] after the H2O text budget, or None if nothing is evicted.
+
+        Vectorised over rows and heads (it runs every step in every layer): per (row, head)
+        keep the most recent text slots plus the heaviest older ones, as ``select_text``."""
         opts = self.options
-        keep = state.kind != EMPTY
-        evicted = False
-        for b, n_text in enumerate(state.n_text):
-            budget = text_budget(n_text, opts.text_keep, opts.text_min_budget)
-            for h in range(state.kind.shape[1]):
-                slots = torch.nonzero(state.kind[b, h] == TEXT).flatten()  # positional order
-                if slots.numel() <= budget:
-                    continue
-                chosen = select_text(
-                    slots, state.text_score[b, h, slots], budget, opts.text_heavy_share
-                )
-                keep[b, h, slots] = False
-                keep[b, h, chosen] = True
-                evicted = True
-        return keep if evicted else None
+        text = state.kind == TEXT
+        kept_count = text[:, 0].sum(-1)  # [B]; equal across the heads of a row
+        budgets = [text_budget(n, opts.text_keep, opts.text_min_budget) for n in state.n_text]
+        over = [int(c) > b for c, b in zip(kept_count.tolist(), budgets, strict=True)]
+        if not any(over):
+            return None
+        shares = [split_text_budget(b, opts.text_heavy_share) for b in budgets]
+        device = text.device
+        n_heavy = torch.tensor([h for h, _ in shares], device=device).view(-1, 1, 1)
+        n_recent = torch.tensor([r for _, r in shares], device=device).view(-1, 1, 1)
+        from_end = text.flip(-1).cumsum(-1).flip(-1)  # 1 for the newest text slot
+        recent = text & (from_end <= n_recent)
+        older = text & ~recent
+        heavy = torch.zeros_like(text)
+        most = int(n_heavy.max())
+        if most > 0:
+            scores = state.text_score.masked_fill(~older, float("-inf"))
+            top = torch.topk(scores, min(most, scores.shape[-1]), dim=-1)
+            rank = torch.arange(top.indices.shape[-1], device=device)
+            chosen = (rank < n_heavy) & torch.isfinite(top.values)
+            heavy.scatter_(-1, top.indices, chosen)
+        over_rows = torch.tensor(over, device=device).view(-1, 1, 1)
+        keep_text = torch.where(over_rows, recent | heavy, text)
+        return (state.kind != EMPTY) & (~text | keep_text)
 
     @staticmethod
     def _compact(
