@@ -58,6 +58,10 @@ def test_default_options_match_the_reference_and_the_planned_cache_size(family):
         assert layer.values.shape[2] == planned
 
 
+@pytest.mark.skipif(
+    torch.__version__.startswith("2.11") and not torch.cuda.is_available(),
+    reason="torch 2.11's CPU Inductor miscompiles this model even without avl (CppCompileError)",
+)
 def test_inductor_matches_the_reference():
     make = _maker("llava", torch.float64)
     prompt = llava_prompt(make(), [PREFIX], [SUFFIX])

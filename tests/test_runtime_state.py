@@ -10,6 +10,8 @@ from avl_compile.tiny_models import llava_prompt, tiny_llava
 
 
 def test_nothing_leaks_across_100_generate_calls():
+    gc.collect()
+    before = len(_LAYER_STATES)  # caches another test may still hold (a failed test's frames)
     prompt = llava_prompt(tiny_llava(), [[1, 5]], [[7, 8]])
     model = compiled_greedy(tiny_llava, prompt.inputs, {"inner": "eager"}, new_tokens=2)[0]
     gc.collect()
@@ -19,7 +21,7 @@ def test_nothing_leaks_across_100_generate_calls():
         assert len(_LAYER_STATES) <= baseline + 3  # the live cache's layers, no more
     del out
     gc.collect()
-    assert len(_LAYER_STATES) == 0
+    assert len(_LAYER_STATES) == before
 
 
 def test_a_cache_the_backend_did_not_fill_runs_dense_with_a_warning():
