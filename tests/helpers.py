@@ -55,3 +55,11 @@ class GraphCapture:
     def __call__(self, gm, example_inputs):
         self.graphs.append(gm)
         return gm.forward
+
+
+def capture_generate_graphs(model, inputs: dict, new_tokens: int) -> list[torch.fx.GraphModule]:
+    """The Dynamo graphs of ``model.generate`` (compiled forward), run eagerly."""
+    capture = GraphCapture()
+    model.forward = torch.compile(model.forward, backend=capture)
+    model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
+    return capture.graphs

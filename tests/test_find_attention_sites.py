@@ -1,5 +1,5 @@
 import torch
-from helpers import GraphCapture
+from helpers import GraphCapture, capture_generate_graphs
 from toy_decoder import ToyDecoder, toy_inputs
 
 from avl_compile.passes.find_attention_sites import find_attention_sites
@@ -41,10 +41,8 @@ def test_a_cache_with_other_users_is_left_dense_with_the_reason():
 def test_llava_decoder_sites_are_found_by_structure_in_every_graph():
     model = tiny_llava()
     prompt = llava_prompt(model, [[1, 5]], [[7, 8]])
-    capture = GraphCapture()
-    model.forward = torch.compile(model.forward, backend=capture)
-    model.generate(**prompt.inputs, max_new_tokens=4, do_sample=False)
-    per_graph = [find_attention_sites(g.graph) for g in capture.graphs]
+    graphs = capture_generate_graphs(model, prompt.inputs, new_tokens=4)
+    per_graph = [find_attention_sites(g.graph) for g in graphs]
     decoder_graphs = [sites for sites in per_graph if any(s.rewritable for s in sites)]
     assert len(decoder_graphs) >= 3  # prefill, then decode graphs
     for sites in decoder_graphs:

@@ -1,5 +1,5 @@
 import torch
-from helpers import GraphCapture
+from helpers import GraphCapture, capture_generate_graphs
 
 from avl_compile.passes.find_image_mask import find_image_scatters
 from avl_compile.tiny_models import llava_prompt, tiny_llava
@@ -8,10 +8,8 @@ from avl_compile.tiny_models import llava_prompt, tiny_llava
 def test_llava_prefill_graph_has_the_image_scatter_and_decode_graphs_do_not():
     model = tiny_llava()
     prompt = llava_prompt(model, [[1, 5]], [[7, 8]])
-    capture = GraphCapture()
-    model.forward = torch.compile(model.forward, backend=capture)
-    model.generate(**prompt.inputs, max_new_tokens=3, do_sample=False)
-    found = [find_image_scatters(g.graph) for g in capture.graphs]
+    graphs = capture_generate_graphs(model, prompt.inputs, new_tokens=3)
+    found = [find_image_scatters(g.graph) for g in graphs]
     assert sum(len(f) for f in found) == 1
     scatter = next(f[0] for f in found if f)
     assert scatter.inputs_embeds.meta["example_value"].dim() == 3

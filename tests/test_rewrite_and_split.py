@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import GraphCapture
+from helpers import GraphCapture, capture_generate_graphs
 from toy_decoder import ToyDecoder, toy_inputs
 
 from avl_compile import AvlBackend
@@ -57,10 +57,8 @@ def test_rewritten_toy_without_an_image_runs_dense_with_one_warning():
 
 def test_recorder_is_inserted_after_the_scatter_and_survives_dead_code_elimination():
     model = tiny_llava()
-    capture = GraphCapture()
-    model.forward = torch.compile(model.forward, backend=capture)
-    model.generate(**llava_prompt(model, [[1]], [[7]]).inputs, max_new_tokens=2, do_sample=False)
-    gm = next(g for g in capture.graphs if find_image_scatters(g.graph))
+    graphs = capture_generate_graphs(model, llava_prompt(model, [[1]], [[7]]).inputs, 2)
+    gm = next(g for g in graphs if find_image_scatters(g.graph))
     scatters = find_image_scatters(gm.graph)
     assert insert_image_mask_recorders(gm.graph, scatters, "runtime-under-test") == 1
     gm.graph.eliminate_dead_code()

@@ -162,19 +162,19 @@ class AvlPolicy:
         key_valid = _key_is_valid(attn_mask, batch, k_len, query.device)
         if filtered is not None:
             key_valid = key_valid & filtered
-        last_probs = self._probs(query[:, :, -1:, :], keys, bias[..., -1:, :], scale, acc)
-        image_score = last_probs[:, :, 0, :].mean(dim=1)  # [B, Lk], head-averaged
+        image_score = self._last_token_score(query, keys, bias, scale)
         query_valid = key_valid[:, k_len - q_len :]
         column_sums = self._column_sums(query, keys, bias, scale, acc, query_valid)
 
         image_mask = context.image_mask
         slot_rows: list[list[Tensor]] = []
-        n_text, n_core = [], []
+        n_text, n_core, first_images = [], [], []
         core_positions: list[Tensor] = []
         for b in range(batch):
             valid = key_valid[b]
             image_pos = torch.nonzero(image_mask[b]).flatten()
             first_image = int(image_pos[0])
+            first_images.append(first_image)
             n_images = image_pos.numel()
             positions = torch.arange(k_len, device=query.device)
             sink = positions[valid & (positions < first_image)]
@@ -210,8 +210,7 @@ class AvlPolicy:
         is_image = image_mask.gather(1, safe.flatten(1)).view_as(position)
         kind[position >= 0] = TEXT
         kind[(position >= 0) & is_image] = IMAGE
-        for b in range(batch):
-            first_image = int(torch.nonzero(image_mask[b])[0])
+        for b, first_image in enumerate(first_images):
             kind[b][(position[b] >= 0) & (position[b] < first_image)] = SINK
         core_mask = torch.zeros_like(position, dtype=torch.bool)
         for b, core in enumerate(core_positions):
@@ -245,16 +244,20 @@ class AvlPolicy:
         """Image tokens [B, L] that pass the FastV-style filter, by this layer's last-row score."""
         batch, q_len, k_len = query.shape[0], query.shape[2], keys.shape[2]
         bias = _prefill_logits_bias(attn_mask, is_causal, q_len, k_len, query.device)
-        probs = self._probs(
-            query[:, :, -1:, :], keys, bias[..., -1:, :], scale, _score_dtype(query.dtype)
-        )
-        score = probs[:, :, 0, :].mean(dim=1)
+        score = self._last_token_score(query, keys, bias, scale)
         keep = torch.zeros_like(context.image_mask)
         for b in range(batch):
             image_pos = torch.nonzero(context.image_mask[b]).flatten()
             count = fraction_count(self.options.prefill_filter_keep, image_pos.numel())
             keep[b, _topk_positions(score[b], image_pos, count)] = True
         return keep
+
+    @classmethod
+    def _last_token_score(cls, query: Tensor, keys: Tensor, bias: Tensor, scale: float) -> Tensor:
+        """[B, Lk]: the last prompt token's attention over the whole row, head-averaged."""
+        acc = _score_dtype(query.dtype)
+        probs = cls._probs(query[:, :, -1:, :], keys, bias[..., -1:, :], scale, acc)
+        return probs[:, :, 0, :].mean(dim=1)
 
     @staticmethod
     def _probs(query: Tensor, keys: Tensor, bias: Tensor, scale: float, acc: torch.dtype) -> Tensor:
