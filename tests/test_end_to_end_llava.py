@@ -161,3 +161,16 @@ def test_helper_raises_value_error_at_once():
 
     with pytest.raises(ValueError, match="text_keep=0"):
         avl_compile.compile(tiny_llava(), options={"text_keep": 0})
+
+
+def test_the_readme_pattern_compiles_the_forward_that_generate_calls():
+    model = tiny_llava()
+    prompt = llava_prompt(model, [PREFIX], [SUFFIX])
+    model.forward = torch.compile(
+        model.forward, backend="avl",
+        options={"vision_keep": 0.5, "vision_compute": 0.3, "refresh_every": 3, "text_keep": 0.6,
+                 "inner": "eager"},
+    )  # fmt: skip
+    out = greedy(model, prompt.inputs, new_tokens=4)
+    prompt_len = prompt.inputs["input_ids"].shape[1]
+    assert all(layer.keys.shape[2] < prompt_len for layer in out.past_key_values.layers)
