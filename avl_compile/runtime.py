@@ -41,6 +41,8 @@ class SiteInfo:
 
 # KV-cache keys tensor -> bookkeeping of that layer's compacted cache
 _LAYER_STATES: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+# KV-cache keys tensors the backend left dense (prompts without images)
+_DENSE_CACHES: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
 
 class _PrefillSlot:
@@ -86,10 +88,12 @@ class AvlRuntime:
             return self._prefill(site, query, new_keys, new_values, attn_mask, scale)
         state = self.layer_states.get(past_keys)
         if state is None:
-            self.warn_once(
-                f"avl: {site.name} runs dense attention: this KV cache was not filled by the "
-                "avl backend's prefill (no image tokens, or a cache made elsewhere)"
-            )
+            if past_keys not in _DENSE_CACHES:
+                raise RuntimeError(
+                    f"avl: {site.name} got a KV cache that the avl backend did not produce. "
+                    "A cache edited between steps (beam search reorders it; use num_beams=1) or "
+                    "filled by another model cannot be matched to its compacted rows."
+                )
             return self._dense(
                 site,
                 query,
@@ -154,6 +158,9 @@ class AvlRuntime:
     ):
         keys = new_keys if past_keys is None else torch.cat([past_keys, new_keys], dim=-2)
         values = new_values if past_values is None else torch.cat([past_values, new_values], -2)
+        # contiguous here, not later: the tensor registered must be the one the cache keeps
+        keys, values = keys.contiguous(), values.contiguous()
+        _DENSE_CACHES[keys] = True  # decode steps on this cache stay dense
         output = F.scaled_dot_product_attention(
             query,
             keys,
