@@ -58,7 +58,6 @@ class AvlRuntime:
     """Counters and warnings of the graphs one backend compiles; state lives in the stores."""
 
     def __init__(self) -> None:
-        self.layer_states = _LAYER_STATES
         self.counters: collections.Counter[str] = collections.Counter()
         self._warned: set[str] = set()
 
@@ -86,7 +85,7 @@ class AvlRuntime:
         scale = site.scale if site.scale is not None else query.shape[-1] ** -0.5
         if past_keys.numel() == 0:
             return self._prefill(site, query, new_keys, new_values, attn_mask, scale)
-        state = self.layer_states.get(past_keys)
+        state = _LAYER_STATES.get(past_keys)
         if state is None:
             if past_keys not in _DENSE_CACHES:
                 raise RuntimeError(
@@ -115,7 +114,7 @@ class AvlRuntime:
         output, keys, values = policy.decode(
             query, past_keys, new_keys, past_values, new_values, scale, state
         )
-        self.layer_states[keys] = state
+        _LAYER_STATES[keys] = state
         self.counters["decode_sites"] += 1
         return output, keys, values
 
@@ -147,7 +146,7 @@ class AvlRuntime:
         output, kept_keys, kept_values, state = policy.prefill(
             query, keys, values, attn_mask, site.is_causal, scale, context
         )
-        self.layer_states[kept_keys] = state
+        _LAYER_STATES[kept_keys] = state
         self.counters["prefill_sites"] += 1
         log.debug("%s: prefill kept %d of %d KV rows", site.name, kept_keys.shape[2], q_len)
         return output, kept_keys, kept_values
