@@ -140,7 +140,7 @@ def _compile_pieces(gm: fx.GraphModule, example_inputs: list[Any], inner: str) -
 
 def _make_tuple_output(gm: fx.GraphModule) -> bool:
     """AOTAutograd-based compilers want tuple outputs; returns True if one was made."""
-    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    output = gm.graph.output_node()
     if isinstance(output.args[0], (tuple, list)):
         return False
     output.args = ((output.args[0],),)

@@ -94,9 +94,8 @@ def _is_cache_concat(node: fx.Node) -> bool:
 
 
 def _returned_nodes(graph: fx.Graph) -> set[fx.Node]:
-    output = next(n for n in reversed(graph.nodes) if n.op == "output")
     returned: set[fx.Node] = set()
-    fx.node.map_arg(output.args, returned.add)
+    fx.node.map_arg(graph.output_node().args, returned.add)
     return returned
 
 
@@ -124,7 +123,7 @@ def find_attention_sites(graph: fx.Graph) -> list[AttentionSite]:
         if key_source not in returned or value_source not in returned:
             site.reason = "the KV-cache concat is not written back by this graph"
             continue
-        allowed_users = {node, *key_chain, *value_chain, _output_node(graph)}
+        allowed_users = {node, *key_chain, *value_chain, graph.output_node()}
         if any(u not in allowed_users for u in (*key_source.users, *value_source.users)):
             site.reason = "the KV cache has users other than this attention and the write-back"
             continue
@@ -136,7 +135,3 @@ def find_attention_sites(graph: fx.Graph) -> list[AttentionSite]:
             continue
         site.key_cat, site.value_cat = key_source, value_source
     return sites
-
-
-def _output_node(graph: fx.Graph) -> fx.Node:
-    return next(n for n in reversed(graph.nodes) if n.op == "output")

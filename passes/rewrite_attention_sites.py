@@ -53,7 +53,7 @@ def rewrite_attention_sites(
             outputs = [graph.call_function(operator.getitem, (call, i)) for i in range(3)]
         call.meta["avl_site"] = info
         site.sdpa.replace_all_uses_with(outputs[0])
-        output = next(n for n in reversed(graph.nodes) if n.op == "output")
+        output = graph.output_node()
         output.replace_input_with(site.key_cat, outputs[1])
         output.replace_input_with(site.value_cat, outputs[2])
         if "example_value" in site.sdpa.meta:

@@ -33,7 +33,7 @@ def test_rewrite_replaces_the_decoder_sdpa_and_the_cache_write_back():
     assert len(calls) == 1
     remaining = [n for n in gm.graph.nodes if n.target in SDPA_TARGETS]
     assert len(remaining) == 1  # the encoder-style attention stays
-    output = next(n for n in gm.graph.nodes if n.op == "output")
+    output = gm.graph.output_node()
     returned = output.args[0]
     assert [r.args for r in returned[1:]] == [(calls[0], 1), (calls[0], 2)]
     assert not [n for n in gm.graph.nodes if n.target is torch.cat]  # the concat is gone
