@@ -100,17 +100,36 @@ def _topk_positions(scores: Tensor, candidates: Tensor, k: int) -> Tensor:
     return candidates[best].sort().values
 
 
-def select_text(positions: Tensor, scores: Tensor, budget: int, heavy_share: float) -> Tensor:
-    """H2O selection among text ``positions`` (ascending): recent window + heavy hitters."""
-    if positions.numel() <= budget:
-        return positions
-    heavy, recent = split_text_budget(budget, heavy_share)
-    split = positions.numel() - recent
-    older, newest = positions[:split], positions[split:]
-    if heavy <= 0 or split == 0:
-        return newest
-    best = torch.topk(scores[:split], min(heavy, split)).indices
-    return torch.cat([older[best.sort().values], newest])
+def h2o_text_keep(
+    text: Tensor, scores: Tensor, n_text: list[int], options: AvlOptions
+) -> Tensor | None:
+    """The text slots to keep [B, Hkv, L] under the H2O budget, or None if all fit.
+
+    ``text`` [B, Hkv, L] marks text slots, in positional order along L; per (row, kv head)
+    the most recent ones are kept, plus the heaviest older ones by accumulated attention
+    ``scores``. The budget of row b is text_budget(n_text[b]). Vectorised: it runs at
+    prefill and at every decode step of every layer."""
+    budgets = [text_budget(n, options.text_keep, options.text_min_budget) for n in n_text]
+    kept_count = text[:, 0].sum(-1).tolist()  # equal across the heads of a row
+    over = [int(c) > b for c, b in zip(kept_count, budgets, strict=True)]
+    if not any(over):
+        return None
+    shares = [split_text_budget(b, options.text_heavy_share) for b in budgets]
+    device = text.device
+    n_heavy = torch.tensor([h for h, _ in shares], device=device).view(-1, 1, 1)
+    n_recent = torch.tensor([r for _, r in shares], device=device).view(-1, 1, 1)
+    from_end = text.flip(-1).cumsum(-1).flip(-1)  # 1 for the newest text slot
+    recent = text & (from_end <= n_recent)
+    older = text & ~recent
+    heavy = torch.zeros_like(text)
+    most = int(n_heavy.max())
+    if most > 0:
+        masked = scores.masked_fill(~older, float("-inf"))
+        top = torch.topk(masked, min(most, masked.shape[-1]), dim=-1)
+        rank = torch.arange(top.indices.shape[-1], device=device)
+        heavy.scatter_(-1, top.indices, (rank < n_heavy) & torch.isfinite(top.values))
+    over_rows = torch.tensor(over, device=device).view(-1, 1, 1)
+    return torch.where(over_rows, recent | heavy, text)
 
 
 class AvlPolicy:
@@ -136,7 +155,7 @@ class AvlPolicy:
         kv_heads, k_len = keys.shape[1], keys.shape[2]
         group = q_heads // kv_heads
         bias = _prefill_logits_bias(attn_mask, is_causal, q_len, k_len, query.device)
-        filtered = self._filtered_keys(context, batch, k_len)
+        filtered = self._filtered_keys(context)
         if filtered is not None:
             bias = bias.masked_fill(~filtered[:, None, None, :], float("-inf"))
             output = F.scaled_dot_product_attention(
@@ -167,17 +186,22 @@ class AvlPolicy:
         column_sums = self._column_sums(query, keys, bias, scale, acc, query_valid)
 
         image_mask = context.image_mask
+        positions = torch.arange(k_len, device=query.device)
+        first_image_pos = image_mask.int().argmax(dim=-1, keepdim=True)  # [B, 1]
+        text_mask = key_valid & ~image_mask & (positions >= first_image_pos)  # [B, Lk]
+        n_text = text_mask.sum(-1).tolist()
+        text_slots = text_mask[:, None, :].expand(batch, kv_heads, k_len)
+        kept_text = h2o_text_keep(text_slots, column_sums, n_text, opts)
+        kept_text = text_slots if kept_text is None else kept_text
         slot_rows: list[list[Tensor]] = []
-        n_text, n_core, first_images = [], [], []
+        first_images = first_image_pos[:, 0].tolist()
+        n_core = []
         core_positions: list[Tensor] = []
         for b in range(batch):
             valid = key_valid[b]
             image_pos = torch.nonzero(image_mask[b]).flatten()
-            first_image = int(image_pos[0])
-            first_images.append(first_image)
             n_images = image_pos.numel()
-            positions = torch.arange(k_len, device=query.device)
-            sink = positions[valid & (positions < first_image)]
+            sink = positions[valid & (positions < first_images[b])]
             image_candidates = image_pos
             if context.filter_keep is not None and self.layer_idx >= opts.prefill_filter_layer:
                 image_candidates = torch.nonzero(context.filter_keep[b]).flatten()
@@ -187,16 +211,9 @@ class AvlPolicy:
             core = _topk_positions(
                 image_score[b], image_candidates, fraction_count(opts.vision_compute, n_images)
             )
-            text = positions[valid & ~image_mask[b] & (positions >= first_image)]
-            budget = text_budget(text.numel(), opts.text_keep, opts.text_min_budget)
-            rows = []
-            for h in range(kv_heads):
-                kept_text = select_text(
-                    text, column_sums[b, h, text], budget, opts.text_heavy_share
-                )
-                rows.append(torch.cat([sink, secondary, kept_text]))
-            slot_rows.append(rows)
-            n_text.append(text.numel())
+            slot_rows.append(
+                [torch.cat([sink, secondary, positions[kept_text[b, h]]]) for h in range(kv_heads)]
+            )
             n_core.append(fraction_count(opts.vision_compute, n_images))
             core_positions.append(core)
 
@@ -227,7 +244,7 @@ class AvlPolicy:
         )
         return output, pick_rows(keys, safe), pick_rows(values, safe), state
 
-    def _filtered_keys(self, context: PrefillContext, batch: int, k_len: int) -> Tensor | None:
+    def _filtered_keys(self, context: PrefillContext) -> Tensor | None:
         if context.filter_keep is None or self.layer_idx < self.options.prefill_filter_layer:
             return None
         return ~context.image_mask | context.filter_keep
@@ -360,35 +377,12 @@ class AvlPolicy:
         state.core = core.unsqueeze(1).expand_as(state.core).clone()
 
     def _text_keep_mask(self, state: LayerCacheState) -> Tensor | None:
-        """Slots to keep [B, Hkv, L] after the H2O text budget, or None if nothing is evicted.
-
-        Vectorised over rows and heads (it runs every step in every layer): per (row, head)
-        keep the most recent text slots plus the heaviest older ones, as ``select_text``."""
-        opts = self.options
+        """Slots to keep [B, Hkv, L] after the H2O text budget, or None if nothing is evicted."""
         text = state.kind == TEXT
-        kept_count = text[:, 0].sum(-1)  # [B]; equal across the heads of a row
-        budgets = [text_budget(n, opts.text_keep, opts.text_min_budget) for n in state.n_text]
-        over = [int(c) > b for c, b in zip(kept_count.tolist(), budgets, strict=True)]
-        if not any(over):
+        kept_text = h2o_text_keep(text, state.text_score, state.n_text, self.options)
+        if kept_text is None:
             return None
-        shares = [split_text_budget(b, opts.text_heavy_share) for b in budgets]
-        device = text.device
-        n_heavy = torch.tensor([h for h, _ in shares], device=device).view(-1, 1, 1)
-        n_recent = torch.tensor([r for _, r in shares], device=device).view(-1, 1, 1)
-        from_end = text.flip(-1).cumsum(-1).flip(-1)  # 1 for the newest text slot
-        recent = text & (from_end <= n_recent)
-        older = text & ~recent
-        heavy = torch.zeros_like(text)
-        most = int(n_heavy.max())
-        if most > 0:
-            scores = state.text_score.masked_fill(~older, float("-inf"))
-            top = torch.topk(scores, min(most, scores.shape[-1]), dim=-1)
-            rank = torch.arange(top.indices.shape[-1], device=device)
-            chosen = (rank < n_heavy) & torch.isfinite(top.values)
-            heavy.scatter_(-1, top.indices, chosen)
-        over_rows = torch.tensor(over, device=device).view(-1, 1, 1)
-        keep_text = torch.where(over_rows, recent | heavy, text)
-        return (state.kind != EMPTY) & (~text | keep_text)
+        return (state.kind != EMPTY) & (~text | kept_text)
 
     @staticmethod
     def _compact(
