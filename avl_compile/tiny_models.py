@@ -133,7 +133,8 @@ def llava_prompt(
 
 
 def _llava_next_image_tokens(model, image_size: list[int]) -> int:
-    # Ask the processor-side arithmetic through the model: run the vision path once.
+    # The processor's token count for one anyres image: base tile + unpadded grid with one
+    # image-newline token per row (LLaVA-NeXT's layout).
     from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
     config = model.config

@@ -5,14 +5,15 @@ from __future__ import annotations
 import functools
 import os
 
-import torch
 from torch import Tensor
 
-from avl_compile.lowering.gathered_attention import gathered_attention, merge_partial_attention
+from avl_compile.lowering.gathered_attention import (
+    TRITON_DTYPES,
+    gathered_attention,
+    merge_partial_attention,
+)
 
 __all__ = ["attend_selected_rows", "gathered_attention", "merge_partial_attention"]
-
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @functools.cache
@@ -37,6 +38,6 @@ def attend_selected_rows(
         if _triton_op() is None:
             raise RuntimeError("AVL_GATHERED_ATTENTION=triton, but triton is not installed")
         return _triton_op()(query, keys, values, index, scale)
-    if forced != "torch" and query.is_cuda and query.dtype in _TRITON_DTYPES and _triton_op():
+    if forced != "torch" and query.is_cuda and query.dtype in TRITON_DTYPES and _triton_op():
         return _triton_op()(query, keys, values, index, scale)
     return gathered_attention(query, keys, values, index, scale)

@@ -10,6 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+# dtypes the Triton kernel handles; float64 stays on the PyTorch implementation
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -19,9 +19,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from avl_compile.lowering.gathered_attention import check_gathered_attention_inputs
-
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from avl_compile.lowering.gathered_attention import (
+    TRITON_DTYPES,
+    check_gathered_attention_inputs,
+)
 
 
 @triton.jit
@@ -122,9 +123,9 @@ def gathered_attention_triton(
     check_gathered_attention_inputs(
         query, keys, values, index, check_range=not torch.compiler.is_compiling()
     )
-    if query.dtype not in SUPPORTED_DTYPES:
+    if query.dtype not in TRITON_DTYPES:
         raise TypeError(
-            f"avl::gathered_attention_triton supports {SUPPORTED_DTYPES}, got {query.dtype}"
+            f"avl::gathered_attention_triton supports {TRITON_DTYPES}, got {query.dtype}"
         )
     out = torch.empty_like(query)
     lse = torch.empty(query.shape[:-1], dtype=torch.float32, device=query.device)
