@@ -10,6 +10,7 @@ For each cache length L, kept fraction b and batch size, one decode query (32 qu
   select     index_select of the kept rows, then SDPA
   flex       FlexAttention with a mask of the kept rows (compiled), where available
   narrow     SDPA over a contiguous slice of b*L rows (the "core rows contiguous" layout)
+  span       avl gathered attention given the same b*L rows as one contiguous range
 and, for the cost of HF's DynamicCache, the torch.cat of a new row onto the cache (K and V).
 Times are medians; GB/s counts the K/V bytes each method must read, against a measured
 device copy. Ratios are taken within one run (the machine may be shared).
@@ -106,6 +107,7 @@ def run(args) -> list[dict]:
                     ]
                 ).view(batch, 1, kept)
                 flat = index[:, 0]
+                span = torch.tensor([[[0, kept]]] * batch, device=device)
 
                 def select_then_sdpa():
                     gather = flat[:, None, :, None].expand(-1, KV_HEADS, -1, HEAD_DIM)
@@ -120,6 +122,11 @@ def run(args) -> list[dict]:
                         args.repeats,
                     ),
                     "select": time_ms(select_then_sdpa, device, args.repeats),
+                    "span": time_ms(
+                        lambda: attend_selected_rows(query, keys, values, None, scale, span),
+                        device,
+                        args.repeats,
+                    ),
                     "narrow": time_ms(
                         lambda: F.scaled_dot_product_attention(
                             query,

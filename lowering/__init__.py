@@ -26,7 +26,12 @@ def _triton_op():
 
 
 def attend_selected_rows(
-    query: Tensor, keys: Tensor, values: Tensor, index: Tensor, scale: float
+    query: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    index: Tensor | None,
+    scale: float,
+    ranges: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Gathered attention on the best implementation for the device: the Triton kernel on
     GPUs, the PyTorch op elsewhere. Returns (output, log-sum-exp).
@@ -37,7 +42,7 @@ def attend_selected_rows(
     if forced == "triton":
         if _triton_op() is None:
             raise RuntimeError("AVL_GATHERED_ATTENTION=triton, but triton is not installed")
-        return _triton_op()(query, keys, values, index, scale)
+        return _triton_op()(query, keys, values, index, scale, ranges)
     if forced != "torch" and query.is_cuda and query.dtype in TRITON_DTYPES and _triton_op():
-        return _triton_op()(query, keys, values, index, scale)
-    return gathered_attention(query, keys, values, index, scale)
+        return _triton_op()(query, keys, values, index, scale, ranges)
+    return gathered_attention(query, keys, values, index, scale, ranges)

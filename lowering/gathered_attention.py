@@ -1,7 +1,8 @@
 """``avl::gathered_attention``: attention of a few query rows over selected rows of a KV cache.
 
-The op reads only the selected rows (the PyTorch implementation gathers them; the Triton
-kernel of a later issue reads them in place) and returns the log-sum-exp beside the output,
+The op reads only the selected rows: index lists and contiguous spans (the PyTorch
+implementation gathers the listed rows and slices the spans; the Triton kernel reads both in
+place) and returns the log-sum-exp beside the output,
 so that partial attentions over disjoint row sets (sink + text, core image rows) merge exactly.
 """
 
@@ -20,39 +21,72 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.custom_op("avl::gathered_attention", mutates_args=())
 def gathered_attention(
-    query: Tensor, keys: Tensor, values: Tensor, index: Tensor, scale: float
+    query: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    index: Tensor | None,
+    scale: float,
+    ranges: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Attention of ``query`` [B, Hq, Lq, D] over rows ``index`` of ``keys``/``values``.
-
-    ``keys``/``values`` are [B, Hkv, L, D].
+    """Attention of ``query`` [B, Hq, Lq, D] over selected rows of ``keys``/``values``
+    [B, Hkv, L, D]: the rows listed in ``index`` plus the rows of the contiguous ``ranges``.
 
     ``index`` is [B, Hkv, n] (a list per kv head) or [B, 1, n] (shared by the heads of the
-    layer); entries of -1 are padding and ignored. Query head h reads kv head h // (Hq // Hkv).
+    layer); entries of -1 are padding and ignored. ``ranges`` is [B, R, 2] of (start, stop)
+    row spans per batch row, shared by the kv heads (sink prefix, text window; stop <= start
+    is an empty span); they are read as slices, not through an index. The caller keeps the
+    index rows and the spans disjoint. Query head h reads kv head h // (Hq // Hkv).
     Returns ``(output [B, Hq, Lq, D] in query dtype, lse [B, Hq, Lq] in float32, float64 for
-    float64 inputs)``; a row with no valid index gets output 0 and lse -inf.
+    float64 inputs)``; a row with nothing selected gets output 0 and lse -inf.
     """
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads = keys.shape[1]
-    check_gathered_attention_inputs(query, keys, values, index, check_range=True)
+    check_gathered_attention_inputs(query, keys, values, index, ranges, check_range=True)
     acc = _accumulate_dtype(query.dtype)
     group = q_heads // kv_heads
-    rows = index.expand(batch, kv_heads, index.shape[-1])
-    valid = rows >= 0
-    picked_keys = pick_rows(keys, rows).to(acc)
-    picked_values = pick_rows(values, rows).to(acc)
     grouped_query = query.reshape(batch, kv_heads, group * q_len, head_dim).to(acc)
-    logits = torch.matmul(grouped_query, picked_keys.transpose(-1, -2)) * scale
-    logits = logits.masked_fill(~valid.unsqueeze(-2), float("-inf"))
+    logit_parts, value_parts = [], []
+    if index is not None:
+        rows = index.expand(batch, kv_heads, index.shape[-1])
+        picked_keys = pick_rows(keys, rows).to(acc)
+        logits = torch.matmul(grouped_query, picked_keys.transpose(-1, -2)) * scale
+        logit_parts.append(logits.masked_fill((rows < 0).unsqueeze(-2), float("-inf")))
+        value_parts.append(pick_rows(values, rows).to(acc))
+    if ranges is not None:
+        # span r of every batch row is read as one slice covering it in all rows, masked per row
+        bounds = ranges.tolist()
+        for r in range(ranges.shape[1]):
+            spans = [(start, stop) for start, stop in (row[r] for row in bounds) if stop > start]
+            if not spans:
+                continue
+            first, last = min(s for s, _ in spans), max(e for _, e in spans)
+            position = torch.arange(first, last, device=ranges.device)
+            inside = (position >= ranges[:, r, :1]) & (position < ranges[:, r, 1:])  # [B, n]
+            span_keys = keys[:, :, first:last].to(acc)
+            logits = torch.matmul(grouped_query, span_keys.transpose(-1, -2)) * scale
+            logit_parts.append(logits.masked_fill(~inside[:, None, None, :], float("-inf")))
+            value_parts.append(values[:, :, first:last].to(acc))
+    if not logit_parts:  # only empty spans
+        empty = grouped_query.new_zeros(batch, kv_heads, group * q_len, 0)
+        logit_parts, value_parts = [empty], [empty.new_zeros(batch, kv_heads, 0, head_dim)]
+    logits = torch.cat(logit_parts, dim=-1)
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)
     probs = torch.exp(logits - lse.nan_to_num(neginf=0.0))
-    output = torch.matmul(probs, picked_values)
+    output = torch.matmul(probs, torch.cat(value_parts, dim=-2))
     output = output.reshape(batch, q_heads, q_len, head_dim).to(query.dtype)
     return output, lse.reshape(batch, q_heads, q_len)
 
 
 @gathered_attention.register_fake
-def _(query: Tensor, keys: Tensor, values: Tensor, index: Tensor, scale: float):
-    check_gathered_attention_inputs(query, keys, values, index)
+def _(
+    query: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    index: Tensor | None,
+    scale: float,
+    ranges: Tensor | None = None,
+):
+    check_gathered_attention_inputs(query, keys, values, index, ranges)
     lse = query.new_empty(query.shape[:-1], dtype=_accumulate_dtype(query.dtype))
     return torch.empty_like(query), lse
 
@@ -69,37 +103,64 @@ def pick_rows(cache: Tensor, rows: Tensor) -> Tensor:
 
 
 def check_gathered_attention_inputs(
-    query: Tensor, keys: Tensor, values: Tensor, index: Tensor, check_range: bool = False
+    query: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    index: Tensor | None,
+    ranges: Tensor | None = None,
+    check_range: bool = False,
 ) -> None:
-    """Shape and dtype checks; ``check_range`` also reads the index (a device sync)."""
+    """Shape and dtype checks; ``check_range`` also reads the index and spans (a device sync)."""
+    name = "avl::gathered_attention"
     if query.dim() != 4 or keys.dim() != 4 or values.shape != keys.shape:
         raise ValueError(
-            "avl::gathered_attention: expected query [B, Hq, Lq, D] and keys/values "
+            f"{name}: expected query [B, Hq, Lq, D] and keys/values "
             f"[B, Hkv, L, D] of one shape, got {tuple(query.shape)}, {tuple(keys.shape)}, "
             f"{tuple(values.shape)}"
         )
     if query.shape[1] % keys.shape[1]:
         raise ValueError(
-            f"avl::gathered_attention: {query.shape[1]} query heads is not a multiple of "
-            f"{keys.shape[1]} kv heads"
+            f"{name}: {query.shape[1]} query heads is not a multiple of {keys.shape[1]} kv heads"
         )
-    if index.dim() != 3 or index.dtype not in (torch.int32, torch.int64):
+    if index is None and ranges is None:
+        raise ValueError(f"{name}: nothing selected; give an index, ranges, or both")
+    if index is not None:
+        if index.dim() != 3 or index.dtype not in (torch.int32, torch.int64):
+            raise ValueError(
+                f"{name}: index must be an int32/int64 tensor [B, Hkv or 1, n], "
+                f"got {index.dtype} {tuple(index.shape)}"
+            )
+        if index.shape[-1] == 0:
+            raise ValueError(f"{name}: the row selection is empty (n = 0); pass index=None")
+        if index.shape[0] != query.shape[0] or index.shape[1] not in (1, keys.shape[1]):
+            raise ValueError(
+                f"{name}: index {tuple(index.shape)} must be [B, 1 or Hkv, n] for "
+                f"B={query.shape[0]}, Hkv={keys.shape[1]}"
+            )
+    if ranges is not None and (
+        ranges.dim() != 3
+        or ranges.shape[0] != query.shape[0]
+        or ranges.shape[2] != 2
+        or ranges.dtype not in (torch.int32, torch.int64)
+    ):
         raise ValueError(
-            "avl::gathered_attention: index must be an int32/int64 tensor [B, Hkv or 1, n], "
-            f"got {index.dtype} {tuple(index.shape)}"
+            f"{name}: ranges must be an int32/int64 tensor [B, R, 2] of (start, stop) for "
+            f"B={query.shape[0]}, got {ranges.dtype} {tuple(ranges.shape)}"
         )
-    if index.shape[-1] == 0:
-        raise ValueError("avl::gathered_attention: the row selection is empty (n = 0)")
-    if index.shape[0] != query.shape[0] or index.shape[1] not in (1, keys.shape[1]):
-        raise ValueError(
-            f"avl::gathered_attention: index {tuple(index.shape)} must be [B, 1 or Hkv, n] for "
-            f"B={query.shape[0]}, Hkv={keys.shape[1]}"
-        )
-    if check_range and index.numel() and int(index.max()) >= keys.shape[2]:
+    if not check_range:
+        return
+    length = keys.shape[2]
+    if index is not None and index.numel() and int(index.max()) >= length:
         raise IndexError(
-            f"avl::gathered_attention: index {int(index.max())} is out of range for a cache of "
-            f"{keys.shape[2]} rows"
+            f"{name}: index {int(index.max())} is out of range for a cache of {length} rows"
         )
+    if ranges is not None and ranges.numel():
+        used = ranges[..., 1] > ranges[..., 0]
+        if bool((used & ((ranges[..., 0] < 0) | (ranges[..., 1] > length))).any()):
+            raise IndexError(
+                f"{name}: a range {ranges.tolist()} falls outside the cache's {length} rows "
+                "(each span must satisfy 0 <= start < stop <= L)"
+            )
 
 
 def merge_partial_attention(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:

@@ -8,18 +8,21 @@ from avl_compile.lowering.gathered_attention import gathered_attention, merge_pa
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
-def _reference(query, keys, values, index, scale):
+def _reference(query, keys, values, index, scale, ranges=None):
     """Dense attention with a mask of the selected rows, in float64."""
     batch, q_heads, q_len, _ = query.shape
     kv_heads, length = keys.shape[1], keys.shape[2]
     group = q_heads // kv_heads
     allowed = torch.zeros(batch, kv_heads, length, dtype=torch.bool)
-    rows = index.expand(batch, kv_heads, -1)
     for b in range(batch):
         for h in range(kv_heads):
-            for r in rows[b, h].tolist():
-                if r >= 0:
-                    allowed[b, h, r] = True
+            if index is not None:
+                for r in index.expand(batch, kv_heads, -1)[b, h].tolist():
+                    if r >= 0:
+                        allowed[b, h, r] = True
+            if ranges is not None:
+                for start, stop in ranges[b].tolist():
+                    allowed[b, h, start:stop] = True
     k = keys.double().repeat_interleave(group, 1)
     v = values.double().repeat_interleave(group, 1)
     logits = query.double() @ k.transpose(-1, -2) * scale
@@ -78,6 +81,49 @@ def test_merge_of_disjoint_parts_equals_attention_over_their_union():
     torch.testing.assert_close(lse, expected_lse, atol=1e-12, rtol=0)
 
 
+def random_ranges(batch, length, count, generator):
+    """[B, count, 2] disjoint spans inside [0, length), some empty."""
+    spans = []
+    for _ in range(batch):
+        cuts = torch.randperm(length + 1, generator=generator)[: 2 * count].sort().values
+        pairs = cuts.view(count, 2)
+        pairs[0, 1] = pairs[0, 0]  # an empty span is skipped
+        spans.append(pairs)
+    return torch.stack(spans)
+
+
+def index_outside(ranges, length, heads, count, generator):
+    """[B, heads, count] rows outside the spans (padded with -1)."""
+    batch = ranges.shape[0]
+    index = torch.full((batch, heads, count), -1)
+    for b in range(batch):
+        free = torch.ones(length, dtype=torch.bool)
+        for start, stop in ranges[b].tolist():
+            free[start:stop] = False
+        rows = torch.nonzero(free).flatten()
+        for h in range(heads):
+            chosen = rows[torch.randperm(rows.numel(), generator=generator)[:count]]
+            index[b, h, : chosen.numel()] = chosen
+    return index
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("with_index", [True, False])
+@pytest.mark.parametrize("n_ranges", [1, 3])
+def test_contiguous_ranges_with_and_without_an_index(dtype, with_index, n_ranges):
+    generator = torch.Generator().manual_seed(n_ranges)
+    batch, length, dim = 3, 50, 16
+    query = torch.randn(batch, 8, 2, dim, generator=generator).to(dtype)
+    keys = torch.randn(batch, 2, length, dim, generator=generator).to(dtype)
+    values = torch.randn(batch, 2, length, dim, generator=generator).to(dtype)
+    ranges = random_ranges(batch, length, n_ranges + 1, generator)
+    index = index_outside(ranges, length, 2, 6, generator) if with_index else None
+    out, lse = gathered_attention(query, keys, values, index, 0.3, ranges)
+    expected_out, expected_lse = _reference(query, keys, values, index, 0.3, ranges)
+    torch.testing.assert_close(out.double(), expected_out, atol=TOLERANCE[dtype], rtol=0)
+    torch.testing.assert_close(lse.double(), expected_lse, atol=TOLERANCE[dtype] * 10, rtol=0)
+
+
 def test_a_row_with_nothing_selected_contributes_nothing_to_the_merge():
     query, keys, values = torch.randn(1, 2, 1, 4), torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4)
     empty = torch.full((1, 1, 2), -1)
@@ -98,11 +144,17 @@ def test_empty_selection_and_out_of_range_index_are_clear_errors():
         gathered_attention(query, keys, values, torch.tensor([[[0, 6]]]), 1.0)
     with pytest.raises(ValueError, match="int32/int64"):
         gathered_attention(query, keys, values, torch.zeros(1, 1, 2), 1.0)
+    with pytest.raises(ValueError, match="nothing selected"):
+        gathered_attention(query, keys, values, None, 1.0)
+    with pytest.raises(IndexError, match="outside the cache's 6 rows"):
+        gathered_attention(query, keys, values, None, 1.0, torch.tensor([[[2, 7]]]))
+    with pytest.raises(ValueError, match=r"ranges must be .* \[B, R, 2\]"):
+        gathered_attention(query, keys, values, None, 1.0, torch.tensor([[2, 7]]))
 
 
 def test_op_inside_an_inductor_graph():
-    def attend(query, keys, values, index):
-        out, lse = torch.ops.avl.gathered_attention(query * 2, keys, values, index, 0.5)
+    def attend(query, keys, values, index, ranges):
+        out, lse = torch.ops.avl.gathered_attention(query * 2, keys, values, index, 0.5, ranges)
         return out + 1, lse
 
     args = (
@@ -110,6 +162,7 @@ def test_op_inside_an_inductor_graph():
         torch.randn(1, 2, 12, 8),
         torch.randn(1, 2, 12, 8),
         torch.tensor([[[1, 5, 7]]]),
+        torch.tensor([[[8, 11]]]),
     )
     compiled = torch.compile(attend, backend="inductor", fullgraph=True)
     for got, expected in zip(compiled(*args), attend(*args), strict=True):

@@ -5,7 +5,7 @@ On this CPU machine it runs under TRITON_INTERPRET=1 (set by conftest); on a GPU
 
 import pytest
 import torch
-from test_gathered_attention import _reference
+from test_gathered_attention import _reference, index_outside, random_ranges
 
 pytest.importorskip("triton")
 
@@ -63,6 +63,28 @@ def test_several_query_rows_and_head_sizes(q_len, head_dim):
         query.cpu(), keys.cpu(), values.cpu(), index.cpu(), head_dim**-0.5
     )
     torch.testing.assert_close(out.cpu().double(), expected_out, atol=2e-5, rtol=0)
+    torch.testing.assert_close(lse.cpu().double(), expected_lse, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_index", [True, False])
+def test_kernel_with_contiguous_ranges(dtype, with_index):
+    generator = torch.Generator().manual_seed(3)
+    batch, length, dim = 2, 200, 32  # spans of up to 200 rows cross several blocks of 64
+    query = torch.randn(batch, 8, 1, dim, generator=generator)
+    keys = torch.randn(batch, 2, length, dim, generator=generator)
+    values = torch.randn(batch, 2, length, dim, generator=generator)
+    ranges = random_ranges(batch, length, 3, generator)
+    index = index_outside(ranges, length, 2, 20, generator) if with_index else None
+    to = dict(device=DEVICE)
+    out, lse = gathered_attention_triton(
+        query.to(dtype=dtype, **to), keys.to(dtype=dtype, **to), values.to(dtype=dtype, **to),
+        None if index is None else index.to(**to), 0.2, ranges.to(**to),
+    )  # fmt: skip
+    expected_out, expected_lse = _reference(
+        query.to(dtype), keys.to(dtype), values.to(dtype), index, 0.2, ranges
+    )
+    torch.testing.assert_close(out.cpu().double(), expected_out, atol=TOLERANCE[dtype], rtol=0)
     torch.testing.assert_close(lse.cpu().double(), expected_lse, atol=1e-4, rtol=0)
 
 

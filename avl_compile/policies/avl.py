@@ -4,7 +4,8 @@ Cache layout per (batch row, kv head) after prefill: [sink prefix | secondary im
 kept text rows | empty slots], each part in positional order; decode tokens are appended.
 Every slot carries its original (padded) position, its kind and, for text, its accumulated
 attention. Decode attention is split by modality: core image rows (shared by the heads of the
-layer) and sink + kept text (per kv head), merged exactly through their log-sum-exp.
+layer) as an index list, sink and kept text as contiguous spans of slots, in one gathered
+attention call (the whole secondary set is a span too at refresh steps).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from avl_compile.lowering import attend_selected_rows, merge_partial_attention
+from avl_compile.lowering import attend_selected_rows
 from avl_compile.lowering.gathered_attention import pick_rows
 from avl_compile.options import AvlOptions
 from avl_compile.policies.budgets import (
@@ -89,6 +90,15 @@ def _mask_to_index(mask: Tensor) -> Tensor:
     order = torch.where(mask, torch.arange(length, device=mask.device), length)
     index = order.sort(dim=-1).values[..., :count]
     return index.masked_fill(index == length, -1)
+
+
+def _mask_to_ranges(mask: Tensor) -> Tensor:
+    """Bool [B, L] -> int64 [B, R, 2] of its runs of True as (start, stop), (0, 0) padded."""
+    previous = F.pad(mask[:, :-1], (1, 0), value=False)
+    following = F.pad(mask[:, 1:], (0, 1), value=False)
+    starts = _mask_to_index(mask & ~previous)
+    stops = _mask_to_index(mask & ~following) + 1
+    return torch.stack([starts.clamp(min=0), stops], dim=-1)  # padding: (0, 0)
 
 
 def _topk_positions(scores: Tensor, candidates: Tensor, k: int) -> Tensor:
@@ -325,14 +335,24 @@ class AvlPolicy:
         state.step += 1
         refresh = is_refresh_step(state.step, opts.refresh_every)
 
+        # every kv head of a row has the same slot layout (equal counts per part); only which
+        # text token sits in a text slot differs, so spans of slots are shared by the heads
+        kind = state.kind[:, 0]
+        if not torch.equal(state.kind, kind.unsqueeze(1).expand_as(state.kind)):
+            raise RuntimeError("avl: the kv heads of a layer disagree on the cache layout")
         image_rows = (state.kind[:, :1] == IMAGE) & (state.core[:, :1] | refresh)
         text_rows = (state.kind == SINK) | (state.kind == TEXT)
         image_index = _mask_to_index(image_rows)  # [B, 1, n], shared by the heads
         text_index = _mask_to_index(text_rows)  # [B, Hkv, m], per kv head
-        parts = [attend_selected_rows(query, keys, values, text_index, scale)]
-        if image_index.shape[-1]:
-            parts.append(attend_selected_rows(query, keys, values, image_index, scale))
-        output, lse = merge_partial_attention(parts)
+        # sink and text (and, at a refresh, the whole secondary set) are contiguous spans;
+        # the core image rows are an index list
+        span_rows = (kind == SINK) | (kind == TEXT)
+        if refresh:
+            span_rows = span_rows | (kind == IMAGE)
+        gathered = None if refresh or image_index.shape[-1] == 0 else image_index
+        output, lse = attend_selected_rows(
+            query, keys, values, gathered, scale, _mask_to_ranges(span_rows)
+        )
 
         acc = state.text_score.dtype
         text_probs = _index_probs(query, keys, text_index, lse, scale, acc)  # [B, Hq, m]
