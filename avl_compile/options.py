@@ -7,7 +7,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-POLICIES = ("avl",)
+POLICIES = ("avl", "full", "h2o", "streaming", "fastv", "random")
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 
 
@@ -27,7 +27,12 @@ class AvlOptions:
     text_heavy_share: float = 0.7  # share of the text budget given to heavy hitters
     text_min_budget: int = 20
     prefill_filter_keep: float | None = None  # P: FastV-style prefill filter, None = off
-    prefill_filter_layer: int = 2
+    prefill_filter_layer: int = 2  # also FastV's layer K
+    # baselines (policy != "avl"): the kept share of the cache they evict from
+    kv_budget: float = 0.5  # h2o/streaming: of the current length; fastv/random: of N
+    h2o_heavy_share: float = 0.25  # share of the H2O budget given to heavy hitters
+    streaming_sink: int = 4  # first tokens StreamingLLM never evicts
+    seed: int = 0  # random: which image tokens are dropped
     inner: str = "inductor"
 
     @classmethod
@@ -67,6 +72,12 @@ class AvlOptions:
             _fail("text_min_budget", self.text_min_budget, "an integer >= 0")
         if not _is_int(self.prefill_filter_layer) or self.prefill_filter_layer < 1:
             _fail("prefill_filter_layer", self.prefill_filter_layer, "an integer >= 1")
+        _check_fraction("kv_budget", self.kv_budget)
+        _check_fraction("h2o_heavy_share", self.h2o_heavy_share, allow_zero=True)
+        if not _is_int(self.streaming_sink) or self.streaming_sink < 0:
+            _fail("streaming_sink", self.streaming_sink, "an integer >= 0")
+        if not _is_int(self.seed) or self.seed < 0:
+            _fail("seed", self.seed, "an integer >= 0")
         if self.prefill_filter_keep is not None:
             _check_fraction("prefill_filter_keep", self.prefill_filter_keep)
             if self.vision_keep > self.prefill_filter_keep:
@@ -80,6 +91,10 @@ class AvlOptions:
     @property
     def keeps_everything(self) -> bool:
         """True when every budget is 100%: the policy must then reproduce dense attention."""
+        if self.policy == "full":
+            return True
+        if self.policy != "avl":
+            return self.kv_budget == 1.0
         return (
             self.vision_keep == 1.0
             and self.vision_compute == 1.0

@@ -1,4 +1,5 @@
-"""Plain eager reference of the A-VL policy: the oracle the compiled path is tested against.
+"""Plain eager reference of the A-VL policy: the oracle the compiled path is tested against
+(the baselines' references are in ``reference_baselines.py`` and plug in here).
 
 No compiler, no cache compaction: like the authors' code, the full KV cache is kept and the
 policy is applied with masks over it. It plugs into transformers' attention interface, so
@@ -89,9 +90,14 @@ class AvlReference:
         return output.transpose(1, 2).contiguous(), None
 
     # -- prefill
+    def _filter_fraction(self) -> float | None:
+        """Share of image tokens the prefill filter keeps, None when there is no filter."""
+        return self.options.prefill_filter_keep
+
     def _prefill_mask(self, layer: int, query, key, allowed, scale) -> Tensor:
         opts = self.options
-        if opts.prefill_filter_keep is None:
+        keep_fraction = self._filter_fraction()
+        if keep_fraction is None:
             return torch.ones_like(allowed)
         if layer == opts.prefill_filter_layer - 1:
             logits = torch.matmul(query[:, :, -1:].double(), key.double().transpose(-1, -2))
@@ -100,7 +106,7 @@ class AvlReference:
             self.filter_keep = torch.zeros_like(self.image_mask)
             for b in range(score.shape[0]):
                 image_pos = self.image_mask[b].nonzero().flatten()
-                count = fraction_count(opts.prefill_filter_keep, image_pos.numel())
+                count = fraction_count(keep_fraction, image_pos.numel())
                 best = score[b, image_pos].topk(count).indices
                 self.filter_keep[b, image_pos[best]] = True
         if layer >= opts.prefill_filter_layer:
@@ -239,6 +245,11 @@ def reference_generate(
     """``model.generate(**inputs)`` under the eager reference policy."""
     opts = AvlOptions.from_mapping(options)
     image_mask = inputs["input_ids"] == model.config.image_token_id
-    reference = AvlReference(opts, image_mask)
+    if opts.policy == "avl":
+        reference = AvlReference(opts, image_mask)
+    else:
+        from avl_compile.reference_baselines import BaselineReference
+
+        reference = BaselineReference(opts, image_mask)
     with reference_attention(model, reference):
         return model.generate(**inputs, **generate_kwargs)

@@ -22,7 +22,8 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from avl_compile.options import AvlOptions
-from avl_compile.policies.avl import AvlPolicy, PrefillContext
+from avl_compile.policies import make_policy
+from avl_compile.policies.common import PrefillContext
 
 log = logging.getLogger("avl_compile")
 
@@ -110,12 +111,13 @@ class AvlRuntime:
                 f"avl: {site.name} got {query.shape[2]} new tokens on a compacted KV cache; only "
                 "one token per decode step is supported (assisted or speculative decoding is not)"
             )
-        policy = AvlPolicy(site.options, site.layer_idx)
+        policy = make_policy(site.options, site.layer_idx)
         output, keys, values = policy.decode(
             query, past_keys, new_keys, past_values, new_values, scale, state
         )
         _LAYER_STATES[keys] = state
         self.counters["decode_sites"] += 1
+        self.counters["attended_rows"] += state.attended_rows
         return output, keys, values
 
     def _prefill(self, site, query, keys, values, attn_mask, scale):
@@ -137,12 +139,8 @@ class AvlRuntime:
                 site, query, None, keys, None, values, attn_mask, scale, site.is_causal
             )
         context.used_by_layers.add(site.layer_idx)
-        policy = AvlPolicy(site.options, site.layer_idx)
-        opts = site.options
-        if opts.prefill_filter_keep is not None and site.layer_idx == opts.prefill_filter_layer - 1:
-            context.filter_keep = policy.choose_prefill_filter(
-                query, keys, attn_mask, site.is_causal, scale, context
-            )
+        policy = make_policy(site.options, site.layer_idx)
+        policy.prepare_prefill(query, keys, attn_mask, site.is_causal, scale, context)
         output, kept_keys, kept_values, state = policy.prefill(
             query, keys, values, attn_mask, site.is_causal, scale, context
         )

@@ -2,7 +2,7 @@
 
 import torch
 
-from avl_compile.policies.avl import _mask_to_ranges
+from avl_compile.policies.common import mask_to_ranges as _mask_to_ranges
 
 
 def test_mask_to_ranges_lists_each_run_once():

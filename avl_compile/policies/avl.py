@@ -13,30 +13,27 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from avl_compile.lowering import attend_selected_rows
 from avl_compile.lowering.gathered_attention import pick_rows
 from avl_compile.options import AvlOptions
-from avl_compile.policies.budgets import (
-    fraction_count,
-    is_refresh_step,
-    split_text_budget,
-    text_budget,
+from avl_compile.policies.budgets import fraction_count, is_refresh_step, text_budget
+from avl_compile.policies.common import (
+    PrefillContext,
+    column_sums,
+    heavy_recent_keep,
+    key_is_valid,
+    last_token_image_filter,
+    last_token_score,
+    mask_to_index,
+    mask_to_ranges,
+    prefill_attention,
+    prefill_logits_bias,
+    topk_positions,
 )
 
 EMPTY, SINK, IMAGE, TEXT = 0, 1, 2, 3
-_QUERY_CHUNK = 256  # query rows per block when summing prefill attention columns
-
-
-@dataclasses.dataclass
-class PrefillContext:
-    """What the sites of one prefill forward share: the image mask and the prefill filter."""
-
-    image_mask: Tensor  # [B, L] bool
-    filter_keep: Tensor | None = None  # [B, L] bool, image tokens that pass the prefill filter
-    used_by_layers: set[int] = dataclasses.field(default_factory=set)  # a layer seen twice = stale
 
 
 @dataclasses.dataclass
@@ -51,95 +48,16 @@ class LayerCacheState:
     n_core: list[int]  # core size per row, floor(C * N)
     next_position: int  # position of the next decode token
     step: int = 0  # 0 after prefill; decode step t is the t-th decode forward
-
-
-def _score_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _prefill_logits_bias(
-    attn_mask: Tensor | None, is_causal: bool, q_len: int, k_len: int, device: torch.device
-) -> Tensor:
-    """Additive bias [B or 1, 1, Lq, Lk] equal to what SDPA applies for these arguments."""
-    bias = torch.zeros(1, 1, q_len, k_len, device=device, dtype=torch.float64)
-    if is_causal:
-        causal = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
-        bias = bias.masked_fill(~causal, float("-inf"))
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            bias = bias.masked_fill(~attn_mask, float("-inf"))
-        else:
-            bias = bias + attn_mask.to(torch.float64)
-    return bias
-
-
-def _key_is_valid(attn_mask: Tensor | None, batch: int, k_len: int, device) -> Tensor:
-    """[B, Lk]: keys the last query row may attend, i.e. not left padding."""
-    if attn_mask is None:
-        return torch.ones(batch, k_len, dtype=torch.bool, device=device)
-    last_row = attn_mask[:, 0, -1, :].expand(batch, k_len)
-    if attn_mask.dtype == torch.bool:
-        return last_row.clone()
-    return last_row > torch.finfo(attn_mask.dtype).min / 2
-
-
-def _mask_to_index(mask: Tensor) -> Tensor:
-    """Bool [..., L] -> int64 [..., n] of the True positions in order, padded with -1."""
-    length = mask.shape[-1]
-    count = int(mask.sum(-1).max()) if mask.numel() else 0
-    order = torch.where(mask, torch.arange(length, device=mask.device), length)
-    index = order.sort(dim=-1).values[..., :count]
-    return index.masked_fill(index == length, -1)
-
-
-def _mask_to_ranges(mask: Tensor) -> Tensor:
-    """Bool [B, L] -> int64 [B, R, 2] of its runs of True as (start, stop), (0, 0) padded."""
-    previous = F.pad(mask[:, :-1], (1, 0), value=False)
-    following = F.pad(mask[:, 1:], (0, 1), value=False)
-    starts = _mask_to_index(mask & ~previous)
-    stops = _mask_to_index(mask & ~following) + 1
-    return torch.stack([starts.clamp(min=0), stops], dim=-1)  # padding: (0, 0)
-
-
-def _topk_positions(scores: Tensor, candidates: Tensor, k: int) -> Tensor:
-    """Positions (sorted) of the k largest ``scores`` among the ``candidates`` positions."""
-    if k <= 0 or candidates.numel() == 0:
-        return candidates[:0]
-    k = min(k, candidates.numel())
-    best = torch.topk(scores[candidates], k).indices
-    return candidates[best].sort().values
+    attended_rows: float = 0.0  # rows attended at the last decode step, mean over batch rows
 
 
 def h2o_text_keep(
     text: Tensor, scores: Tensor, n_text: list[int], options: AvlOptions
 ) -> Tensor | None:
-    """The text slots to keep [B, Hkv, L] under the H2O budget, or None if all fit.
-
-    ``text`` [B, Hkv, L] marks text slots, in positional order along L; per (row, kv head)
-    the most recent ones are kept, plus the heaviest older ones by accumulated attention
-    ``scores``. The budget of row b is text_budget(n_text[b]). Vectorised: it runs at
-    prefill and at every decode step of every layer."""
+    """The text slots to keep [B, Hkv, L] under A-VL's text budget, or None if all fit:
+    budget max(round(T * n_text), min) per row, heavy hitters + most recent (H2O)."""
     budgets = [text_budget(n, options.text_keep, options.text_min_budget) for n in n_text]
-    kept_count = text[:, 0].sum(-1).tolist()  # equal across the heads of a row
-    over = [int(c) > b for c, b in zip(kept_count, budgets, strict=True)]
-    if not any(over):
-        return None
-    shares = [split_text_budget(b, options.text_heavy_share) for b in budgets]
-    device = text.device
-    n_heavy = torch.tensor([h for h, _ in shares], device=device).view(-1, 1, 1)
-    n_recent = torch.tensor([r for _, r in shares], device=device).view(-1, 1, 1)
-    from_end = text.flip(-1).cumsum(-1).flip(-1)  # 1 for the newest text slot
-    recent = text & (from_end <= n_recent)
-    older = text & ~recent
-    heavy = torch.zeros_like(text)
-    most = int(n_heavy.max())
-    if most > 0:
-        masked = scores.masked_fill(~older, float("-inf"))
-        top = torch.topk(masked, min(most, masked.shape[-1]), dim=-1)
-        rank = torch.arange(top.indices.shape[-1], device=device)
-        heavy.scatter_(-1, top.indices, (rank < n_heavy) & torch.isfinite(top.values))
-    over_rows = torch.tensor(over, device=device).view(-1, 1, 1)
-    return torch.where(over_rows, recent | heavy, text)
+    return heavy_recent_keep(text, scores, budgets, options.text_heavy_share)
 
 
 class AvlPolicy:
@@ -161,39 +79,19 @@ class AvlPolicy:
         context: PrefillContext,
     ) -> tuple[Tensor, Tensor, Tensor, LayerCacheState]:
         opts = self.options
-        batch, q_heads, q_len, head_dim = query.shape
+        batch, q_len = query.shape[0], query.shape[2]
         kv_heads, k_len = keys.shape[1], keys.shape[2]
-        group = q_heads // kv_heads
-        bias = _prefill_logits_bias(attn_mask, is_causal, q_len, k_len, query.device)
+        bias = prefill_logits_bias(attn_mask, is_causal, q_len, k_len, query.device)
         filtered = self._filtered_keys(context)
-        if filtered is not None:
-            bias = bias.masked_fill(~filtered[:, None, None, :], float("-inf"))
-            output = F.scaled_dot_product_attention(
-                query,
-                keys,
-                values,
-                attn_mask=bias.to(query.dtype),
-                scale=scale,
-                enable_gqa=group > 1,
-            )
-        else:
-            output = F.scaled_dot_product_attention(
-                query,
-                keys,
-                values,
-                attn_mask=attn_mask,
-                is_causal=is_causal,
-                scale=scale,
-                enable_gqa=group > 1,
-            )
+        output, bias = prefill_attention(
+            query, keys, values, attn_mask, is_causal, scale, bias, filtered
+        )
 
-        acc = _score_dtype(query.dtype)
-        key_valid = _key_is_valid(attn_mask, batch, k_len, query.device)
+        key_valid = key_is_valid(attn_mask, batch, k_len, query.device)
         if filtered is not None:
             key_valid = key_valid & filtered
-        image_score = self._last_token_score(query, keys, bias, scale)
-        query_valid = key_valid[:, k_len - q_len :]
-        column_sums = self._column_sums(query, keys, bias, scale, acc, query_valid)
+        image_score = last_token_score(query, keys, bias, scale)
+        text_scores = column_sums(query, keys, bias, scale, key_valid[:, k_len - q_len :])
 
         image_mask = context.image_mask
         positions = torch.arange(k_len, device=query.device)
@@ -201,7 +99,7 @@ class AvlPolicy:
         text_mask = key_valid & ~image_mask & (positions >= first_image_pos)  # [B, Lk]
         n_text = text_mask.sum(-1).tolist()
         text_slots = text_mask[:, None, :].expand(batch, kv_heads, k_len)
-        kept_text = h2o_text_keep(text_slots, column_sums, n_text, opts)
+        kept_text = h2o_text_keep(text_slots, text_scores, n_text, opts)
         kept_text = text_slots if kept_text is None else kept_text
         slot_rows: list[list[Tensor]] = []
         first_images = first_image_pos[:, 0].tolist()
@@ -215,10 +113,10 @@ class AvlPolicy:
             image_candidates = image_pos
             if context.filter_keep is not None and self.layer_idx >= opts.prefill_filter_layer:
                 image_candidates = torch.nonzero(context.filter_keep[b]).flatten()
-            secondary = _topk_positions(
+            secondary = topk_positions(
                 image_score[b], image_candidates, fraction_count(opts.vision_keep, n_images)
             )
-            core = _topk_positions(
+            core = topk_positions(
                 image_score[b], image_candidates, fraction_count(opts.vision_compute, n_images)
             )
             slot_rows.append(
@@ -242,7 +140,7 @@ class AvlPolicy:
         core_mask = torch.zeros_like(position, dtype=torch.bool)
         for b, core in enumerate(core_positions):
             core_mask[b] = torch.isin(position[b], core) & (kind[b] == IMAGE)
-        text_score = column_sums.gather(2, safe).masked_fill(kind != TEXT, 0.0)
+        text_score = text_scores.gather(2, safe).masked_fill(kind != TEXT, 0.0)
         state = LayerCacheState(
             position=position,
             kind=kind,
@@ -259,7 +157,7 @@ class AvlPolicy:
             return None
         return ~context.image_mask | context.filter_keep
 
-    def choose_prefill_filter(
+    def prepare_prefill(
         self,
         query: Tensor,
         keys: Tensor,
@@ -267,52 +165,14 @@ class AvlPolicy:
         is_causal: bool,
         scale: float,
         context: PrefillContext,
-    ) -> Tensor:
-        """Image tokens [B, L] that pass the FastV-style filter, by this layer's last-row score."""
-        batch, q_len, k_len = query.shape[0], query.shape[2], keys.shape[2]
-        bias = _prefill_logits_bias(attn_mask, is_causal, q_len, k_len, query.device)
-        score = self._last_token_score(query, keys, bias, scale)
-        keep = torch.zeros_like(context.image_mask)
-        for b in range(batch):
-            image_pos = torch.nonzero(context.image_mask[b]).flatten()
-            count = fraction_count(self.options.prefill_filter_keep, image_pos.numel())
-            keep[b, _topk_positions(score[b], image_pos, count)] = True
-        return keep
-
-    @classmethod
-    def _last_token_score(cls, query: Tensor, keys: Tensor, bias: Tensor, scale: float) -> Tensor:
-        """[B, Lk]: the last prompt token's attention over the whole row, head-averaged."""
-        acc = _score_dtype(query.dtype)
-        probs = cls._probs(query[:, :, -1:, :], keys, bias[..., -1:, :], scale, acc)
-        return probs[:, :, 0, :].mean(dim=1)
-
-    @staticmethod
-    def _probs(query: Tensor, keys: Tensor, bias: Tensor, scale: float, acc: torch.dtype) -> Tensor:
-        """Softmax rows [B, Hq, q, Lk] of ``query`` against all keys (GQA aware)."""
-        group = query.shape[1] // keys.shape[1]
-        expanded = keys.to(acc).repeat_interleave(group, dim=1)
-        logits = torch.matmul(query.to(acc), expanded.transpose(-1, -2)) * scale
-        return torch.softmax(logits + bias.to(acc), dim=-1).nan_to_num(0.0)
-
-    def _column_sums(
-        self,
-        query: Tensor,
-        keys: Tensor,
-        bias: Tensor,
-        scale: float,
-        acc: torch.dtype,
-        query_valid: Tensor,
-    ) -> Tensor:
-        """Accumulated attention per kv head [B, Hkv, Lk]: column sums over valid query rows."""
-        batch, q_heads, q_len, _ = query.shape
-        kv_heads = keys.shape[1]
-        total = torch.zeros(batch, q_heads, keys.shape[2], dtype=acc, device=query.device)
-        for start in range(0, q_len, _QUERY_CHUNK):
-            stop = min(start + _QUERY_CHUNK, q_len)
-            probs = self._probs(query[:, :, start:stop], keys, bias[..., start:stop, :], scale, acc)
-            weight = query_valid[:, None, start:stop, None].to(acc)
-            total += (probs * weight).sum(dim=2)
-        return total.view(batch, kv_heads, q_heads // kv_heads, -1).sum(dim=2)
+    ) -> None:
+        """Layer P - 1 chooses the image tokens that pass the optional FastV-style filter."""
+        opts = self.options
+        if opts.prefill_filter_keep is not None and self.layer_idx == opts.prefill_filter_layer - 1:
+            context.filter_keep = last_token_image_filter(
+                query, keys, attn_mask, is_causal, scale, context.image_mask,
+                opts.prefill_filter_keep,
+            )  # fmt: skip
 
     # ----------------------------------------------------------------- decode
     def decode(
@@ -342,8 +202,8 @@ class AvlPolicy:
             raise RuntimeError("avl: the kv heads of a layer disagree on the cache layout")
         image_rows = (state.kind[:, :1] == IMAGE) & (state.core[:, :1] | refresh)
         text_rows = (state.kind == SINK) | (state.kind == TEXT)
-        image_index = _mask_to_index(image_rows)  # [B, 1, n], shared by the heads
-        text_index = _mask_to_index(text_rows)  # [B, Hkv, m], per kv head
+        image_index = mask_to_index(image_rows)  # [B, 1, n], shared by the heads
+        text_index = mask_to_index(text_rows)  # [B, Hkv, m], per kv head
         # sink and text (and, at a refresh, the whole secondary set) are contiguous spans;
         # the core image rows are an index list
         span_rows = (kind == SINK) | (kind == TEXT)
@@ -351,8 +211,12 @@ class AvlPolicy:
             span_rows = span_rows | (kind == IMAGE)
         gathered = None if refresh or image_index.shape[-1] == 0 else image_index
         output, lse = attend_selected_rows(
-            query, keys, values, gathered, scale, _mask_to_ranges(span_rows)
+            query, keys, values, gathered, scale, mask_to_ranges(span_rows)
         )
+        attended = span_rows.sum(-1)
+        if gathered is not None:
+            attended = attended + (gathered[:, 0] >= 0).sum(-1)
+        state.attended_rows = float(attended.float().mean())
 
         acc = state.text_score.dtype
         text_probs = _index_probs(query, keys, text_index, lse, scale, acc)  # [B, Hq, m]

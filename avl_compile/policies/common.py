@@ -1,0 +1,193 @@
+"""Attention arithmetic shared by the KV policies: prefill scores, masks, index lists, and
+the heavy-hitter + recent selection (H2O) used by A-VL's text side and by the H2O baseline."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from avl_compile.policies.budgets import fraction_count
+
+_QUERY_CHUNK = 256  # query rows per block when summing prefill attention columns
+
+
+@dataclasses.dataclass
+class PrefillContext:
+    """What the sites of one prefill forward share: the image mask and the prefill filter."""
+
+    image_mask: Tensor  # [B, L] bool
+    filter_keep: Tensor | None = None  # [B, L] bool, image tokens that pass the prefill filter
+    used_by_layers: set[int] = dataclasses.field(default_factory=set)  # a layer seen twice = stale
+
+
+def score_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def prefill_logits_bias(
+    attn_mask: Tensor | None, is_causal: bool, q_len: int, k_len: int, device: torch.device
+) -> Tensor:
+    """Additive bias [B or 1, 1, Lq, Lk] equal to what SDPA applies for these arguments."""
+    bias = torch.zeros(1, 1, q_len, k_len, device=device, dtype=torch.float64)
+    if is_causal:
+        causal = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
+        bias = bias.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            bias = bias.masked_fill(~attn_mask, float("-inf"))
+        else:
+            bias = bias + attn_mask.to(torch.float64)
+    return bias
+
+
+def key_is_valid(attn_mask: Tensor | None, batch: int, k_len: int, device) -> Tensor:
+    """[B, Lk]: keys the last query row may attend, i.e. not left padding."""
+    if attn_mask is None:
+        return torch.ones(batch, k_len, dtype=torch.bool, device=device)
+    last_row = attn_mask[:, 0, -1, :].expand(batch, k_len)
+    if attn_mask.dtype == torch.bool:
+        return last_row.clone()
+    return last_row > torch.finfo(attn_mask.dtype).min / 2
+
+
+def prefill_attention(
+    query: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    attn_mask: Tensor | None,
+    is_causal: bool,
+    scale: float,
+    bias: Tensor,
+    visible: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """Prefill SDPA output, and the bias the scores use; ``visible`` [B, L] hides keys
+    (the prefill filter) from every query row."""
+    enable_gqa = query.shape[1] != keys.shape[1]
+    if visible is None:
+        output = F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+            enable_gqa=enable_gqa,
+        )  # fmt: skip
+        return output, bias
+    bias = bias.masked_fill(~visible[:, None, None, :], float("-inf"))
+    output = F.scaled_dot_product_attention(
+        query, keys, values, attn_mask=bias.to(query.dtype), scale=scale, enable_gqa=enable_gqa
+    )
+    return output, bias
+
+
+def softmax_rows(query: Tensor, keys: Tensor, bias: Tensor, scale: float, acc) -> Tensor:
+    """Softmax rows [B, Hq, q, Lk] of ``query`` against all keys (GQA aware)."""
+    group = query.shape[1] // keys.shape[1]
+    expanded = keys.to(acc).repeat_interleave(group, dim=1)
+    logits = torch.matmul(query.to(acc), expanded.transpose(-1, -2)) * scale
+    return torch.softmax(logits + bias.to(acc), dim=-1).nan_to_num(0.0)
+
+
+def last_token_score(query: Tensor, keys: Tensor, bias: Tensor, scale: float) -> Tensor:
+    """[B, Lk]: the last prompt token's attention over the whole row, head-averaged."""
+    acc = score_dtype(query.dtype)
+    probs = softmax_rows(query[:, :, -1:, :], keys, bias[..., -1:, :], scale, acc)
+    return probs[:, :, 0, :].mean(dim=1)
+
+
+def column_sums(
+    query: Tensor, keys: Tensor, bias: Tensor, scale: float, query_valid: Tensor
+) -> Tensor:
+    """Accumulated attention per kv head [B, Hkv, Lk]: column sums over valid query rows,
+    computed in blocks of query rows so the probabilities never exist all at once."""
+    batch, q_heads, q_len, _ = query.shape
+    kv_heads = keys.shape[1]
+    acc = score_dtype(query.dtype)
+    total = torch.zeros(batch, q_heads, keys.shape[2], dtype=acc, device=query.device)
+    for start in range(0, q_len, _QUERY_CHUNK):
+        stop = min(start + _QUERY_CHUNK, q_len)
+        probs = softmax_rows(query[:, :, start:stop], keys, bias[..., start:stop, :], scale, acc)
+        weight = query_valid[:, None, start:stop, None].to(acc)
+        total += (probs * weight).sum(dim=2)
+    return total.view(batch, kv_heads, q_heads // kv_heads, -1).sum(dim=2)
+
+
+def last_token_image_filter(
+    query: Tensor,
+    keys: Tensor,
+    attn_mask: Tensor | None,
+    is_causal: bool,
+    scale: float,
+    image_mask: Tensor,
+    keep_fraction: float,
+) -> Tensor:
+    """Image tokens [B, L] that pass a FastV-style filter: the floor(keep_fraction * N) best
+    by this layer's last-token, head-averaged attention."""
+    batch, q_len, k_len = query.shape[0], query.shape[2], keys.shape[2]
+    bias = prefill_logits_bias(attn_mask, is_causal, q_len, k_len, query.device)
+    score = last_token_score(query, keys, bias, scale)
+    keep = torch.zeros_like(image_mask)
+    for b in range(batch):
+        image_pos = torch.nonzero(image_mask[b]).flatten()
+        count = fraction_count(keep_fraction, image_pos.numel())
+        keep[b, topk_positions(score[b], image_pos, count)] = True
+    return keep
+
+
+def mask_to_index(mask: Tensor) -> Tensor:
+    """Bool [..., L] -> int64 [..., n] of the True positions in order, padded with -1."""
+    length = mask.shape[-1]
+    count = int(mask.sum(-1).max()) if mask.numel() else 0
+    order = torch.where(mask, torch.arange(length, device=mask.device), length)
+    index = order.sort(dim=-1).values[..., :count]
+    return index.masked_fill(index == length, -1)
+
+
+def mask_to_ranges(mask: Tensor) -> Tensor:
+    """Bool [B, L] -> int64 [B, R, 2] of its runs of True as (start, stop), (0, 0) padded."""
+    previous = F.pad(mask[:, :-1], (1, 0), value=False)
+    following = F.pad(mask[:, 1:], (0, 1), value=False)
+    starts = mask_to_index(mask & ~previous)
+    stops = mask_to_index(mask & ~following) + 1
+    return torch.stack([starts.clamp(min=0), stops], dim=-1)  # padding: (0, 0)
+
+
+def topk_positions(scores: Tensor, candidates: Tensor, k: int) -> Tensor:
+    """Positions (sorted) of the k largest ``scores`` among the ``candidates`` positions."""
+    if k <= 0 or candidates.numel() == 0:
+        return candidates[:0]
+    k = min(k, candidates.numel())
+    best = torch.topk(scores[candidates], k).indices
+    return candidates[best].sort().values
+
+
+def heavy_recent_keep(
+    slots: Tensor, scores: Tensor, budgets: list[int], heavy_share: float
+) -> Tensor | None:
+    """The slots to keep [B, Hkv, L] under per-row budgets, or None if every row fits.
+
+    ``slots`` [B, Hkv, L] marks the candidates, in positional order along L (the same count
+    in every head of a row). Per (row, kv head) the int(heavy_share * budget) heaviest older
+    ones by accumulated attention ``scores`` are kept, and the most recent ones fill the rest
+    of the budget: H2O. Vectorised: it runs at every decode step of every layer."""
+    kept_count = slots[:, 0].sum(-1).tolist()
+    over = [int(c) > b for c, b in zip(kept_count, budgets, strict=True)]
+    if not any(over):
+        return None
+    device = slots.device
+    heavy_counts = [int(heavy_share * b) for b in budgets]
+    n_heavy = torch.tensor(heavy_counts, device=device).view(-1, 1, 1)
+    n_recent = torch.tensor(
+        [b - h for b, h in zip(budgets, heavy_counts, strict=True)], device=device
+    ).view(-1, 1, 1)
+    from_end = slots.flip(-1).cumsum(-1).flip(-1)  # 1 for the newest slot
+    recent = slots & (from_end <= n_recent)
+    older = slots & ~recent
+    heavy = torch.zeros_like(slots)
+    most = int(n_heavy.max())
+    if most > 0:
+        masked = scores.masked_fill(~older, float("-inf"))
+        top = torch.topk(masked, min(most, masked.shape[-1]), dim=-1)
+        rank = torch.arange(top.indices.shape[-1], device=device)
+        heavy.scatter_(-1, top.indices, (rank < n_heavy) & torch.isfinite(top.values))
+    over_rows = torch.tensor(over, device=device).view(-1, 1, 1)
+    return torch.where(over_rows, recent | heavy, slots)
