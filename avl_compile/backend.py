@@ -16,7 +16,7 @@ from avl_compile.passes.find_image_mask import find_image_scatters
 from avl_compile.passes.record_image_mask import insert_image_mask_recorders
 from avl_compile.passes.rewrite_attention_sites import rewrite_attention_sites
 from avl_compile.passes.split_at_runtime_calls import split_at_runtime_calls
-from avl_compile.runtime import AvlRuntime, register_runtime
+from avl_compile.runtime import AvlRuntime, register_runtime, update_site_options
 
 log = logging.getLogger("avl_compile")
 
@@ -36,6 +36,19 @@ class AvlBackend:
         self.runtime_key = register_runtime(self.runtime, self)
         self.graphs: list[CompiledGraphRecord] = []
 
+    def set_options(self, options: Mapping[str, Any] | None) -> None:
+        """Switch the policy and budgets of the graphs already compiled, without recompiling
+        (the graphs do not depend on them: the runtime reads them at each call). Call it
+        between ``generate`` calls; ``inner`` only takes effect at compile time."""
+        new = AvlOptions.from_mapping(options)
+        if new.inner != self.options.inner:
+            raise ValueError(
+                f"avl backend: option inner={new.inner!r} cannot change after compiling with "
+                f"inner={self.options.inner!r}; compile the model again instead"
+            )
+        self.options = new
+        update_site_options(self.runtime, new)
+
     def __call__(
         self,
         gm: fx.GraphModule,
@@ -44,6 +57,7 @@ class AvlBackend:
     ) -> Callable:
         opts = AvlOptions.from_mapping(options) if options is not None else self.options
         _raise_recompile_limit()
+        code_before = gm.code
         sites = find_attention_sites(gm.graph)
         scatters = find_image_scatters(gm.graph)
         recorders = insert_image_mask_recorders(gm.graph, scatters, self.runtime_key)
@@ -54,6 +68,9 @@ class AvlBackend:
             sites=sites,
             recorders=recorders,
             rewritten=rewritten,
+            options=opts,
+            code_before=code_before,
+            code_after=gm.code,
         )
         self.graphs.append(record)
         if rewritten or recorders:
@@ -82,6 +99,9 @@ class CompiledGraphRecord:
     sites: list[AttentionSite]
     recorders: int
     rewritten: int
+    options: AvlOptions
+    code_before: str  # the graph's Python code as Dynamo handed it over
+    code_after: str  # after the passes, before the split for the inner compiler
 
 
 RECOMPILE_LIMIT = 64

@@ -94,17 +94,13 @@ class AvlRuntime:
                     "A cache edited between steps (beam search reorders it; use num_beams=1) or "
                     "filled by another model cannot be matched to its compacted rows."
                 )
-            return self._dense(
-                site,
-                query,
-                past_keys,
-                new_keys,
-                past_values,
-                new_values,
-                attn_mask,
-                scale,
+            output, keys, values = self._dense(
+                site, query, past_keys, new_keys, past_values, new_values, attn_mask, scale,
                 is_causal=False,
-            )
+            )  # fmt: skip
+            self.counters["decode_sites"] += 1
+            self.counters["attended_rows"] += keys.shape[2]
+            return output, keys, values
         _PREFILL.context = None  # decoding has begun: the prompt's image mask is spent
         if query.shape[2] != 1:
             raise NotImplementedError(
@@ -135,9 +131,11 @@ class AvlRuntime:
             reason = "a prompt in the batch holds no image tokens"
         if reason is not None:
             self.warn_once(f"avl: {site.name} runs dense attention: {reason}")
-            return self._dense(
+            output, keys, values = self._dense(
                 site, query, None, keys, None, values, attn_mask, scale, site.is_causal
             )
+            self.counters["prefill_kv_bytes"] += keys.nbytes + values.nbytes
+            return output, keys, values
         context.used_by_layers.add(site.layer_idx)
         policy = make_policy(site.options, site.layer_idx)
         policy.prepare_prefill(query, keys, attn_mask, site.is_causal, scale, context)
@@ -146,6 +144,7 @@ class AvlRuntime:
         )
         _LAYER_STATES[kept_keys] = state
         self.counters["prefill_sites"] += 1
+        self.counters["prefill_kv_bytes"] += kept_keys.nbytes + kept_values.nbytes
         log.debug("%s: prefill kept %d of %d KV rows", site.name, kept_keys.shape[2], q_len)
         return output, kept_keys, kept_values
 
@@ -177,6 +176,13 @@ def register_site(site: SiteInfo) -> str:
     key = f"{site.name}#{len(_SITES)}"
     _SITES[key] = site
     return key
+
+
+def update_site_options(runtime: AvlRuntime, options: AvlOptions) -> None:
+    """New options for every site that ``runtime``'s backend rewrote."""
+    for site in _SITES.values():
+        if site.runtime is runtime:
+            site.options = options
 
 
 def attention_site(
