@@ -11,7 +11,11 @@ import torch
 from torch import fx
 
 from avl_compile.options import AvlOptions
-from avl_compile.passes.find_attention_sites import AttentionSite, find_attention_sites
+from avl_compile.passes.find_attention_sites import (
+    STATIC_CACHE_REASON,
+    AttentionSite,
+    find_attention_sites,
+)
 from avl_compile.passes.find_image_mask import find_image_scatters
 from avl_compile.passes.record_image_mask import insert_image_mask_recorders
 from avl_compile.passes.rewrite_attention_sites import rewrite_attention_sites
@@ -59,6 +63,14 @@ class AvlBackend:
         _raise_recompile_limit()
         code_before = gm.code
         sites = find_attention_sites(gm.graph)
+        if any(site.reason == STATIC_CACHE_REASON for site in sites):
+            raise NotImplementedError(
+                "avl backend: this graph updates a static KV cache in place "
+                "(generate(..., cache_implementation='static') or a StaticCache); A-VL evicts "
+                "rows and needs HF's default DynamicCache. Generate without "
+                "cache_implementation='static' / compile_config, and compile the forward "
+                "instead: avl_compile.compile(model, options=...)."
+            )
         scatters = find_image_scatters(gm.graph)
         recorders = insert_image_mask_recorders(gm.graph, scatters, self.runtime_key)
         rewritten = rewrite_attention_sites(gm.graph, sites, opts, self.runtime)

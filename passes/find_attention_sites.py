@@ -20,6 +20,10 @@ from torch import fx
 SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention)
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _LAYER_RE = re.compile(r"layers\.(\d+)\.")
+_IN_PLACE_WRITES = ("index_copy_", "copy_", "index_put_", "scatter_", "slice_scatter_")
+STATIC_CACHE_REASON = (
+    "the KV cache is written in place (a static cache): its rows cannot be evicted"
+)
 
 
 @dataclasses.dataclass
@@ -30,6 +34,8 @@ class AttentionSite:
     arguments: dict  # SDPA arguments by name
     key_cat: fx.Node | None = None
     value_cat: fx.Node | None = None
+    key_chain: list[fx.Node] = dataclasses.field(default_factory=list)  # repeat_kv nodes
+    value_chain: list[fx.Node] = dataclasses.field(default_factory=list)
     reason: str | None = None  # why the site stays dense; None = rewritable
 
     @property
@@ -99,8 +105,22 @@ def _returned_nodes(graph: fx.Graph) -> set[fx.Node]:
     return returned
 
 
+def _written_in_place(graph: fx.Graph) -> set[fx.Node]:
+    """Tensors an in-place write updates (a static cache's index_copy_ at cache_position)."""
+    written = set()
+    for node in graph.nodes:
+        if node.op == "call_method" and node.target in _IN_PLACE_WRITES:
+            written.add(node.args[0])
+        elif node.op == "call_function" and getattr(node.target, "__name__", "") in (
+            _IN_PLACE_WRITES
+        ):
+            written.add(node.args[0])
+    return written
+
+
 def find_attention_sites(graph: fx.Graph) -> list[AttentionSite]:
     returned = _returned_nodes(graph)
+    written = _written_in_place(graph)
     sites = []
     for node in graph.nodes:
         if node.op != "call_function" or node.target not in SDPA_TARGETS:
@@ -117,6 +137,9 @@ def find_attention_sites(graph: fx.Graph) -> list[AttentionSite]:
         sites.append(site)
         key_source, key_chain = _strip_repeat_kv(arguments["key"])
         value_source, value_chain = _strip_repeat_kv(arguments["value"])
+        if key_source in written or value_source in written:
+            site.reason = STATIC_CACHE_REASON
+            continue
         if not (_is_cache_concat(key_source) and _is_cache_concat(value_source)):
             site.reason = "keys/values do not come from a KV-cache concat (not a decoder site)"
             continue
@@ -134,4 +157,5 @@ def find_attention_sites(graph: fx.Graph) -> list[AttentionSite]:
             site.reason = "cannot tell which decoder layer this attention belongs to"
             continue
         site.key_cat, site.value_cat = key_source, value_source
+        site.key_chain, site.value_chain = key_chain, value_chain
     return sites

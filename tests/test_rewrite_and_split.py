@@ -121,3 +121,21 @@ def test_image_mask_recorded_in_one_graph_drives_the_sites_of_another():
     # sink 2 + floor(0.5 * 10) image rows + max(round(0.5 * 3), 1) text rows
     assert keys.shape[2] == values.shape[2] == 2 + 5 + 2
     assert backend.runtime.counters["prefill_sites"] == 1
+
+
+@pytest.mark.parametrize("style", ["gqa", "repeat_kv"])
+def test_rewrite_erases_only_what_it_orphaned(style):
+    decoder = ToyDecoder(style)
+
+    def step(x, past_keys, past_values, counter):
+        counter.add_(1)  # an in-place write nobody reads: must survive the rewrite
+        return decoder(x, past_keys, past_values)
+
+    capture = GraphCapture()
+    torch.compile(step, backend=capture)(*toy_inputs(past=0), torch.zeros(()))
+    gm = capture.graphs[0]
+    sites = find_attention_sites(gm.graph)
+    assert rewrite_attention_sites(gm.graph, sites, AvlOptions(), AvlRuntime()) == 1
+    targets = [n.target for n in gm.graph.nodes]
+    assert "add_" in targets
+    assert torch.cat not in targets and "expand" not in targets  # the cache concat, repeat_kv
