@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,6 +13,9 @@ from avl_compile.options import AvlOptions
 
 __version__ = "0.1.0"
 __all__ = ["AvlBackend", "AvlOptions", "avl_backend", "compile"]
+
+# quiet unless the application configures logging: INFO summarises each compile's rewrites
+logging.getLogger("avl_compile").addHandler(logging.NullHandler())
 
 _default_backend: AvlBackend | None = None
 

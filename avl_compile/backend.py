@@ -12,6 +12,7 @@ from torch import fx
 
 from avl_compile.options import AvlOptions
 from avl_compile.passes.find_attention_sites import (
+    NOT_DECODER_REASON,
     STATIC_CACHE_REASON,
     AttentionSite,
     find_attention_sites,
@@ -96,8 +97,10 @@ class AvlBackend:
                 recorders,
             )
         for site in sites:
-            if site.reason is not None:
+            if site.reason == NOT_DECODER_REASON:  # vision encoders and the like: by design
                 log.debug("avl: graph %d: %s left dense: %s", record.index, site.name, site.reason)
+            elif site.reason is not None:  # a cached attention of a form the passes do not know
+                self.runtime.warn_once(f"avl: {site.name} runs dense attention: {site.reason}")
         if not (rewritten or recorders):
             return _inner_backend(opts.inner)(gm, example_inputs)
         return _compile_pieces(gm, example_inputs, opts.inner)

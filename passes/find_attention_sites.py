@@ -21,6 +21,7 @@ SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _LAYER_RE = re.compile(r"layers\.(\d+)\.")
 _IN_PLACE_WRITES = ("index_copy_", "copy_", "index_put_", "scatter_", "slice_scatter_")
+NOT_DECODER_REASON = "keys/values do not come from a KV-cache concat (not a decoder site)"
 STATIC_CACHE_REASON = (
     "the KV cache is written in place (a static cache): its rows cannot be evicted"
 )
@@ -141,7 +142,7 @@ def find_attention_sites(graph: fx.Graph) -> list[AttentionSite]:
             site.reason = STATIC_CACHE_REASON
             continue
         if not (_is_cache_concat(key_source) and _is_cache_concat(value_source)):
-            site.reason = "keys/values do not come from a KV-cache concat (not a decoder site)"
+            site.reason = NOT_DECODER_REASON
             continue
         if key_source not in returned or value_source not in returned:
             site.reason = "the KV-cache concat is not written back by this graph"

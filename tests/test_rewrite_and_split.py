@@ -139,3 +139,21 @@ def test_rewrite_erases_only_what_it_orphaned(style):
     targets = [n.target for n in gm.graph.nodes]
     assert "add_" in targets
     assert torch.cat not in targets and "expand" not in targets  # the cache concat, repeat_kv
+
+
+def test_unrecognised_cached_site_runs_dense_with_one_warning_naming_it():
+    model = ToyDecoder()
+    inputs = toy_inputs(past=0)
+    expected = model(*inputs, extra_user=True)  # the cache is read outside the attention
+    compiled = torch.compile(model, backend=AvlBackend({"inner": "eager"}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = compiled(*inputs, extra_user=True)
+        compiled(*inputs, extra_user=True)
+    for g, e in zip(got, expected, strict=True):
+        assert torch.equal(g, e)  # exactly as without the backend
+    messages = [str(w.message) for w in caught if "avl" in str(w.message)]
+    assert messages == [
+        "avl: layers.0.self_attn runs dense attention: the KV cache has users other than "
+        "this attention and the write-back"
+    ]
