@@ -1,0 +1,3 @@
+from avl_compile.bench.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,124 @@
+"""``avl-bench`` / ``python -m avl_compile.bench``: the evaluation bench from the command line.
+
+avl-bench --quick                                   # bundled model, short run (CPU: ~2 min)
+avl-bench                                           # bundled model, every policy and budget
+avl-bench --model llava-hf/llava-1.5-7b-hf --data my_vqa/ --device cuda --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from avl_compile.bench.evaluate import (
+    BUDGETS,
+    POLICIES,
+    configurations,
+    evaluate,
+    format_table,
+    load_examples,
+    load_model,
+    plot_accuracy,
+    write_csv,
+)
+
+QUICK_LIMIT, QUICK_BUDGETS = 20, (0.1, 0.25, 0.5, 1.0)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from avl_compile.bench.reader_task import READER_MODEL_DIR
+
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(
+        prog="avl-bench",
+        description="Accuracy, resident KV bytes, attended rows and decode ms/token of each KV "
+        "policy and budget on one model and dataset.",
+    )
+    parser.add_argument(
+        "--model",
+        default=str(READER_MODEL_DIR),
+        help="Hugging Face model id or folder (default: the bundled reader)",
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="folder with data.jsonl lines {image, question, answers} "
+        "(default: the bundled task's held-out split)",
+    )
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="examples to use (default all, or 100 of the bundled task)",
+    )
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="default: the longest answer's token count + 1",
+    )
+    parser.add_argument("--device", default="cuda" if cuda else "cpu")
+    parser.add_argument(
+        "--dtype",
+        default="bfloat16" if cuda else "float32",
+        choices=["float32", "float16", "bfloat16"],
+    )
+    parser.add_argument(
+        "--inner",
+        default="inductor" if cuda else "eager",
+        choices=["inductor", "aot_eager", "eager"],
+        help="compiler of the graph pieces around the attention sites",
+    )
+    parser.add_argument(
+        "--out", default="bench_results", help="folder for results.csv and accuracy.png"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"{QUICK_LIMIT} examples, budgets {list(QUICK_BUDGETS)}",
+    )
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    args = parser.parse_args(argv)  # fmt: skip
+    if args.quick:
+        args.limit = args.limit or QUICK_LIMIT
+        args.budgets = list(QUICK_BUDGETS)
+    return args
+
+
+def answer_token_budget(processor, records) -> int:
+    tokenizer = getattr(processor, "tokenizer", processor)
+    longest = max(
+        len(tokenizer(answer, add_special_tokens=False)["input_ids"])
+        for record in records
+        for answer in record["answers"]
+    )
+    return longest + 1  # and the end-of-sequence token
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.getLogger("avl_compile").setLevel(logging.WARNING)
+    configs = configurations(args.policies, args.budgets)
+    start = time.perf_counter()
+    model, processor = load_model(args.model, getattr(torch, args.dtype), args.device)
+    records = load_examples(args.data, args.limit)
+    if not records:
+        raise SystemExit(f"avl-bench: no examples in {args.data}")
+    max_new_tokens = args.max_new_tokens or answer_token_budget(processor, records)
+    print(
+        f"avl-bench: {args.model} on {len(records)} examples, {len(configs)} configurations, "
+        f"{args.device} {args.dtype}, inner={args.inner}, max_new_tokens={max_new_tokens}"
+    )
+    rows = evaluate(model, processor, records, configs, max_new_tokens, args.inner, args.progress)
+    print(format_table(rows))
+    out = Path(args.out)
+    csv_path = write_csv(rows, out / "results.csv")
+    png_path = plot_accuracy(rows, out / "accuracy.png")
+    print(f"wrote {csv_path} and {png_path} in {time.perf_counter() - start:.0f} s")
+    return 0

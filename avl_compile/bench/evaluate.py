@@ -1,0 +1,274 @@
+"""The evaluation bench: accuracy, resident KV memory, attention work and decode speed of
+each KV policy and budget, on one model and dataset, side by side in one run.
+
+The model is compiled once with the ``avl`` backend; the policies and budgets are switched
+between ``generate`` calls with ``AvlBackend.set_options`` (the graphs do not depend on them),
+so every configuration runs the same compiled code.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import statistics
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import avl_compile
+
+POLICIES = ("full", "avl", "h2o", "streaming", "fastv", "random")
+BUDGETS = (0.1, 0.25, 0.5, 0.75, 1.0)
+CSV_COLUMNS = (
+    "policy",
+    "kv_budget",
+    "accuracy",
+    "kv_bytes_prefill",
+    "kv_bytes_end",
+    "attended_rows_per_step",
+    "ms_per_token",
+)
+AVL_COMPUTE_SHARE = 0.6  # C / S of the paper's setting (0.3 / 0.5)
+
+
+@dataclasses.dataclass
+class BenchRow:
+    """One (policy, budget) configuration, averaged over the examples (ms: median)."""
+
+    policy: str
+    kv_budget: float
+    accuracy: float
+    kv_bytes_prefill: float
+    kv_bytes_end: float
+    attended_rows_per_step: float
+    ms_per_token: float
+
+
+def policy_options(policy: str, kv_budget: float) -> dict[str, Any]:
+    """Backend options that give ``policy`` the KV budget ``kv_budget``.
+
+    A-VL: S = budget of the image tokens kept, C = 0.6 S attended between refreshes, text
+    budget T = budget (floor of 20 text rows). The baselines take ``kv_budget`` directly.
+    """
+    if policy == "full":
+        return {"policy": "full"}
+    if policy == "avl":
+        return {
+            "policy": "avl",
+            "vision_keep": kv_budget,
+            "vision_compute": AVL_COMPUTE_SHARE * kv_budget,
+            "text_keep": kv_budget,
+        }
+    return {"policy": policy, "kv_budget": kv_budget}
+
+
+def configurations(policies: Iterable[str], budgets: Iterable[float]) -> list[tuple[str, float]]:
+    """(policy, budget) pairs; the full cache runs once, at budget 1.0."""
+    budgets = list(budgets)
+    pairs = []
+    for policy in policies:
+        if policy not in POLICIES:
+            raise ValueError(f"avl bench: unknown policy {policy!r}; choose from {POLICIES}")
+        pairs += [(policy, 1.0)] if policy == "full" else [(policy, b) for b in budgets]
+    for budget in budgets:
+        if not 0 < budget <= 1:
+            raise ValueError(f"avl bench: budget {budget} is not a fraction in (0, 1]")
+    return pairs
+
+
+def normalise_answer(text: str) -> str:
+    return " ".join(text.strip().lower().split())
+
+
+def load_model(name_or_path: str | Path, dtype: torch.dtype, device: str):
+    """(model, processor) of a Hugging Face image-text-to-text checkpoint (id or folder)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(name_or_path)
+    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype)
+    return model.to(device).eval(), processor
+
+
+def load_examples(data: str | Path | None, limit: int | None) -> list[dict[str, Any]]:
+    """Records ``{"image": PIL image, "question": str, "answers": [str]}``: from a folder
+    holding ``data.jsonl`` (image paths relative to it), or by default the held-out split of
+    the bundled reading task."""
+    from avl_compile.bench import reader_task
+
+    if data is None:
+        examples = reader_task.make_examples(limit or 100, reader_task.HELDOUT_SEED)
+        records = [
+            {"image": e.image, "question": e.question, "answers": [e.answer]} for e in examples
+        ]
+    else:
+        records = reader_task.read_jsonl_dataset(data)
+    return records[:limit] if limit else records
+
+
+def prompt_inputs(processor, record: dict[str, Any], device: str) -> dict[str, torch.Tensor]:
+    content = [{"type": "image"}, {"type": "text", "text": record["question"]}]
+    messages = [{"role": "user", "content": content}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=record["image"], text=prompt, return_tensors="pt")
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+class _TokenClock:
+    """A generate streamer that only notes when each new token arrives."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.times: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self._prompt_seen:  # generate first hands over the prompt
+            self._prompt_seen = True
+            return
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def ms_per_token(self) -> float | None:
+        if len(self.times) < 2:
+            return None
+        return (self.times[-1] - self.times[0]) * 1e3 / (len(self.times) - 1)
+
+
+def evaluate(
+    model,
+    processor,
+    records: Sequence[dict[str, Any]],
+    configs: Sequence[tuple[str, float]],
+    max_new_tokens: int,
+    inner: str = "eager",
+    progress: bool = True,
+) -> list[BenchRow]:
+    """Run every configuration over every record; returns one row per configuration."""
+    from tqdm.auto import tqdm
+
+    device = str(model.device)
+    avl_compile.compile(model, options={"policy": "full", "inner": inner})
+    backend = model._avl_backend
+    counters = backend.runtime.counters
+    n_layers = model.config.get_text_config().num_hidden_layers
+    inputs = [prompt_inputs(processor, record, device) for record in records]
+    answers = [{normalise_answer(a) for a in record["answers"]} for record in records]
+    # compile (and let Dynamo see a few cache lengths) before anything is timed
+    for policy, budget in configs[:2]:
+        backend.set_options({**policy_options(policy, budget), "inner": inner})
+        _generate(model, inputs[0], max_new_tokens, None)
+
+    rows = []
+    bar = tqdm(total=len(configs) * len(records), disable=not progress, desc="avl bench")
+    for policy, budget in configs:
+        backend.set_options({**policy_options(policy, budget), "inner": inner})
+        correct, kv_prefill, kv_end, attended, ms = 0, [], [], [], []
+        for prompt, expected in zip(inputs, answers, strict=True):
+            before = dict(counters)
+            clock = _TokenClock(device)
+            output = _generate(model, prompt, max_new_tokens, clock)
+            new_tokens = output.sequences[:, prompt["input_ids"].shape[1] :]
+            text = processor.batch_decode(new_tokens, skip_special_tokens=True)[0]
+            correct += normalise_answer(text) in expected
+            kv_prefill.append(counters["prefill_kv_bytes"] - before.get("prefill_kv_bytes", 0))
+            kv_end.append(_cache_bytes(output.past_key_values))
+            decode_sites = counters["decode_sites"] - before.get("decode_sites", 0)
+            if decode_sites:
+                rows_attended = counters["attended_rows"] - before.get("attended_rows", 0)
+                attended.append(rows_attended * n_layers / decode_sites)
+            if clock.ms_per_token() is not None:
+                ms.append(clock.ms_per_token())
+            bar.update()
+        rows.append(
+            BenchRow(
+                policy=policy,
+                kv_budget=budget,
+                accuracy=correct / len(records),
+                kv_bytes_prefill=statistics.fmean(kv_prefill),
+                kv_bytes_end=statistics.fmean(kv_end),
+                attended_rows_per_step=statistics.fmean(attended) if attended else float("nan"),
+                ms_per_token=statistics.median(ms) if ms else float("nan"),
+            )
+        )
+    bar.close()
+    return rows
+
+
+def _generate(model, inputs: dict[str, torch.Tensor], max_new_tokens: int, streamer):
+    return model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        return_dict_in_generate=True,
+        streamer=streamer,
+    )
+
+
+def _cache_bytes(cache) -> int:
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+
+
+def format_table(rows: Sequence[BenchRow]) -> str:
+    from tabulate import tabulate
+
+    table = [
+        [
+            r.policy,
+            f"{r.kv_budget:.0%}",
+            f"{r.accuracy:.1%}",
+            f"{r.kv_bytes_prefill / 1024:.1f}",
+            f"{r.kv_bytes_end / 1024:.1f}",
+            f"{r.attended_rows_per_step:.0f}",
+            f"{r.ms_per_token:.2f}",
+        ]
+        for r in rows
+    ]
+    headers = ["policy", "budget", "accuracy", "KV KiB prefill", "KV KiB end",
+               "rows attended/step", "ms/token"]  # fmt: skip
+    return tabulate(table, headers=headers, stralign="right")
+
+
+def write_csv(rows: Sequence[BenchRow], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(dataclasses.asdict(row))
+    return path
+
+
+def plot_accuracy(rows: Sequence[BenchRow], path: str | Path) -> Path:
+    """Accuracy against KV budget, one line per policy (the full cache as a reference line)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
+    for policy in dict.fromkeys(r.policy for r in rows):
+        points = sorted((r.kv_budget, r.accuracy) for r in rows if r.policy == policy)
+        if policy == "full":
+            axes.axhline(points[0][1], color="black", linestyle="--", label="full cache")
+        else:
+            axes.plot(*zip(*points, strict=True), marker="o", label=policy)
+    axes.set_xlabel("KV budget (share kept)")
+    axes.set_ylabel("exact-match accuracy")
+    axes.set_ylim(-0.02, 1.02)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
