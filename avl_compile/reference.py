@@ -239,12 +239,22 @@ def reference_attention(model, reference: AvlReference):
         language_config._attn_implementation = previous
 
 
+def _visual_placeholder_mask(config, input_ids: Tensor) -> Tensor:
+    """Image and video placeholder positions: video frames (LLaVA-OneVision, Qwen2-VL) are
+    image tokens to the policy, under a second placeholder id."""
+    mask = input_ids == config.image_token_id
+    video_token_id = getattr(config, "video_token_id", None)
+    if video_token_id is not None:
+        mask = mask | (input_ids == video_token_id)
+    return mask
+
+
 def reference_generate(
     model, inputs: Mapping[str, Any], options: Mapping[str, Any] | None = None, **generate_kwargs
 ):
     """``model.generate(**inputs)`` under the eager reference policy."""
     opts = AvlOptions.from_mapping(options)
-    image_mask = inputs["input_ids"] == model.config.image_token_id
+    image_mask = _visual_placeholder_mask(model.config, inputs["input_ids"])
     if opts.policy == "avl":
         reference = AvlReference(opts, image_mask)
     else:

@@ -70,6 +70,15 @@ class AvlRuntime:
     # Called from the graph right after the image features are scattered into the embeddings.
     def record_image_mask(self, mask: Tensor, inputs_embeds: Tensor) -> None:
         image_mask = mask.expand(inputs_embeds.shape).any(dim=-1)
+        previous = _PREFILL.context
+        if (
+            previous is not None
+            and not previous.used_by_layers
+            and previous.image_mask.shape == image_mask.shape
+        ):
+            # one prefill may scatter several modalities (images, then video frames), maybe
+            # in graphs split by a break: every scattered position is an image token
+            image_mask = image_mask | previous.image_mask
         _PREFILL.context = PrefillContext(image_mask=image_mask.clone())
         self.counters["image_masks_recorded"] += 1
 
@@ -87,6 +96,7 @@ class AvlRuntime:
         if past_keys.numel() == 0:
             return self._prefill(site, query, new_keys, new_values, attn_mask, scale)
         state = _LAYER_STATES.get(past_keys)
+        _PREFILL.context = None  # decoding has begun: the prompt's image mask is spent
         if state is None:
             if past_keys not in _DENSE_CACHES:
                 raise RuntimeError(
@@ -101,7 +111,6 @@ class AvlRuntime:
             self.counters["decode_sites"] += 1
             self.counters["attended_rows"] += keys.shape[2]
             return output, keys, values
-        _PREFILL.context = None  # decoding has begun: the prompt's image mask is spent
         if query.shape[2] != 1:
             raise NotImplementedError(
                 f"avl: {site.name} got {query.shape[2]} new tokens on a compacted KV cache; only "
@@ -130,6 +139,8 @@ class AvlRuntime:
         elif not bool(context.image_mask.any(dim=-1).all()):
             reason = "a prompt in the batch holds no image tokens"
         if reason is not None:
+            if context is not None:  # spent on this prompt, even though it runs dense
+                context.used_by_layers.add(site.layer_idx)
             self.warn_once(f"avl: {site.name} runs dense attention: {reason}")
             output, keys, values = self._dense(
                 site, query, None, keys, None, values, attn_mask, scale, site.is_causal

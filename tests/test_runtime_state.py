@@ -1,13 +1,16 @@
 """State that outlives one graph call: it follows the KV cache and is freed with it."""
 
+import functools
 import gc
+import warnings
 
 import pytest
 import torch
-from helpers import compiled_greedy, greedy
+from helpers import compiled_greedy, greedy, reference_greedy
 
+import avl_compile
 from avl_compile.runtime import _LAYER_STATES
-from avl_compile.tiny_models import llava_prompt, tiny_llava
+from avl_compile.tiny_models import IMAGE_TOKEN_ID, llava_prompt, tiny_llava
 
 
 def test_nothing_leaks_across_100_generate_calls():
@@ -47,3 +50,20 @@ def test_an_image_mask_is_used_once_per_layer_then_is_stale():
     assert torch.equal(got.sequences, expected)
     full_length = text_only["input_ids"].shape[1] + 3
     assert all(layer.keys.shape[2] == full_length for layer in got.past_key_values.layers)
+
+
+def test_a_dense_prefill_leaves_no_image_mask_for_the_next_prompt():
+    # masks scattered in one prefill are merged (images, then video frames); a prompt that ran
+    # dense must not leave its mask to be merged into the next prompt of the same shape
+    make = functools.partial(tiny_llava, dtype=torch.float64)
+    model = avl_compile.compile(make(), options={"inner": "eager"})
+    first = llava_prompt(model, [[1, 5], [1, 5]], [[7, 8, 9, 10, 11, 12]] * 2)
+    first.inputs["input_ids"][1][first.inputs["input_ids"][1] == IMAGE_TOKEN_ID] = 3
+    first.inputs["pixel_values"] = first.inputs["pixel_values"][:1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # row 1 has no image: dense, with a warning
+        greedy(model, first.inputs, 8)
+    second = llava_prompt(model, [[1, 5, 6, 6, 6]] * 2, [[7, 8, 9]] * 2, seed=1)
+    assert second.inputs["input_ids"].shape == first.inputs["input_ids"].shape
+    got = greedy(model, second.inputs, 8).sequences
+    assert torch.equal(got, reference_greedy(make, second.inputs, {}, 8))

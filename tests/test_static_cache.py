@@ -18,4 +18,3 @@ def test_static_cache_generate_is_refused_with_a_clear_error():
             cache_implementation="static", compile_config=config,
         )  # fmt: skip
     assert "avl_compile.compile" in str(caught.value)
-
