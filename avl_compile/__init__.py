@@ -12,7 +12,7 @@ from avl_compile.backend import AvlBackend
 from avl_compile.options import AvlOptions
 
 __version__ = "0.1.0"
-__all__ = ["AvlBackend", "AvlOptions", "avl_backend", "compile"]
+__all__ = ["AvlBackend", "AvlOptions", "avl_backend", "compile", "kv_rows_in_use"]
 
 # quiet unless the application configures logging: INFO summarises each compile's rewrites
 logging.getLogger("avl_compile").addHandler(logging.NullHandler())
@@ -42,3 +42,13 @@ def compile(
     model.forward = torch.compile(model.forward, backend=backend, **compile_kwargs)
     model._avl_backend = backend
     return model
+
+
+def kv_rows_in_use(cache) -> list[int]:
+    """Occupied KV rows per decoder layer of a ``generate`` cache (its fullest batch row).
+
+    An avl-compacted layer's tensors also hold a few free rows, reserved so that decode
+    tokens are written in place; ``layer.keys.nbytes`` is what is resident."""
+    from avl_compile.runtime import rows_in_use
+
+    return [rows_in_use(layer.keys) for layer in cache.layers]

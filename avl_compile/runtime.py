@@ -180,6 +180,13 @@ class AvlRuntime:
         return output, keys, values
 
 
+def rows_in_use(keys: Tensor) -> int:
+    """Rows of one layer's cache tensor that hold tokens (the fullest batch row): an A-VL
+    cache also has free slots at its end, reserved for the next decode tokens."""
+    state = _LAYER_STATES.get(keys)
+    return state.rows_in_use if hasattr(state, "rows_in_use") else keys.shape[-2]
+
+
 _SITES: dict[str, SiteInfo] = {}
 
 

@@ -42,8 +42,7 @@ def main() -> None:
     same = (new_dense == new_avl).float().mean().item()
     print(f"new tokens equal to dense: {same:.0%} (random weights: no learned attention to keep)")
     dense_rows = dense.past_key_values.layers[0].keys.shape[2]
-    for i, layer in enumerate(compiled.past_key_values.layers):
-        rows = layer.keys.shape[2]
+    for i, rows in enumerate(avl_compile.kv_rows_in_use(compiled.past_key_values)):
         print(f"layer {i}: KV rows kept {rows} of {dense_rows} ({rows / dense_rows:.0%})")
 
 

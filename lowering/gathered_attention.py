@@ -45,7 +45,10 @@ def gathered_attention(
     acc = _accumulate_dtype(query.dtype)
     group = q_heads // kv_heads
     grouped_query = query.reshape(batch, kv_heads, group * q_len, head_dim).to(acc)
-    logit_parts, value_parts = [], []
+    # one (logits, values) part per index list or span; values are read in place (slices),
+    # only the small logits are concatenated for the softmax
+    logit_parts: list[Tensor] = []
+    value_parts: list[Tensor] = []
     if index is not None:
         rows = index.expand(batch, kv_heads, index.shape[-1])
         picked_keys = pick_rows(keys, rows).to(acc)
@@ -60,19 +63,24 @@ def gathered_attention(
             if not spans:
                 continue
             first, last = min(s for s, _ in spans), max(e for _, e in spans)
-            position = torch.arange(first, last, device=ranges.device)
-            inside = (position >= ranges[:, r, :1]) & (position < ranges[:, r, 1:])  # [B, n]
-            span_keys = keys[:, :, first:last].to(acc)
-            logits = torch.matmul(grouped_query, span_keys.transpose(-1, -2)) * scale
-            logit_parts.append(logits.masked_fill(~inside[:, None, None, :], float("-inf")))
-            value_parts.append(values[:, :, first:last].to(acc))
+            logits = torch.matmul(grouped_query, keys[:, :, first:last].to(acc).mT) * scale
+            if any((start, stop) != (first, last) for start, stop in (row[r] for row in bounds)):
+                position = torch.arange(first, last, device=ranges.device)
+                inside = (position >= ranges[:, r, :1]) & (position < ranges[:, r, 1:])
+                logits = logits.masked_fill(~inside[:, None, None, :], float("-inf"))
+            logit_parts.append(logits)
+            value_parts.append(values[:, :, first:last])
+    lse_shape = (batch, kv_heads, group * q_len, 1)
     if not logit_parts:  # only empty spans
-        empty = grouped_query.new_zeros(batch, kv_heads, group * q_len, 0)
-        logit_parts, value_parts = [empty], [empty.new_zeros(batch, kv_heads, 0, head_dim)]
-    logits = torch.cat(logit_parts, dim=-1)
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-    probs = torch.exp(logits - lse.nan_to_num(neginf=0.0))
-    output = torch.matmul(probs, torch.cat(value_parts, dim=-2))
+        lse = grouped_query.new_full(lse_shape, float("-inf"))
+        output = grouped_query.new_zeros(grouped_query.shape)
+    else:
+        lse = torch.logsumexp(torch.cat(logit_parts, dim=-1), dim=-1, keepdim=True)
+        shift = lse.nan_to_num(neginf=0.0)
+        output = sum(
+            torch.matmul(torch.exp(logits - shift), part.to(acc))
+            for logits, part in zip(logit_parts, value_parts, strict=True)
+        )
     output = output.reshape(batch, q_heads, q_len, head_dim).to(query.dtype)
     return output, lse.reshape(batch, q_heads, q_len)
 

@@ -21,6 +21,7 @@ import torch
 from helpers import compiled_greedy, greedy
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from avl_compile import kv_rows_in_use
 from avl_compile.options import AvlOptions
 from avl_compile.passes.find_attention_sites import NOT_DECODER_REASON
 from avl_compile.policies.budgets import fraction_count, text_budget
@@ -120,11 +121,12 @@ def _check_policy_ran(model, out, input_ids: torch.Tensor, options: dict) -> Non
     assert counters["decode_sites"] == len(policy_layers) * (NEW_TOKENS - 1)
     dense_rows = input_ids.shape[1] + NEW_TOKENS - 1
     planned = _planned_cache_rows(input_ids, options)
+    in_use = kv_rows_in_use(out.past_key_values)
     for i, layer in enumerate(out.past_key_values.layers):
         if i in policy_layers:
-            assert layer.keys.shape[2] == planned < dense_rows, f"layer {i}"
+            assert in_use[i] == planned < dense_rows, f"layer {i}"
         else:  # a sliding-window layer: HF's own window cache, untouched
-            assert layer.keys.shape[2] == GEMMA3_SLIDING_WINDOW - 1, f"layer {i}"
+            assert layer.keys.shape[2] == in_use[i] == GEMMA3_SLIDING_WINDOW - 1, f"layer {i}"
 
 
 def _check_sites(model) -> None:

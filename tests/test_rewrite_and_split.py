@@ -14,7 +14,8 @@ from avl_compile.passes.find_image_mask import find_image_scatters
 from avl_compile.passes.record_image_mask import insert_image_mask_recorders
 from avl_compile.passes.rewrite_attention_sites import rewrite_attention_sites
 from avl_compile.passes.split_at_runtime_calls import is_runtime_call, split_at_runtime_calls
-from avl_compile.runtime import AvlRuntime, attention_site, record_image_mask
+from avl_compile.policies.avl import spare_slots
+from avl_compile.runtime import AvlRuntime, attention_site, record_image_mask, rows_in_use
 from avl_compile.tiny_models import llava_prompt, tiny_llava
 
 
@@ -119,7 +120,8 @@ def test_image_mask_recorded_in_one_graph_drives_the_sites_of_another():
     assert any(g.recorders and not g.rewritten for g in graphs)
     assert any(g.rewritten and not g.recorders for g in graphs)
     # sink 2 + floor(0.5 * 10) image rows + max(round(0.5 * 3), 1) text rows
-    assert keys.shape[2] == values.shape[2] == 2 + 5 + 2
+    assert rows_in_use(keys) == 2 + 5 + 2
+    assert keys.shape[2] == values.shape[2] == 2 + 5 + 2 + spare_slots(2 + 5 + 2)
     assert backend.runtime.counters["prefill_sites"] == 1
 
 

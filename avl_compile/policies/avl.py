@@ -1,11 +1,18 @@
 """A-VL adaptive attention at one decoder attention site, on a compacted KV cache.
 
-Cache layout per (batch row, kv head) after prefill: [sink prefix | secondary image rows |
-kept text rows | empty slots], each part in positional order; decode tokens are appended.
-Every slot carries its original (padded) position, its kind and, for text, its accumulated
-attention. Decode attention is split by modality: core image rows (shared by the heads of the
-layer) as an index list, sink and kept text as contiguous spans of slots, in one gathered
-attention call (the whole secondary set is a span too at refresh steps).
+Cache layout per batch row, the same in every kv head of the row (equal counts per part):
+
+    [sink prefix | core image rows | other secondary image rows | kept text | free slots]
+
+The core set is kept as a prefix of the image rows, so every decode step attends two
+contiguous spans of slots, ``[0, core_end)`` and ``[image_end, text_end)`` (one span,
+``[0, text_end)``, at a refresh step): attention reads rows in place, nothing is gathered.
+The cache tensor has spare slots at its end: a decode token is written in place into the
+first free slot of its row instead of concatenating the whole cache (HF DynamicCache's
+per-step ``torch.cat``); a full cache is re-allocated with ``spare_slots`` free rows. A
+refresh that changes the core set swaps the rows entering and leaving it; the H2O text trim
+moves only text rows. Kept text stays in positional order (H2O's recency needs it); image
+rows are in any order (attention does not depend on it).
 """
 
 from __future__ import annotations
@@ -26,29 +33,40 @@ from avl_compile.policies.common import (
     key_is_valid,
     last_token_image_filter,
     last_token_score,
-    mask_to_index,
-    mask_to_ranges,
     prefill_attention,
     prefill_logits_bias,
     topk_positions,
 )
 
-EMPTY, SINK, IMAGE, TEXT = 0, 1, 2, 3
+
+def spare_slots(rows: int) -> int:
+    """Free slots a cache of ``rows`` occupied rows gets when (re)allocated: about 6%, so a
+    re-allocation (one copy of the cache) happens once every rows / 16 decode tokens at most."""
+    return max(8, rows // 16)
 
 
 @dataclasses.dataclass
 class LayerCacheState:
-    """Bookkeeping of one layer's compacted cache; slots align with the cache's dim -2."""
+    """Bookkeeping of one layer's compacted cache; slots align with the cache's dim -2.
 
-    position: Tensor  # [B, Hkv, L] long, original position, -1 for an empty slot
-    kind: Tensor  # [B, Hkv, L] int8: EMPTY, SINK, IMAGE or TEXT
-    core: Tensor  # [B, Hkv, L] bool, image rows attended on non-refresh steps
-    text_score: Tensor  # [B, Hkv, L] accumulated attention of text rows
+    Part boundaries are per batch row (lists of B ints), shared by the kv heads."""
+
+    position: Tensor  # [B, Hkv, C] long, original position of the slot's token, -1 if free
+    text_score: Tensor  # [B, Hkv, C] accumulated attention of text slots, 0 elsewhere
+    sink_end: list[int]
+    core_end: list[int]  # the core set is slots [sink_end, core_end)
+    image_end: list[int]  # secondary image rows are slots [sink_end, image_end)
+    text_end: list[int]  # kept text is [image_end, text_end); free slots follow
     n_text: list[int]  # text tokens seen so far per row (kept or not)
     n_core: list[int]  # core size per row, floor(C * N)
     next_position: int  # position of the next decode token
     step: int = 0  # 0 after prefill; decode step t is the t-th decode forward
     attended_rows: float = 0.0  # rows attended at the last decode step, mean over batch rows
+
+    @property
+    def rows_in_use(self) -> int:
+        """Occupied slots of the fullest batch row (the cache tensor also has free slots)."""
+        return max(self.text_end)
 
 
 def h2o_text_keep(
@@ -81,75 +99,76 @@ class AvlPolicy:
         opts = self.options
         batch, q_len = query.shape[0], query.shape[2]
         kv_heads, k_len = keys.shape[1], keys.shape[2]
-        bias = prefill_logits_bias(attn_mask, is_causal, q_len, k_len, query.device)
+        device = query.device
+        bias = prefill_logits_bias(attn_mask, is_causal, q_len, k_len, device)
         filtered = self._filtered_keys(context)
         output, bias = prefill_attention(
             query, keys, values, attn_mask, is_causal, scale, bias, filtered
         )
 
-        key_valid = key_is_valid(attn_mask, batch, k_len, query.device)
+        key_valid = key_is_valid(attn_mask, batch, k_len, device)
         if filtered is not None:
             key_valid = key_valid & filtered
         image_score = last_token_score(query, keys, bias, scale)
         text_scores = column_sums(query, keys, bias, scale, key_valid[:, k_len - q_len :])
 
         image_mask = context.image_mask
-        positions = torch.arange(k_len, device=query.device)
+        positions = torch.arange(k_len, device=device)
         first_image_pos = image_mask.int().argmax(dim=-1, keepdim=True)  # [B, 1]
         text_mask = key_valid & ~image_mask & (positions >= first_image_pos)  # [B, Lk]
         n_text = text_mask.sum(-1).tolist()
         text_slots = text_mask[:, None, :].expand(batch, kv_heads, k_len)
         kept_text = h2o_text_keep(text_slots, text_scores, n_text, opts)
         kept_text = text_slots if kept_text is None else kept_text
-        slot_rows: list[list[Tensor]] = []
         first_images = first_image_pos[:, 0].tolist()
-        n_core = []
-        core_positions: list[Tensor] = []
+        slot_rows: list[list[Tensor]] = []
+        bounds: list[tuple[int, int, int, int]] = []
         for b in range(batch):
-            valid = key_valid[b]
             image_pos = torch.nonzero(image_mask[b]).flatten()
             n_images = image_pos.numel()
-            sink = positions[valid & (positions < first_images[b])]
-            image_candidates = image_pos
+            sink = positions[key_valid[b] & (positions < first_images[b])]
+            candidates = image_pos
             if context.filter_keep is not None and self.layer_idx >= opts.prefill_filter_layer:
-                image_candidates = torch.nonzero(context.filter_keep[b]).flatten()
+                candidates = torch.nonzero(context.filter_keep[b]).flatten()
             secondary = topk_positions(
-                image_score[b], image_candidates, fraction_count(opts.vision_keep, n_images)
+                image_score[b], candidates, fraction_count(opts.vision_keep, n_images)
             )
             core = topk_positions(
-                image_score[b], image_candidates, fraction_count(opts.vision_compute, n_images)
+                image_score[b], secondary, fraction_count(opts.vision_compute, n_images)
             )
-            slot_rows.append(
-                [torch.cat([sink, secondary, positions[kept_text[b, h]]]) for h in range(kv_heads)]
-            )
-            n_core.append(fraction_count(opts.vision_compute, n_images))
-            core_positions.append(core)
+            others = secondary[~torch.isin(secondary, core)]
+            image_rows = torch.cat([sink, core, others])
+            texts = [positions[kept_text[b, h]] for h in range(kv_heads)]
+            slot_rows.append([torch.cat([image_rows, t]) for t in texts])
+            sink_end = sink.numel()
+            bounds.append(
+                (sink_end, sink_end + core.numel(), image_rows.numel(),
+                 image_rows.numel() + texts[0].numel())
+            )  # fmt: skip
 
-        width = max(len(r) for rows in slot_rows for r in rows)
-        position = torch.full((batch, kv_heads, width), -1, dtype=torch.long, device=query.device)
+        in_use = max(end for *_, end in bounds)
+        capacity = in_use + spare_slots(in_use)
+        position = torch.full((batch, kv_heads, capacity), -1, dtype=torch.long, device=device)
         for b, rows in enumerate(slot_rows):
             for h, r in enumerate(rows):
                 position[b, h, : r.numel()] = r
         safe = position.clamp(min=0)
-        kind = torch.full_like(position, EMPTY, dtype=torch.int8)
-        is_image = image_mask.gather(1, safe.flatten(1)).view_as(position)
-        kind[position >= 0] = TEXT
-        kind[(position >= 0) & is_image] = IMAGE
-        for b, first_image in enumerate(first_images):
-            kind[b][(position[b] >= 0) & (position[b] < first_image)] = SINK
-        core_mask = torch.zeros_like(position, dtype=torch.bool)
-        for b, core in enumerate(core_positions):
-            core_mask[b] = torch.isin(position[b], core) & (kind[b] == IMAGE)
-        text_score = text_scores.gather(2, safe).masked_fill(kind != TEXT, 0.0)
+        sink_end, core_end, image_end, text_end = (list(x) for x in zip(*bounds, strict=True))
+        text_score = text_scores.gather(2, safe).masked_fill(
+            ~_slot_window(image_end, text_end, capacity, device).unsqueeze(1), 0.0
+        )
         state = LayerCacheState(
             position=position,
-            kind=kind,
-            core=core_mask,
             text_score=text_score,
+            sink_end=sink_end,
+            core_end=core_end,
+            image_end=image_end,
+            text_end=text_end,
             n_text=n_text,
-            n_core=n_core,
+            n_core=[fraction_count(opts.vision_compute, int(n)) for n in image_mask.sum(-1)],
             next_position=k_len,
         )
+        # free slots hold copies of row 0; they are never attended
         return output, pick_rows(keys, safe), pick_rows(values, safe), state
 
     def _filtered_keys(self, context: PrefillContext) -> Tensor | None:
@@ -186,112 +205,168 @@ class AvlPolicy:
         state: LayerCacheState,
     ) -> tuple[Tensor, Tensor, Tensor]:
         opts = self.options
-        batch, q_heads = query.shape[:2]
-        kv_heads = past_keys.shape[1]
-        group = q_heads // kv_heads
-        keys = torch.cat([past_keys, new_keys], dim=-2)
-        values = torch.cat([past_values, new_values], dim=-2)
-        self._append_token(state, batch, kv_heads, query.device)
+        keys, values = _append_token(state, past_keys, new_keys, past_values, new_values)
         state.step += 1
         refresh = is_refresh_step(state.step, opts.refresh_every)
 
-        # every kv head of a row has the same slot layout (equal counts per part); only which
-        # text token sits in a text slot differs, so spans of slots are shared by the heads
-        kind = state.kind[:, 0]
-        if not torch.equal(state.kind, kind.unsqueeze(1).expand_as(state.kind)):
-            raise RuntimeError("avl: the kv heads of a layer disagree on the cache layout")
-        image_rows = (state.kind[:, :1] == IMAGE) & (state.core[:, :1] | refresh)
-        text_rows = (state.kind == SINK) | (state.kind == TEXT)
-        image_index = mask_to_index(image_rows)  # [B, 1, n], shared by the heads
-        text_index = mask_to_index(text_rows)  # [B, Hkv, m], per kv head
-        # sink and text (and, at a refresh, the whole secondary set) are contiguous spans;
-        # the core image rows are an index list
-        span_rows = (kind == SINK) | (kind == TEXT)
-        if refresh:
-            span_rows = span_rows | (kind == IMAGE)
-        gathered = None if refresh or image_index.shape[-1] == 0 else image_index
-        output, lse = attend_selected_rows(
-            query, keys, values, gathered, scale, mask_to_ranges(span_rows)
-        )
-        attended = span_rows.sum(-1)
-        if gathered is not None:
-            attended = attended + (gathered[:, 0] >= 0).sum(-1)
-        state.attended_rows = float(attended.float().mean())
+        if refresh:  # sink, every secondary image row and the text: one span
+            spans = [[(0, end)] for end in state.text_end]
+        else:  # sink + core, then the text
+            spans = [
+                [(0, core), (image, end)]
+                for core, image, end in zip(
+                    state.core_end, state.image_end, state.text_end, strict=True
+                )
+            ]
+        ranges = torch.tensor(spans, dtype=torch.long, device=query.device)
+        output, lse = attend_selected_rows(query, keys, values, None, scale, ranges)
+        state.attended_rows = float((ranges[..., 1] - ranges[..., 0]).sum(-1).float().mean())
 
-        acc = state.text_score.dtype
-        text_probs = _index_probs(query, keys, text_index, lse, scale, acc)  # [B, Hq, m]
-        text_probs = text_probs.view(batch, kv_heads, group, -1).sum(dim=2)
-        state.text_score.scatter_add_(
-            2, text_index.clamp(min=0), text_probs.masked_fill(text_index < 0, 0.0)
-        )
-        state.text_score.masked_fill_(state.kind != TEXT, 0.0)
+        text_lo, text_hi = min(state.image_end), max(state.text_end)
+        text_probs = _span_probs(query, keys, lse, scale, text_lo, text_hi, state.text_score.dtype)
+        in_text = _slot_window(state.image_end, state.text_end, text_hi, query.device)
+        text_probs = text_probs.sum(dim=2).masked_fill(~in_text[:, None, text_lo:], 0.0)
+        state.text_score[..., text_lo:text_hi] += text_probs
         if refresh and opts.refresh_every != -1:
-            image_probs = _index_probs(query, keys, image_index, lse, scale, acc).mean(dim=1)
-            self._choose_core(state, image_index[:, 0], image_probs)
+            self._choose_core(state, query, keys, values, lse, scale)
 
-        keep = self._text_keep_mask(state)
-        if keep is not None:
-            keys, values = self._compact(state, keep, keys, values)
+        self._trim_text(state, keys, values)
         return output, keys, values
 
-    @staticmethod
-    def _append_token(state: LayerCacheState, batch: int, kv_heads: int, device) -> None:
-        shape = (batch, kv_heads, 1)
-        state.position = torch.cat(
-            [state.position, torch.full(shape, state.next_position, device=device)], dim=-1
-        )
-        state.kind = torch.cat(
-            [state.kind, torch.full(shape, TEXT, dtype=torch.int8, device=device)], dim=-1
-        )
-        state.core = torch.cat(
-            [state.core, torch.zeros(shape, dtype=torch.bool, device=device)], -1
-        )
-        state.text_score = torch.cat([state.text_score, state.text_score.new_zeros(shape)], -1)
-        state.n_text = [n + 1 for n in state.n_text]
-        state.next_position += 1
-
-    @staticmethod
-    def _choose_core(state: LayerCacheState, image_index: Tensor, image_probs: Tensor) -> None:
-        core = torch.zeros_like(state.core[:, 0])
+    def _choose_core(
+        self, state: LayerCacheState, query: Tensor, keys: Tensor, values: Tensor,
+        lse: Tensor, scale: float,
+    ) -> None:  # fmt: skip
+        """Re-rank the secondary image rows by this step's head-averaged attention; the top
+        floor(C * N) become the core prefix: rows entering and leaving the core swap slots."""
+        lo, hi = min(state.sink_end), max(state.image_end)
+        acc = state.text_score.dtype
+        probs = _span_probs(query, keys, lse, scale, lo, hi, acc)  # [B, Hkv, g, w]
+        probs = probs.flatten(1, 2).mean(dim=1)  # head average, [B, w]
+        entering, leaving = [], []
         for b, count in enumerate(state.n_core):
-            rows = image_index[b][image_index[b] >= 0]
-            if count > 0 and rows.numel():
-                best = torch.topk(image_probs[b, : rows.numel()], min(count, rows.numel())).indices
-                core[b, rows[best]] = True
-        state.core = core.unsqueeze(1).expand_as(state.core).clone()
+            first, stop = state.sink_end[b] - lo, state.image_end[b] - lo
+            count = min(count, stop - first)
+            if count <= 0:
+                continue
+            best = torch.topk(probs[b, first:stop], count).indices + state.sink_end[b]
+            chosen = torch.zeros(hi, dtype=torch.bool, device=probs.device)
+            chosen[best] = True
+            slots = torch.arange(hi, device=probs.device)
+            core_slot = (slots >= state.sink_end[b]) & (slots < state.core_end[b])
+            entering.append(torch.nonzero(chosen & ~core_slot).flatten())
+            leaving.append(torch.nonzero(core_slot & ~chosen).flatten())
+            state.core_end[b] = state.sink_end[b] + count
+        if entering and max(e.numel() for e in entering):
+            _swap_slots(state, keys, values, entering, leaving, len(state.n_core))
 
-    def _text_keep_mask(self, state: LayerCacheState) -> Tensor | None:
-        """Slots to keep [B, Hkv, L] after the H2O text budget, or None if nothing is evicted."""
-        text = state.kind == TEXT
-        kept_text = h2o_text_keep(text, state.text_score, state.n_text, self.options)
-        if kept_text is None:
-            return None
-        return (state.kind != EMPTY) & (~text | kept_text)
+    def _trim_text(self, state: LayerCacheState, keys: Tensor, values: Tensor) -> None:
+        """H2O text budget: evicted text rows leave, the kept ones close ranks in order."""
+        lo, hi = min(state.image_end), max(state.text_end)
+        device = keys.device
+        text = _slot_window(state.image_end, state.text_end, hi, device)[:, lo:]
+        text = text.unsqueeze(1).expand(-1, keys.shape[1], -1)
+        keep = h2o_text_keep(text, state.text_score[..., lo:hi], state.n_text, self.options)
+        if keep is None:
+            return
+        # stable sort of the window: image rows and kept text stay (in order), evicted text
+        # moves behind them, free slots stay last
+        before_text = _slot_window([0] * len(state.image_end), state.image_end, hi, device)
+        rank = torch.where(keep, 0, torch.where(text, 1, 2))
+        rank = rank.masked_fill(before_text[:, None, lo:], 0)
+        order = torch.sort(rank.to(torch.int8), dim=-1, stable=True).indices
+        for cache in (keys, values):
+            cache[:, :, lo:hi] = pick_rows(cache[:, :, lo:hi], order)
+        state.position[..., lo:hi] = state.position[..., lo:hi].gather(-1, order)
+        state.text_score[..., lo:hi] = state.text_score[..., lo:hi].gather(-1, order)
+        kept = keep[:, 0].sum(-1).tolist()
+        state.text_end = [image + int(k) for image, k in zip(state.image_end, kept, strict=True)]
+        free = ~_slot_window([0] * len(kept), state.text_end, hi, device)[:, None, lo:]
+        state.position[..., lo:hi].masked_fill_(free, -1)
+        state.text_score[..., lo:hi].masked_fill_(free, 0.0)
 
-    @staticmethod
-    def _compact(
-        state: LayerCacheState, keep: Tensor, keys: Tensor, values: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        width = int(keep.sum(-1).max())
-        order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :width]
-        still = keep.gather(-1, order)
-        state.position = state.position.gather(-1, order).masked_fill(~still, -1)
-        state.kind = state.kind.gather(-1, order).masked_fill(~still, EMPTY)
-        state.core = state.core.gather(-1, order) & still
-        state.text_score = state.text_score.gather(-1, order).masked_fill(~still, 0.0)
-        return pick_rows(keys, order), pick_rows(values, order)
+
+def _slot_window(start: list[int], stop: list[int], width: int, device) -> Tensor:
+    """[B, width] bool: slot s of row b lies in [start[b], stop[b])."""
+    slots = torch.arange(width, device=device)
+    lo = torch.tensor(start, device=device).unsqueeze(1)
+    hi = torch.tensor(stop, device=device).unsqueeze(1)
+    return (slots >= lo) & (slots < hi)
 
 
-def _index_probs(
-    query: Tensor, keys: Tensor, index: Tensor, lse: Tensor, scale: float, acc: torch.dtype
+def _append_token(
+    state: LayerCacheState, keys: Tensor, new_keys: Tensor, values: Tensor, new_values: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Write the decode token into the first free slot of each row, in place; re-allocate
+    the cache with spare slots when a row has no free slot."""
+    batch, kv_heads, capacity, _ = keys.shape
+    if max(state.text_end) >= capacity:
+        grown = capacity + spare_slots(capacity)
+        keys, values = _grow(keys, grown), _grow(values, grown)
+        pad = grown - capacity
+        state.position = torch.nn.functional.pad(state.position, (0, pad), value=-1)
+        state.text_score = torch.nn.functional.pad(state.text_score, (0, pad), value=0.0)
+    rows = torch.arange(batch, device=keys.device)
+    slots = torch.tensor(state.text_end, device=keys.device)
+    keys[rows, :, slots] = new_keys[:, :, -1]
+    values[rows, :, slots] = new_values[:, :, -1]
+    state.position[rows, :, slots] = state.next_position
+    state.text_score[rows, :, slots] = 0.0
+    state.text_end = [end + 1 for end in state.text_end]
+    state.n_text = [n + 1 for n in state.n_text]
+    state.next_position += 1
+    return keys, values
+
+
+def _grow(cache: Tensor, capacity: int) -> Tensor:
+    grown = cache.new_empty((*cache.shape[:2], capacity, cache.shape[3]))
+    grown[:, :, : cache.shape[2]] = cache
+    grown[:, :, cache.shape[2] :] = cache[:, :, :1]  # free slots: copies of row 0, as at prefill
+    return grown
+
+
+def _swap_slots(
+    state: LayerCacheState,
+    keys: Tensor,
+    values: Tensor,
+    entering: list[Tensor],
+    leaving: list[Tensor],
+    batch: int,
+) -> None:
+    """Swap slot entering[b][i] with leaving[b][i] in every kv head (rows padded with a
+    no-op swap of slot 0 with itself)."""
+    width = max(e.numel() for e in entering)
+    device = keys.device
+    a = torch.zeros(batch, width, dtype=torch.long, device=device)
+    b_ = torch.zeros_like(a)
+    for row, (enter, leave) in enumerate(zip(entering, leaving, strict=True)):
+        a[row, : enter.numel()] = enter
+        b_[row, : leave.numel()] = leave
+    kv_heads = keys.shape[1]
+    a, b_ = a[:, None].expand(-1, kv_heads, -1), b_[:, None].expand(-1, kv_heads, -1)
+    for cache in (keys, values):
+        rows_a, rows_b = pick_rows(cache, a), pick_rows(cache, b_)
+        _put_rows(cache, a, rows_b)
+        _put_rows(cache, b_, rows_a)
+    pos_a, pos_b = state.position.gather(-1, a), state.position.gather(-1, b_)
+    state.position.scatter_(-1, a, pos_b)
+    state.position.scatter_(-1, b_, pos_a)
+
+
+def _put_rows(cache: Tensor, slots: Tensor, rows: Tensor) -> None:
+    """cache [B, H, L, D] (contiguous) at slots [B, H, n] = rows [B, H, n, D], in place."""
+    batch, heads, length, dim = cache.shape
+    base = torch.arange(batch * heads, device=slots.device).view(batch, heads, 1) * length
+    cache.view(-1, dim).index_copy_(0, (base + slots).flatten(), rows.reshape(-1, dim))
+
+
+def _span_probs(
+    query: Tensor, keys: Tensor, lse: Tensor, scale: float, lo: int, hi: int, acc: torch.dtype
 ) -> Tensor:
-    """Final softmax probabilities [B, Hq, n] of the selected rows (single query row)."""
+    """Final softmax probabilities [B, Hkv, g, hi - lo] of cache slots [lo, hi) for the
+    single query row (read in place); the caller masks slots that were not attended."""
     batch, q_heads = query.shape[:2]
     kv_heads = keys.shape[1]
-    rows = index.expand(batch, kv_heads, -1)
-    picked = pick_rows(keys, rows.clamp(min=0)).to(acc)
     grouped = query[:, :, -1].reshape(batch, kv_heads, q_heads // kv_heads, -1).to(acc)
-    logits = torch.matmul(grouped, picked.transpose(-1, -2)) * scale  # [B, Hkv, g, n]
-    probs = torch.exp(logits - lse[:, :, -1].reshape(batch, kv_heads, -1, 1).to(acc))
-    probs = probs.masked_fill((rows < 0).unsqueeze(2), 0.0)
-    return probs.reshape(batch, q_heads, -1)
+    logits = torch.matmul(grouped, keys[:, :, lo:hi].to(acc).transpose(-1, -2)) * scale
+    return torch.exp(logits - lse[:, :, -1].reshape(batch, kv_heads, -1, 1).to(acc))
