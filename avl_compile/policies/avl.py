@@ -2,17 +2,16 @@
 
 Cache layout per batch row, the same in every kv head of the row (equal counts per part):
 
-    [sink prefix | core image rows | other secondary image rows | kept text | free slots]
+    [secondary image rows outside the core | sink prefix | core image rows | kept text | free]
 
-The core set is kept as a prefix of the image rows, so every decode step attends two
-contiguous spans of slots, ``[0, core_end)`` and ``[image_end, text_end)`` (one span,
-``[0, text_end)``, at a refresh step): attention reads rows in place, nothing is gathered.
-The cache tensor has spare slots at its end: a decode token is written in place into the
-first free slot of its row instead of concatenating the whole cache (HF DynamicCache's
-per-step ``torch.cat``); a full cache is re-allocated with ``spare_slots`` free rows. A
-refresh that changes the core set swaps the rows entering and leaving it; the H2O text trim
-moves only text rows. Kept text stays in positional order (H2O's recency needs it); image
-rows are in any order (attention does not depend on it).
+so every decode step attends ONE contiguous span of slots, read in place: sink + core + text
+``[others_end, text_end)``, or at a refresh step everything, ``[0, text_end)``. The cache
+tensor has free slots at its end: a decode token is written in place into the first free
+slot of its row instead of concatenating the whole cache (HF DynamicCache's per-step
+``torch.cat``); a full cache is re-allocated with ``spare_slots`` free rows. A refresh that
+changes the core set swaps the rows entering and leaving it; the H2O text trim moves only
+text rows. Kept text stays in positional order (H2O's recency needs it); image rows may be
+in any order (attention does not depend on it).
 """
 
 from __future__ import annotations
@@ -33,6 +32,7 @@ from avl_compile.policies.common import (
     key_is_valid,
     last_token_image_filter,
     last_token_score,
+    mask_to_index,
     prefill_attention,
     prefill_logits_bias,
     topk_positions,
@@ -53,10 +53,10 @@ class LayerCacheState:
 
     position: Tensor  # [B, Hkv, C] long, original position of the slot's token, -1 if free
     text_score: Tensor  # [B, Hkv, C] accumulated attention of text slots, 0 elsewhere
-    sink_end: list[int]
-    core_end: list[int]  # the core set is slots [sink_end, core_end)
-    image_end: list[int]  # secondary image rows are slots [sink_end, image_end)
-    text_end: list[int]  # kept text is [image_end, text_end); free slots follow
+    others_end: list[int]  # secondary image rows outside the core: slots [0, others_end)
+    core_start: list[int]  # the sink is [others_end, core_start)
+    text_start: list[int]  # the core set is [core_start, text_start)
+    text_end: list[int]  # kept text is [text_start, text_end); free slots follow
     n_text: list[int]  # text tokens seen so far per row (kept or not)
     n_core: list[int]  # core size per row, floor(C * N)
     next_position: int  # position of the next decode token
@@ -137,12 +137,11 @@ class AvlPolicy:
                 image_score[b], secondary, fraction_count(opts.vision_compute, n_images)
             )
             others = secondary[~torch.isin(secondary, core)]
-            image_rows = torch.cat([sink, core, others])
+            image_rows = torch.cat([others, sink, core])
             texts = [positions[kept_text[b, h]] for h in range(kv_heads)]
             slot_rows.append([torch.cat([image_rows, t]) for t in texts])
-            sink_end = sink.numel()
             bounds.append(
-                (sink_end, sink_end + core.numel(), image_rows.numel(),
+                (others.numel(), others.numel() + sink.numel(), image_rows.numel(),
                  image_rows.numel() + texts[0].numel())
             )  # fmt: skip
 
@@ -153,16 +152,16 @@ class AvlPolicy:
             for h, r in enumerate(rows):
                 position[b, h, : r.numel()] = r
         safe = position.clamp(min=0)
-        sink_end, core_end, image_end, text_end = (list(x) for x in zip(*bounds, strict=True))
+        others_end, core_start, text_start, text_end = (list(x) for x in zip(*bounds, strict=True))
         text_score = text_scores.gather(2, safe).masked_fill(
-            ~_slot_window(image_end, text_end, capacity, device).unsqueeze(1), 0.0
+            ~_slot_window(text_start, text_end, capacity, device).unsqueeze(1), 0.0
         )
         state = LayerCacheState(
             position=position,
             text_score=text_score,
-            sink_end=sink_end,
-            core_end=core_end,
-            image_end=image_end,
+            others_end=others_end,
+            core_start=core_start,
+            text_start=text_start,
             text_end=text_end,
             n_text=n_text,
             n_core=[fraction_count(opts.vision_compute, int(n)) for n in image_mask.sum(-1)],
@@ -209,23 +208,22 @@ class AvlPolicy:
         state.step += 1
         refresh = is_refresh_step(state.step, opts.refresh_every)
 
-        if refresh:  # sink, every secondary image row and the text: one span
-            spans = [[(0, end)] for end in state.text_end]
-        else:  # sink + core, then the text
-            spans = [
-                [(0, core), (image, end)]
-                for core, image, end in zip(
-                    state.core_end, state.image_end, state.text_end, strict=True
-                )
-            ]
-        ranges = torch.tensor(spans, dtype=torch.long, device=query.device)
+        # sink + core + text; at a refresh step, every secondary image row too
+        starts = [0] * len(state.text_end) if refresh else state.others_end
+        ranges = torch.tensor(
+            [[(start, end)] for start, end in zip(starts, state.text_end, strict=True)],
+            device=query.device,
+        )
         output, lse = attend_selected_rows(query, keys, values, None, scale, ranges)
-        state.attended_rows = float((ranges[..., 1] - ranges[..., 0]).sum(-1).float().mean())
+        spans = zip(starts, state.text_end, strict=True)
+        state.attended_rows = sum(end - start for start, end in spans) / len(starts)
 
-        text_lo, text_hi = min(state.image_end), max(state.text_end)
+        text_lo, text_hi = min(state.text_start), max(state.text_end)
         text_probs = _span_probs(query, keys, lse, scale, text_lo, text_hi, state.text_score.dtype)
-        in_text = _slot_window(state.image_end, state.text_end, text_hi, query.device)
-        text_probs = text_probs.sum(dim=2).masked_fill(~in_text[:, None, text_lo:], 0.0)
+        text_probs = text_probs.sum(dim=2)
+        if text_lo != max(state.text_start) or text_hi != min(state.text_end):
+            in_text = _slot_window(state.text_start, state.text_end, text_hi, query.device)
+            text_probs = text_probs.masked_fill(~in_text[:, None, text_lo:], 0.0)
         state.text_score[..., text_lo:text_hi] += text_probs
         if refresh and opts.refresh_every != -1:
             self._choose_core(state, query, keys, values, lse, scale)
@@ -238,40 +236,51 @@ class AvlPolicy:
         lse: Tensor, scale: float,
     ) -> None:  # fmt: skip
         """Re-rank the secondary image rows by this step's head-averaged attention; the top
-        floor(C * N) become the core prefix: rows entering and leaving the core swap slots."""
-        lo, hi = min(state.sink_end), max(state.image_end)
-        acc = state.text_score.dtype
-        probs = _span_probs(query, keys, lse, scale, lo, hi, acc)  # [B, Hkv, g, w]
-        probs = probs.flatten(1, 2).mean(dim=1)  # head average, [B, w]
-        entering, leaving = [], []
-        for b, count in enumerate(state.n_core):
-            first, stop = state.sink_end[b] - lo, state.image_end[b] - lo
-            count = min(count, stop - first)
-            if count <= 0:
-                continue
-            best = torch.topk(probs[b, first:stop], count).indices + state.sink_end[b]
-            chosen = torch.zeros(hi, dtype=torch.bool, device=probs.device)
-            chosen[best] = True
-            slots = torch.arange(hi, device=probs.device)
-            core_slot = (slots >= state.sink_end[b]) & (slots < state.core_end[b])
-            entering.append(torch.nonzero(chosen & ~core_slot).flatten())
-            leaving.append(torch.nonzero(core_slot & ~chosen).flatten())
-            state.core_end[b] = state.sink_end[b] + count
-        if entering and max(e.numel() for e in entering):
-            _swap_slots(state, keys, values, entering, leaving, len(state.n_core))
+        floor(C * N) become the core: rows entering and leaving the core swap slots."""
+        width = max(state.text_start)
+        device = keys.device
+        probs = _span_probs(query, keys, lse, scale, 0, width, state.text_score.dtype)
+        probs = probs.flatten(1, 2).mean(dim=1)  # head average, [B, width]
+        others = _slot_window([0] * len(state.others_end), state.others_end, width, device)
+        core = _slot_window(state.core_start, state.text_start, width, device)
+        counts = [
+            min(n, o + t - c)
+            for n, o, c, t in zip(
+                state.n_core, state.others_end, state.core_start, state.text_start, strict=True
+            )
+        ]
+        most = max(counts)
+        if most <= 0:
+            return
+        top = torch.topk(probs.masked_fill(~(others | core), float("-inf")), most).indices
+        ranked = torch.arange(most, device=device) < torch.tensor(counts, device=device)[:, None]
+        chosen = torch.zeros_like(core).scatter_(1, top, ranked)
+        entering, leaving = mask_to_index(chosen & others), mask_to_index(core & ~chosen)
+        if entering.shape[-1]:
+            # equal counts per row; a row's padding repeats its last pair, so that a padded
+            # swap rewrites the same values (a row with no swap gets the pair (0, 0))
+            n_swaps = (entering >= 0).sum(-1, keepdim=True)
+            last = torch.arange(entering.shape[-1], device=device).minimum(n_swaps - 1)
+            pick = last.clamp(min=0)
+            entering = entering.gather(-1, pick).clamp(min=0)
+            leaving = leaving.gather(-1, pick).clamp(min=0)
+            _swap_slots(state, keys, values, entering, leaving)
 
     def _trim_text(self, state: LayerCacheState, keys: Tensor, values: Tensor) -> None:
         """H2O text budget: evicted text rows leave, the kept ones close ranks in order."""
-        lo, hi = min(state.image_end), max(state.text_end)
-        device = keys.device
-        text = _slot_window(state.image_end, state.text_end, hi, device)[:, lo:]
-        text = text.unsqueeze(1).expand(-1, keys.shape[1], -1)
-        keep = h2o_text_keep(text, state.text_score[..., lo:hi], state.n_text, self.options)
-        if keep is None:
+        opts = self.options
+        budgets = [text_budget(n, opts.text_keep, opts.text_min_budget) for n in state.n_text]
+        kept = [e - s for s, e in zip(state.text_start, state.text_end, strict=True)]
+        if all(k <= b for k, b in zip(kept, budgets, strict=True)):
             return
-        # stable sort of the window: image rows and kept text stay (in order), evicted text
-        # moves behind them, free slots stay last
-        before_text = _slot_window([0] * len(state.image_end), state.image_end, hi, device)
+        lo, hi = min(state.text_start), max(state.text_end)
+        device = keys.device
+        text = _slot_window(state.text_start, state.text_end, hi, device)[:, lo:]
+        text = text.unsqueeze(1).expand(-1, keys.shape[1], -1)
+        keep = heavy_recent_keep(text, state.text_score[..., lo:hi], budgets, opts.text_heavy_share)
+        # stable sort of the window: rows before the text and kept text stay (in order),
+        # evicted text moves behind them, free slots stay last
+        before_text = _slot_window([0] * len(kept), state.text_start, hi, device)
         rank = torch.where(keep, 0, torch.where(text, 1, 2))
         rank = rank.masked_fill(before_text[:, None, lo:], 0)
         order = torch.sort(rank.to(torch.int8), dim=-1, stable=True).indices
@@ -279,8 +288,8 @@ class AvlPolicy:
             cache[:, :, lo:hi] = pick_rows(cache[:, :, lo:hi], order)
         state.position[..., lo:hi] = state.position[..., lo:hi].gather(-1, order)
         state.text_score[..., lo:hi] = state.text_score[..., lo:hi].gather(-1, order)
-        kept = keep[:, 0].sum(-1).tolist()
-        state.text_end = [image + int(k) for image, k in zip(state.image_end, kept, strict=True)]
+        kept_now = keep[:, 0].sum(-1).tolist()
+        state.text_end = [s + int(k) for s, k in zip(state.text_start, kept_now, strict=True)]
         free = ~_slot_window([0] * len(kept), state.text_end, hi, device)[:, None, lo:]
         state.position[..., lo:hi].masked_fill_(free, -1)
         state.text_score[..., lo:hi].masked_fill_(free, 0.0)
@@ -306,12 +315,17 @@ def _append_token(
         pad = grown - capacity
         state.position = torch.nn.functional.pad(state.position, (0, pad), value=-1)
         state.text_score = torch.nn.functional.pad(state.text_score, (0, pad), value=0.0)
-    rows = torch.arange(batch, device=keys.device)
-    slots = torch.tensor(state.text_end, device=keys.device)
-    keys[rows, :, slots] = new_keys[:, :, -1]
-    values[rows, :, slots] = new_values[:, :, -1]
-    state.position[rows, :, slots] = state.next_position
-    state.text_score[rows, :, slots] = 0.0
+    if min(state.text_end) == max(state.text_end):  # every row writes the same slot
+        slot = state.text_end[0]
+        keys[:, :, slot] = new_keys[:, :, -1]
+        values[:, :, slot] = new_values[:, :, -1]
+        state.position[..., slot] = state.next_position
+    else:
+        rows = torch.arange(batch, device=keys.device)
+        slots = torch.tensor(state.text_end, device=keys.device)
+        keys[rows, :, slots] = new_keys[:, :, -1]
+        values[rows, :, slots] = new_values[:, :, -1]
+        state.position[rows, :, slots] = state.next_position
     state.text_end = [end + 1 for end in state.text_end]
     state.n_text = [n + 1 for n in state.n_text]
     state.next_position += 1
@@ -326,22 +340,10 @@ def _grow(cache: Tensor, capacity: int) -> Tensor:
 
 
 def _swap_slots(
-    state: LayerCacheState,
-    keys: Tensor,
-    values: Tensor,
-    entering: list[Tensor],
-    leaving: list[Tensor],
-    batch: int,
+    state: LayerCacheState, keys: Tensor, values: Tensor, a: Tensor, b_: Tensor
 ) -> None:
-    """Swap slot entering[b][i] with leaving[b][i] in every kv head (rows padded with a
-    no-op swap of slot 0 with itself)."""
-    width = max(e.numel() for e in entering)
-    device = keys.device
-    a = torch.zeros(batch, width, dtype=torch.long, device=device)
-    b_ = torch.zeros_like(a)
-    for row, (enter, leave) in enumerate(zip(entering, leaving, strict=True)):
-        a[row, : enter.numel()] = enter
-        b_[row, : leave.numel()] = leave
+    """Swap slot a[b, i] with slot b_[b, i] [B, n] in every kv head. A pair may repeat
+    (same values written twice); pairs must not otherwise share a slot."""
     kv_heads = keys.shape[1]
     a, b_ = a[:, None].expand(-1, kv_heads, -1), b_[:, None].expand(-1, kv_heads, -1)
     for cache in (keys, values):
