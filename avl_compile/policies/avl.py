@@ -40,9 +40,9 @@ from avl_compile.policies.common import (
 
 
 def spare_slots(rows: int) -> int:
-    """Free slots a cache of ``rows`` occupied rows gets when (re)allocated: about 6%, so a
-    re-allocation (one copy of the cache) happens once every rows / 16 decode tokens at most."""
-    return max(8, rows // 16)
+    """Free slots a cache of ``rows`` occupied rows gets when (re)allocated: about 3% (at
+    least 8), so a re-allocation (one copy of the cache) comes once in rows / 32 tokens at most."""
+    return max(8, rows // 32)
 
 
 @dataclasses.dataclass
