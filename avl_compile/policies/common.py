@@ -142,15 +142,6 @@ def mask_to_index(mask: Tensor) -> Tensor:
     return index.masked_fill(index == length, -1)
 
 
-def mask_to_ranges(mask: Tensor) -> Tensor:
-    """Bool [B, L] -> int64 [B, R, 2] of its runs of True as (start, stop), (0, 0) padded."""
-    previous = F.pad(mask[:, :-1], (1, 0), value=False)
-    following = F.pad(mask[:, 1:], (0, 1), value=False)
-    starts = mask_to_index(mask & ~previous)
-    stops = mask_to_index(mask & ~following) + 1
-    return torch.stack([starts.clamp(min=0), stops], dim=-1)  # padding: (0, 0)
-
-
 def topk_positions(scores: Tensor, candidates: Tensor, k: int) -> Tensor:
     """Positions (sorted) of the k largest ``scores`` among the ``candidates`` positions."""
     if k <= 0 or candidates.numel() == 0:
