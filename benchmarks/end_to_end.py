@@ -7,7 +7,8 @@
 Random weights (speed needs no trained weights). Each configuration generates the same
 prompt greedily; a logits processor stamps the time of every new token, and decode time per
 token is (last stamp - first stamp) / (N - 1): the prefill is excluded. Best of the
-repeats (on a shared machine interference only adds time). Resident KV is the bytes of the cache tensors after generate.
+repeats (on a shared machine interference only adds time). Resident KV is the bytes of the
+cache tensors after generate.
 """
 
 from __future__ import annotations
@@ -60,8 +61,16 @@ def build_model(preset: dict, device: str) -> LlavaForConditionalGeneration:
         vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
         vision_feature_layer=-1, vision_feature_select_strategy="default",
     )  # fmt: skip
-    model = LlavaForConditionalGeneration(config).eval()
-    return model.to(device=device, dtype=getattr(torch, preset["dtype"]))
+    # built on the target device in the target dtype: a 7B model initialised on a CPU in
+    # float32 would take minutes and 28 GB
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, preset["dtype"]))
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
 
 
 def make_inputs(preset: dict, batch: int, device: str) -> dict:

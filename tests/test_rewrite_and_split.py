@@ -121,7 +121,8 @@ def test_image_mask_recorded_in_one_graph_drives_the_sites_of_another():
     assert any(g.rewritten and not g.recorders for g in graphs)
     # sink 2 + floor(0.5 * 10) image rows + max(round(0.5 * 3), 1) text rows
     assert rows_in_use(keys) == 2 + 5 + 2
-    assert keys.shape[2] == values.shape[2] == 2 + 5 + 2 + spare_slots(2 + 5 + 2)
+    # free slots, but never more rows than the prompt's 15
+    assert keys.shape[2] == values.shape[2] == min(2 + 5 + 2 + spare_slots(2 + 5 + 2), 15)
     assert backend.runtime.counters["prefill_sites"] == 1
 
 

@@ -41,7 +41,9 @@ from avl_compile.policies.common import (
 
 def spare_slots(rows: int) -> int:
     """Free slots a cache of ``rows`` occupied rows gets when (re)allocated: about 3% (at
-    least 8), so a re-allocation (one copy of the cache) comes once in rows / 32 tokens at most."""
+    least 8), so a re-allocation (one copy of the cache) comes once in rows / 32 tokens at most.
+    The cache is never longer than the uncompressed sequence, so with nothing evicted (100%
+    budgets) it is re-allocated at every step, as a concatenating cache would be."""
     return max(8, rows // 32)
 
 
@@ -146,7 +148,7 @@ class AvlPolicy:
             )  # fmt: skip
 
         in_use = max(end for *_, end in bounds)
-        capacity = in_use + spare_slots(in_use)
+        capacity = min(in_use + spare_slots(in_use), k_len)
         position = torch.full((batch, kv_heads, capacity), -1, dtype=torch.long, device=device)
         for b, rows in enumerate(slot_rows):
             for h, r in enumerate(rows):
@@ -310,7 +312,9 @@ def _append_token(
     the cache with spare slots when a row has no free slot."""
     batch, kv_heads, capacity, _ = keys.shape
     if max(state.text_end) >= capacity:
-        grown = capacity + spare_slots(capacity)
+        # never longer than the uncompressed sequence: HF pads its mask up to the cache length
+        # otherwise (and torch 2.11 cannot trace that pad with symbolic sizes)
+        grown = min(capacity + spare_slots(capacity), state.next_position + 1)
         keys, values = _grow(keys, grown), _grow(values, grown)
         pad = grown - capacity
         state.position = torch.nn.functional.pad(state.position, (0, pad), value=-1)

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The checks that need a GPU, for a session that is lent one (the device tool runs one
+# command of at most 10 minutes at a time, so each part is its own call):
+#   bash benchmarks/gpu_checks.sh tests      # GPU-only tests: bf16 kernel, Triton in Inductor
+#   bash benchmarks/gpu_checks.sh attention  # benchmarks/attention.py default grid (bf16, batch 1/16)
+#   bash benchmarks/gpu_checks.sh e2e        # benchmarks/end_to_end.py --preset llava16, batch 1/16
+# Output goes to $OUT (the device tool brings it back) or gpu_results/. The device image has
+# torch, transformers and triton but nothing can be downloaded there: carry a folder made here
+# with `pip install --target .gpu_deps tabulate` (git-ignored; name it in carry) if tabulate is
+# missing; it is put on the path.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-gpu_results}"
+mkdir -p "$out"
+export PYTHONPATH="$PWD/.gpu_deps${PYTHONPATH:+:$PYTHONPATH}"
+# the package maps passes/ and lowering/ into avl_compile: install it (offline, no deps)
+python -m pip install -q --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1
+nvidia-smi --query-gpu=name,memory.total --format=csv >"$out/device.txt" || true
+python -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)" >>"$out/device.txt"
+case "${1:?tests, attention or e2e}" in
+  tests)
+    python -m pytest -q tests/test_triton_gathered_attention.py tests/test_gathered_attention.py \
+      tests/test_avl_policy.py 2>&1 | tee "$out/tests.txt" ;;
+  attention)
+    python benchmarks/attention.py 2>&1 | tee "$out/attention.txt" ;;
+  e2e)
+    python benchmarks/end_to_end.py --preset llava16 --batch 1 16 --repeats 3 2>&1 \
+      | grep -v '^W[0-9]' | tee "$out/end_to_end.txt" ;;
+  *) echo "unknown part $1" >&2; exit 2 ;;
+esac
