@@ -2,9 +2,10 @@
 
 Cache layout per batch row, the same in every kv head of the row (equal counts per part):
 
-    [secondary image rows outside the core | sink prefix | core image rows | kept text | free]
+    [secondary image rows outside the core | sink | core image rows | kept text | free]
 
-so every decode step attends ONE contiguous span of slots, read in place: sink + core + text
+The sink is the prompt before the first image (never evicted). Every decode step attends ONE
+contiguous span of slots, read in place: sink + core + text
 ``[others_end, text_end)``, or at a refresh step everything, ``[0, text_end)``. The cache
 tensor has free slots at its end: a decode token is written in place into the first free
 slot of its row instead of concatenating the whole cache (HF DynamicCache's per-step
