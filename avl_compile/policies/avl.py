@@ -72,12 +72,17 @@ class LayerCacheState:
         return max(self.text_end)
 
 
+def text_budgets(n_text: list[int], options: AvlOptions) -> list[int]:
+    """A-VL's text budget per row: max(round(T * n_text), min)."""
+    return [text_budget(n, options.text_keep, options.text_min_budget) for n in n_text]
+
+
 def h2o_text_keep(
     text: Tensor, scores: Tensor, n_text: list[int], options: AvlOptions
 ) -> Tensor | None:
     """The text slots to keep [B, Hkv, L] under A-VL's text budget, or None if all fit:
-    budget max(round(T * n_text), min) per row, heavy hitters + most recent (H2O)."""
-    budgets = [text_budget(n, options.text_keep, options.text_min_budget) for n in n_text]
+    heavy hitters + most recent (H2O)."""
+    budgets = text_budgets(n_text, options)
     return heavy_recent_keep(text, scores, budgets, options.text_heavy_share)
 
 
@@ -244,7 +249,7 @@ class AvlPolicy:
         device = keys.device
         probs = _span_probs(query, keys, lse, scale, 0, width, state.text_score.dtype)
         probs = probs.flatten(1, 2).mean(dim=1)  # head average, [B, width]
-        others = _slot_window([0] * len(state.others_end), state.others_end, width, device)
+        others = _slots_before(state.others_end, width, device)
         core = _slot_window(state.core_start, state.text_start, width, device)
         counts = [
             min(n, o + t - c)
@@ -272,7 +277,7 @@ class AvlPolicy:
     def _trim_text(self, state: LayerCacheState, keys: Tensor, values: Tensor) -> None:
         """H2O text budget: evicted text rows leave, the kept ones close ranks in order."""
         opts = self.options
-        budgets = [text_budget(n, opts.text_keep, opts.text_min_budget) for n in state.n_text]
+        budgets = text_budgets(state.n_text, opts)
         kept = [e - s for s, e in zip(state.text_start, state.text_end, strict=True)]
         if all(k <= b for k, b in zip(kept, budgets, strict=True)):
             return
@@ -283,7 +288,7 @@ class AvlPolicy:
         keep = heavy_recent_keep(text, state.text_score[..., lo:hi], budgets, opts.text_heavy_share)
         # stable sort of the window: rows before the text and kept text stay (in order),
         # evicted text moves behind them, free slots stay last
-        before_text = _slot_window([0] * len(kept), state.text_start, hi, device)
+        before_text = _slots_before(state.text_start, hi, device)
         rank = torch.where(keep, 0, torch.where(text, 1, 2))
         rank = rank.masked_fill(before_text[:, None, lo:], 0)
         order = torch.sort(rank.to(torch.int8), dim=-1, stable=True).indices
@@ -293,7 +298,7 @@ class AvlPolicy:
         state.text_score[..., lo:hi] = state.text_score[..., lo:hi].gather(-1, order)
         kept_now = keep[:, 0].sum(-1).tolist()
         state.text_end = [s + int(k) for s, k in zip(state.text_start, kept_now, strict=True)]
-        free = ~_slot_window([0] * len(kept), state.text_end, hi, device)[:, None, lo:]
+        free = ~_slots_before(state.text_end, hi, device)[:, None, lo:]
         state.position[..., lo:hi].masked_fill_(free, -1)
         state.text_score[..., lo:hi].masked_fill_(free, 0.0)
 
@@ -304,6 +309,11 @@ def _slot_window(start: list[int], stop: list[int], width: int, device) -> Tenso
     lo = torch.tensor(start, device=device).unsqueeze(1)
     hi = torch.tensor(stop, device=device).unsqueeze(1)
     return (slots >= lo) & (slots < hi)
+
+
+def _slots_before(stop: list[int], width: int, device) -> Tensor:
+    """[B, width] bool: slot s of row b lies before stop[b]."""
+    return torch.arange(width, device=device) < torch.tensor(stop, device=device).unsqueeze(1)
 
 
 def _append_token(
