@@ -28,7 +28,7 @@ import torch
 from avl_compile.backend import AvlBackend, CompiledGraphRecord
 from avl_compile.options import AvlOptions
 
-TINY_MODELS = ("tiny-llava", "tiny-llava-next", "reader")
+TINY_MODELS = ("tiny-llava", "tiny-llava-next", "reader", "region-reader")
 
 
 @dataclasses.dataclass
@@ -164,12 +164,12 @@ def load_model_and_inputs(
         instance = make()
         return instance, tiny_models.llava_prompt(instance, [[1, 5, 6]], [[7, 8, 9]]).inputs
     from avl_compile.bench.evaluate import load_model, prompt_inputs
+    from avl_compile.bench.reader_task import BUNDLED_MODELS, HELDOUT_SEED, make_examples
 
-    if model == "reader":
-        from avl_compile.bench.reader_task import HELDOUT_SEED, READER_MODEL_DIR, make_examples
-
-        model = str(READER_MODEL_DIR)
-        example = make_examples(1, HELDOUT_SEED)[0]
+    if model in BUNDLED_MODELS:
+        folder, task = BUNDLED_MODELS[model]
+        model = str(folder)
+        example = make_examples(1, HELDOUT_SEED, task)[0]
         record = {"image": example.image, "question": prompt or example.question}
     else:
         if image is None or prompt is None:

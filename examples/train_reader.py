@@ -1,6 +1,7 @@
 """Train the small LLaVA "reader" from scratch on the grid-reading task, on CPU.
 
     python examples/train_reader.py --out avl_compile/models/reader
+    python examples/train_reader.py --task count-read --out avl_compile/models/region_reader
 
 Recipe. A jointly initialised tiny LLaVA trained on the answer loss alone stays at chance: the
 answer's gradient reaches the right image token only through near-uniform attention over 256
@@ -16,7 +17,9 @@ tokens, and the question's row/column must first be gathered at the answer posit
      predicts the row/column of the cell it needs, ``(r, c + k)``; shared heads align queries
      with keys;
    - attention supervision (``--attn-weight``): query head 0 of the last layer should attend
-     to image token ``16 r + c + k`` at that position.
+     to image token ``16 r + c + k`` at that position (``count-read``: the position that
+     predicts the count should spread it evenly over the four cells, the colour positions
+     attend one cell each as in ``read``).
    The answer loss sits at chance until the attention locks on (~200 steps), then drops to
    near zero within ~30 steps. The auxiliary heads are dropped; the saved model is a plain
    ``LlavaForConditionalGeneration``.
@@ -48,7 +51,8 @@ from avl_compile.bench import reader_task as rt  # noqa: E402
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=str(rt.READER_MODEL_DIR))
+    parser.add_argument("--task", default="read", choices=rt.TASKS)
+    parser.add_argument("--out", default=None, help="default: the bundled model of --task")
     parser.add_argument("--seed", type=int, default=rt.TRAIN_SEED)
     parser.add_argument("--minutes", type=float, default=33.0, help="wall-clock cap, training")
     parser.add_argument("--vision-steps", type=int, default=100)
@@ -110,7 +114,7 @@ def vision_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     return out.hidden_states[-1][:, 1:]
 
 
-def encode_batch(tokenizer, grids, rows, columns, templates):
+def encode_batch(tokenizer, grids, rows, columns, templates, task: str):
     """Right-padded ``prompt + answer + EOS`` rows; labels only on the answer and EOS.
 
     Right padding keeps positions 0.. for every row, as ``generate`` does for left padding.
@@ -120,7 +124,7 @@ def encode_batch(tokenizer, grids, rows, columns, templates):
     for grid, row, column, template in zip(grids, rows, columns, templates, strict=True):
         question = rt.question_text(int(template), int(row), int(column))
         prompt = f"USER: {image}\n{question} ASSISTANT:"
-        answer = rt.answer_text(grid, int(row), int(column))
+        answer = rt.answer_text(grid, int(row), int(column), task)
         prompt_ids = tokenizer(prompt)["input_ids"]
         answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
         sequences.append(prompt_ids + answer_ids + [rt.EOS_ID])
@@ -184,7 +188,8 @@ class AttentionProbe:
     def loss(
         self, query_pos: torch.Tensor, target_pos: torch.Tensor, head: int = 0
     ) -> torch.Tensor:
-        """Cross-entropy of head ``head``'s attention at ``query_pos`` (B, K) to ``target_pos``."""
+        """Cross-entropy of head ``head``'s attention at ``query_pos`` (B, K) to an even spread
+        over ``target_pos`` (B, K, M) (repeat a position M times for a one-hot target)."""
         from transformers.models.llama.modeling_llama import rotate_half
 
         attn = self.attn
@@ -201,7 +206,8 @@ class AttentionProbe:
         logits = torch.einsum("bqd,btd->bqt", q, k) * attn.scaling
         causal = torch.arange(length)[None, None, :] > query_pos[..., None]
         logits = logits.masked_fill(causal, float("-inf"))
-        return F.cross_entropy(logits.flatten(0, 1), target_pos.flatten())
+        log_probs = logits.log_softmax(-1).gather(-1, target_pos)
+        return -log_probs.mean()
 
     def where_loss(
         self, query_pos: torch.Tensor, target_pos: torch.Tensor, grids: torch.Tensor
@@ -212,7 +218,7 @@ class AttentionProbe:
         cells = torch.arange(rt.NUM_IMAGE_TOKENS)
         image = hidden[:, IMAGE_START : IMAGE_START + rt.NUM_IMAGE_TOKENS].flatten(0, 1)
         queries = hidden[torch.arange(batch)[:, None], query_pos].flatten(0, 1)
-        wanted = (target_pos - IMAGE_START).flatten()
+        wanted = (target_pos[..., 0] - IMAGE_START).flatten()  # the (first) cell needed
         image_cells = cells.repeat(batch)
         # image tokens and queries are averaged separately: 4 queries vs 256 image tokens
         # the colour must stay readable in the image tokens' values for the answer to copy it
@@ -226,6 +232,14 @@ class AttentionProbe:
         return total
 
 
+def cells_needed_per_answer_token(task: str) -> torch.Tensor:
+    """(answer tokens, READ_LEN) column offsets each answer token needs, repeated to width."""
+    reads = torch.arange(rt.READ_LEN)[:, None].expand(-1, rt.READ_LEN)  # token k: cell c + k
+    if task == "count-read":
+        return torch.cat([torch.arange(rt.READ_LEN)[None], reads])  # the count needs all four
+    return reads
+
+
 def train_joint(model, heads: PatchHeads, tokenizer, args, generator, deadline: float) -> int:
     projector = list(model.model.multi_modal_projector.parameters())
     vision = list(model.model.vision_tower.parameters()) + list(heads.parameters())
@@ -236,6 +250,7 @@ def train_joint(model, heads: PatchHeads, tokenizer, args, generator, deadline: 
         {"params": language, "lr": args.lr},
     ]
     probe = AttentionProbe(model, args.attn_layer) if args.attn_weight > 0 else None
+    cells_needed = cells_needed_per_answer_token(args.task)
     if probe is not None:
         groups.append({"params": list(probe.where.parameters()), "lr": args.lr})
     for group in groups:
@@ -252,7 +267,9 @@ def train_joint(model, heads: PatchHeads, tokenizer, args, generator, deadline: 
         for group in groups:
             group["lr"] = group["base_lr"] * scale
         grids, rows, columns, templates = rt.sample_grids(args.batch, generator)
-        input_ids, attention_mask, labels = encode_batch(tokenizer, grids, rows, columns, templates)
+        input_ids, attention_mask, labels = encode_batch(
+            tokenizer, grids, rows, columns, templates, args.task
+        )
         pixel_values = rt.pixel_values_from_grids(grids)
         out = model(
             input_ids=input_ids,
@@ -266,11 +283,11 @@ def train_joint(model, heads: PatchHeads, tokenizer, args, generator, deadline: 
         loss = lm_loss
         attn_loss = where_loss = torch.zeros(())
         if probe is not None:
-            # answer token k is predicted at (first answer position - 1 + k)
+            # answer token j is predicted at (first answer position - 1 + j)
             first = (labels != -100).int().argmax(-1)
-            k = torch.arange(rt.READ_LEN)
-            query_pos = first[:, None] - 1 + k
-            target_pos = IMAGE_START + rows[:, None] * rt.GRID + columns[:, None] + k
+            query_pos = first[:, None] - 1 + torch.arange(cells_needed.shape[0])
+            first_cell = IMAGE_START + rows * rt.GRID + columns
+            target_pos = first_cell[:, None, None] + cells_needed
             attn_loss = probe.loss(query_pos, target_pos)
             loss = loss + args.attn_weight * attn_loss
             if args.where_weight > 0:
@@ -304,7 +321,7 @@ def train_joint(model, heads: PatchHeads, tokenizer, args, generator, deadline: 
 
 
 @torch.no_grad()
-def evaluate(model, processor, examples: list[rt.ReaderExample], batch: int = 32):
+def evaluate(model, processor, examples: list[rt.ReaderExample], task: str, batch: int = 32):
     """Dense greedy exact-match accuracy through the generic HF path; returns (acc, misses)."""
     model.eval()
     hits, misses = 0, []
@@ -325,7 +342,7 @@ def evaluate(model, processor, examples: list[rt.ReaderExample], batch: int = 32
         inputs = processor(
             images=[e.image for e in chunk], text=prompts, return_tensors="pt", padding=True
         )
-        out = model.generate(**inputs, max_new_tokens=rt.READ_LEN + 2, do_sample=False)
+        out = model.generate(**inputs, max_new_tokens=rt.answer_length(task) + 2, do_sample=False)
         texts = processor.batch_decode(
             out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
         )
@@ -338,8 +355,21 @@ def evaluate(model, processor, examples: list[rt.ReaderExample], batch: int = 32
     return hits / len(examples), misses
 
 
+TASK_TEXT = {
+    "read": """The answer is the colours of
+cells `(r, c) .. (r, c+3)`, e.g. `red blue white black`. Answer token `k` needs image token
+`16 r + c + k`: the evidence moves by one image token per generated token.""",
+    "count-read": """The answer is the number of
+distinct colours among cells `(r, c) .. (r, c+3)`, then their colours, e.g.
+`3 red blue white red`. The count needs the four image tokens `16 r + c .. 16 r + c + 3` at
+once (from the last prompt token); colour token `k` then needs image token `16 r + c + k`:
+the evidence moves by one image token per generated token.""",
+}
+
+
 def write_card(out: Path, info: dict) -> None:
-    text = f"""# avl-compile grid reader (tiny LLaVA, trained from scratch)
+    title = {"read": "grid reader", "count-read": "grid region reader"}[info["task"]]
+    text = f"""# avl-compile {title} (tiny LLaVA, trained from scratch)
 
 A {info["params"] / 1e6:.2f} M-parameter `LlavaForConditionalGeneration` (CLIP-style vision
 tower, 2-layer MLP projector, 4-layer Llama decoder with grouped-query attention, 4 query /
@@ -349,12 +379,11 @@ tower, 2-layer MLP projector, 4-layer Llama decoder with grouped-query attention
 
 A 64x64 image is a 16x16 grid of solid cells (4x4 pixels, one vision patch each, so 256 image
 tokens) in 8 colours ({", ".join(rt.COLOUR_NAMES)}). The question names a row `r` and a start
-column `c` (four phrasings, e.g. `read row 5 from column 3`); the answer is the colours of
-cells `(r, c) .. (r, c+3)`, e.g. `red blue white black`. Answer token `k` needs image token
-`16 r + c + k`: the evidence moves by one image token per generated token.
+column `c` (four phrasings, e.g. `read row 5 from column 3`). {TASK_TEXT[info["task"]]}
 Prompt (LLaVA-1.5 layout): `<s> USER: <image>x256 {{question}} ASSISTANT:`.
-Task code: `avl_compile/bench/reader_task.py` (held-out split: `make_examples(n,
-HELDOUT_SEED={rt.HELDOUT_SEED})`; training batches from `torch.Generator` seed {info["seed"]}).
+Task code: `avl_compile/bench/reader_task.py`, task `{info["task"]}` (held-out split:
+`make_examples(n, HELDOUT_SEED={rt.HELDOUT_SEED}, task="{info["task"]}")`; training batches
+from `torch.Generator` seed {info["seed"]}).
 
 ## Training
 
@@ -367,7 +396,7 @@ training ({info["steps"]} steps, batch {info["batch"]}, AdamW, LLM lr {info["lr"
 {info["projector_lr"]}, cosine schedule) on the answer tokens plus throw-away auxiliary losses:
 the per-patch vision heads, "where" heads on the last decoder layer's input (image tokens:
 their cell; answer positions: the cell they need) and supervision of one attention head of the
-last layer towards image token `16 r + c + k` for answer token `k`. See the docstring of
+last layer towards the cells each answer token needs. See the docstring of
 `examples/train_reader.py`. The auxiliary heads are not part of the saved model.
 Wall time: {info["train_minutes"]:.1f} min on 2 CPU cores (torch {torch.__version__}).
 
@@ -404,15 +433,16 @@ def main(argv: list[str] | None = None) -> int:
     train_seconds = time.time() - begin
     print(f"training wall time: {train_seconds / 60:.1f} min", flush=True)
 
-    heldout = rt.make_examples(args.eval_n, rt.HELDOUT_SEED)
-    accuracy, misses = evaluate(model, processor, heldout)
+    heldout = rt.make_examples(args.eval_n, rt.HELDOUT_SEED, args.task)
+    accuracy, misses = evaluate(model, processor, heldout, args.task)
     print(f"held-out greedy accuracy: {accuracy:.3f} (n={len(heldout)})", flush=True)
     for miss in misses[:5]:
         print("  miss:", miss)
     if args.no_save:
         return 0
 
-    out = Path(args.out)
+    bundled = {task: folder for folder, task in rt.BUNDLED_MODELS.values()}
+    out = Path(args.out or bundled[args.task])
     out.mkdir(parents=True, exist_ok=True)
     model.generation_config.bos_token_id = rt.BOS_ID
     model.generation_config.eos_token_id = rt.EOS_ID

@@ -68,3 +68,24 @@ def test_bad_bench_arguments_are_clear_errors():
         evaluate.configurations(["avl"], [1.5])
     with pytest.raises(SystemExit):
         cli.parse_args(["--policies", "nope"])
+
+
+def test_avl_refresh_period_reaches_the_avl_options_only(capsys):
+    assert evaluate.policy_options("avl", 0.5, 1)["refresh_every"] == 1
+    assert "refresh_every" not in evaluate.policy_options("avl", 0.5)  # the backend's default
+    assert "refresh_every" not in evaluate.policy_options("h2o", 0.5, 1)
+    assert cli.parse_args(["--avl-refresh-every", "-1"]).avl_refresh_every == -1
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--avl-refresh-every", "0"])
+    assert "refresh_every" in capsys.readouterr().err
+
+
+def test_bench_needs_data_for_a_model_that_is_not_bundled(capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--model", "llava-hf/llava-1.5-7b-hf"])
+    assert "--data is required with --model llava-hf/llava-1.5-7b-hf" in capsys.readouterr().err
+    # a bundled model brings its task's held-out split
+    args = cli.parse_args(["--model", "region-reader"])
+    assert (args.model_path, args.task) == reader_task.BUNDLED_MODELS["region-reader"]
+    records = evaluate.load_examples(None, 3, args.task)
+    assert all(record["answers"][0][0].isdigit() for record in records)

@@ -25,9 +25,11 @@ def test_wheel_maps_the_folders_into_the_package(wheel):
     assert "avl_compile/passes/find_attention_sites.py" in names
     assert "avl_compile/lowering/gathered_attention.py" in names
     assert not any(n.startswith(("passes/", "lowering/")) for n in names)
-    # the bench and its bundled trained model ship with the package
+    # the bench and its bundled trained models ship with the package
     assert "avl_compile/bench/cli.py" in names
-    assert "avl_compile/models/reader/model.safetensors" in names
+    for model in ("reader", "region_reader"):
+        for file in ("model.safetensors", "config.json", "tokenizer.json", "README.md"):
+            assert f"avl_compile/models/{model}/{file}" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "[torch_dynamo_backends]" in text and "avl = avl_compile:avl_backend" in text

@@ -1,4 +1,4 @@
-"""The grid-reading task and the bundled reader model trained on it."""
+"""The grid-reading tasks and the bundled models trained on them (reader, region-reader)."""
 
 from __future__ import annotations
 
@@ -20,16 +20,17 @@ def _messages(question: str) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
 
 
-@functools.lru_cache(maxsize=1)
-def _bundled():
+@functools.lru_cache(maxsize=2)
+def _bundled(name: str):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    processor = AutoProcessor.from_pretrained(rt.READER_MODEL_DIR)
-    model = LlavaForConditionalGeneration.from_pretrained(rt.READER_MODEL_DIR).eval()
+    folder, _ = rt.BUNDLED_MODELS[name]
+    processor = AutoProcessor.from_pretrained(folder)
+    model = LlavaForConditionalGeneration.from_pretrained(folder).eval()
     return processor, model
 
 
-def _generate(processor, model, examples: list[rt.ReaderExample]) -> list[str]:
+def _generate(processor, model, examples: list[rt.ReaderExample], task: str) -> list[str]:
     # the generic HF path of the bench: chat template, processor, greedy generate, decode
     prompts = [
         processor.apply_chat_template(_messages(e.question), add_generation_prompt=True)
@@ -39,7 +40,7 @@ def _generate(processor, model, examples: list[rt.ReaderExample]) -> list[str]:
         images=[e.image for e in examples], text=prompts, return_tensors="pt", padding=True
     )
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=rt.READ_LEN + 2, do_sample=False)
+        out = model.generate(**inputs, max_new_tokens=rt.answer_length(task) + 2, do_sample=False)
     new = out[:, inputs["input_ids"].shape[1] :]
     return [t.strip().lower() for t in processor.batch_decode(new, skip_special_tokens=True)]
 
@@ -66,6 +67,23 @@ def test_answer_is_read_from_the_pixels():
         assert len(example.answer.split()) == rt.READ_LEN
 
 
+def test_count_read_answer_counts_the_distinct_colours_read_from_the_pixels():
+    counts = set()
+    for example in rt.make_examples(64, rt.HELDOUT_SEED, "count-read"):
+        colours = rt.read_cells_from_image(example.image, example.row, example.column)
+        count = len(set(colours.split()))
+        assert example.answer == f"{count} {colours}"
+        counts.add(count)
+    assert counts >= {2, 3, 4}  # the count really varies (1 has probability 1/512)
+    # the same seed gives the same grids and questions in both tasks
+    read = rt.make_examples(4, 9)
+    count_read = rt.make_examples(4, 9, "count-read")
+    assert [e.question for e in read] == [e.question for e in count_read]
+    assert [e.answer for e in read] == [e.answer.split(" ", 1)[1] for e in count_read]
+    with pytest.raises(ValueError, match="task must be one of read, count-read"):
+        rt.make_examples(1, 0, "count")
+
+
 def test_processor_layout_matches_the_training_tensors():
     processor = rt.build_processor()
     examples = rt.make_examples(4, 7)
@@ -87,29 +105,41 @@ def test_processor_layout_matches_the_training_tensors():
     assert tokens[-2:] == ["assistant", ":"]
 
 
-def test_bundled_model_loads_offline(monkeypatch):
+@pytest.mark.parametrize("name", list(rt.BUNDLED_MODELS))
+def test_bundled_model_loads_offline(monkeypatch, name):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    processor, model = _bundled()
+    folder, _ = rt.BUNDLED_MODELS[name]
+    processor, model = _bundled(name)
     text = model.config.text_config
     assert text.num_hidden_layers == 4
     assert (text.num_attention_heads, text.num_key_value_heads) == (4, 2)
     assert model.config._attn_implementation == "sdpa"
     assert model.config.vision_feature_select_strategy == "default"
-    assert (rt.READER_MODEL_DIR / "model.safetensors").stat().st_size <= 20 * 2**20
+    assert (folder / "model.safetensors").stat().st_size <= 20 * 2**20
     assert model.generation_config.eos_token_id == rt.EOS_ID
     assert processor.tokenizer.padding_side == "left"
-    assert (rt.READER_MODEL_DIR / "README.md").exists()
+    assert (folder / "README.md").exists()
 
 
-def test_bundled_model_reads_held_out_grids():
-    processor, model = _bundled()
-    examples = rt.make_examples(32, rt.HELDOUT_SEED)
-    answers = _generate(processor, model, examples)
-    accuracy = sum(a == e.answer for a, e in zip(answers, examples, strict=True)) / len(examples)
-    assert accuracy >= 0.9, list(zip(answers, [e.answer for e in examples], strict=True))
+# (whole answer, the four colours) exact match: the region reader's misses are in its count
+# (cards: 100% and 86% whole answers on 256 held-out examples, colours 100% for both)
+MIN_ACCURACY = {"reader": (0.9, 0.9), "region-reader": (0.75, 0.9)}
+
+
+@pytest.mark.parametrize("name", list(rt.BUNDLED_MODELS))
+def test_bundled_model_reads_held_out_grids(name):
+    _, task = rt.BUNDLED_MODELS[name]
+    processor, model = _bundled(name)
+    examples = rt.make_examples(32, rt.HELDOUT_SEED, task)
+    answers = _generate(processor, model, examples, task)
+    pairs = list(zip(answers, [e.answer for e in examples], strict=True))
+    whole = sum(a == e for a, e in pairs) / len(pairs)
+    colours = sum(a.split()[-4:] == e.split()[-4:] for a, e in pairs) / len(pairs)
+    min_whole, min_colours = MIN_ACCURACY[name]
+    assert whole >= min_whole and colours >= min_colours, pairs
     # left padding changes nothing: each prompt alone gives the batched answer
     for example, batched in list(zip(examples, answers, strict=True))[:3]:
-        assert _generate(processor, model, [example]) == [batched]
+        assert _generate(processor, model, [example], task) == [batched]
 
 
 def test_write_jsonl_dataset_round_trip(tmp_path):

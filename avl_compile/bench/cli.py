@@ -2,6 +2,7 @@
 
 avl-bench --quick                                   # bundled model, short run (CPU: ~2 min)
 avl-bench                                           # bundled model, every policy and budget
+avl-bench --model region-reader                     # the other bundled model
 avl-bench --model llava-hf/llava-1.5-7b-hf --data my_vqa/ --device cuda --dtype bfloat16
 """
 
@@ -30,7 +31,7 @@ QUICK_LIMIT, QUICK_BUDGETS = 20, (0.1, 0.25, 0.5, 1.0)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from avl_compile.bench.reader_task import READER_MODEL_DIR
+    from avl_compile.bench.reader_task import BUNDLED_MODELS
 
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(
@@ -40,14 +41,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--model",
-        default=str(READER_MODEL_DIR),
-        help="Hugging Face model id or folder (default: the bundled reader)",
+        default="reader",
+        help=f"a bundled model ({', '.join(BUNDLED_MODELS)}; default reader) "
+        "or a Hugging Face model id or folder",
     )
     parser.add_argument(
         "--data",
         default=None,
         help="folder with data.jsonl lines {image, question, answers} "
-        "(default: the bundled task's held-out split)",
+        "(default: the held-out split of the bundled model's task; required for other models)",
     )
     parser.add_argument(
         "--limit",
@@ -62,6 +64,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=None,
         help="default: the longest answer's token count + 1",
+    )
+    parser.add_argument(
+        "--avl-refresh-every",
+        type=int,
+        default=None,
+        help="A-VL's core refresh period K (default: the backend's, 3; -1: no core set)",
     )
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
     parser.add_argument(
@@ -88,6 +96,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.limit = args.limit or QUICK_LIMIT
         args.budgets = list(QUICK_BUDGETS)
+    if args.avl_refresh_every is not None:
+        from avl_compile.options import AvlOptions
+
+        try:  # the backend's own check, so the message names the option and its range
+            AvlOptions.from_mapping({"refresh_every": args.avl_refresh_every})
+        except ValueError as error:
+            parser.error(f"--avl-refresh-every: {error}")
+    args.model_path, args.task = BUNDLED_MODELS.get(args.model, (args.model, None))
+    if args.task is None and args.data is None:
+        parser.error(f"--data is required with --model {args.model} (not a bundled model)")
     return args
 
 
@@ -106,16 +124,30 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("avl_compile").setLevel(logging.WARNING)
     configs = configurations(args.policies, args.budgets)
     start = time.perf_counter()
-    model, processor = load_model(args.model, getattr(torch, args.dtype), args.device)
-    records = load_examples(args.data, args.limit)
+    model, processor = load_model(args.model_path, getattr(torch, args.dtype), args.device)
+    records = load_examples(args.data, args.limit, args.task or "read")
     if not records:
         raise SystemExit(f"avl-bench: no examples in {args.data}")
     max_new_tokens = args.max_new_tokens or answer_token_budget(processor, records)
     print(
         f"avl-bench: {args.model} on {len(records)} examples, {len(configs)} configurations, "
         f"{args.device} {args.dtype}, inner={args.inner}, max_new_tokens={max_new_tokens}"
+        + (
+            ""
+            if args.avl_refresh_every is None
+            else f", avl refresh_every={args.avl_refresh_every}"
+        )
     )
-    rows = evaluate(model, processor, records, configs, max_new_tokens, args.inner, args.progress)
+    rows = evaluate(
+        model,
+        processor,
+        records,
+        configs,
+        max_new_tokens,
+        args.inner,
+        args.progress,
+        args.avl_refresh_every,
+    )
     print(format_table(rows))
     out = Path(args.out)
     csv_path = write_csv(rows, out / "results.csv")

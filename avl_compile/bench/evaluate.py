@@ -47,21 +47,27 @@ class BenchRow:
     ms_per_token: float
 
 
-def policy_options(policy: str, kv_budget: float) -> dict[str, Any]:
+def policy_options(
+    policy: str, kv_budget: float, avl_refresh_every: int | None = None
+) -> dict[str, Any]:
     """Backend options that give ``policy`` the KV budget ``kv_budget``.
 
     A-VL: S = budget of the image tokens kept, C = 0.6 S attended between refreshes, text
-    budget T = budget (floor of 20 text rows). The baselines take ``kv_budget`` directly.
+    budget T = budget (floor of 20 text rows), core re-picked every ``avl_refresh_every``
+    steps (None: the backend's default, 3). The baselines take ``kv_budget`` directly.
     """
     if policy == "full":
         return {"policy": "full"}
     if policy == "avl":
-        return {
+        options = {
             "policy": "avl",
             "vision_keep": kv_budget,
             "vision_compute": AVL_COMPUTE_SHARE * kv_budget,
             "text_keep": kv_budget,
         }
+        if avl_refresh_every is not None:
+            options["refresh_every"] = avl_refresh_every
+        return options
     return {"policy": policy, "kv_budget": kv_budget}
 
 
@@ -92,14 +98,16 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype, device: str):
     return model.to(device).eval(), processor
 
 
-def load_examples(data: str | Path | None, limit: int | None) -> list[dict[str, Any]]:
+def load_examples(
+    data: str | Path | None, limit: int | None, task: str = "read"
+) -> list[dict[str, Any]]:
     """Records ``{"image": PIL image, "question": str, "answers": [str]}``: from a folder
     holding ``data.jsonl`` (image paths relative to it), or by default the held-out split of
-    the bundled reading task."""
+    the bundled reading task ``task`` (``reader_task.TASKS``)."""
     from avl_compile.bench import reader_task
 
     if data is None:
-        examples = reader_task.make_examples(limit or 100, reader_task.HELDOUT_SEED)
+        examples = reader_task.make_examples(limit or 100, reader_task.HELDOUT_SEED, task)
         records = [
             {"image": e.image, "question": e.question, "answers": [e.answer]} for e in examples
         ]
@@ -149,6 +157,7 @@ def evaluate(
     max_new_tokens: int,
     inner: str = "eager",
     progress: bool = True,
+    avl_refresh_every: int | None = None,
 ) -> list[BenchRow]:
     """Run every configuration over every record; returns one row per configuration."""
     from tqdm.auto import tqdm
@@ -160,15 +169,19 @@ def evaluate(
     n_layers = model.config.get_text_config().num_hidden_layers
     inputs = [prompt_inputs(processor, record, device) for record in records]
     answers = [{normalise_answer(a) for a in record["answers"]} for record in records]
+
     # compile (and let Dynamo see a few cache lengths) before anything is timed
+    def options(policy: str, budget: float) -> dict[str, Any]:
+        return {**policy_options(policy, budget, avl_refresh_every), "inner": inner}
+
     for policy, budget in configs[:2]:
-        backend.set_options({**policy_options(policy, budget), "inner": inner})
+        backend.set_options(options(policy, budget))
         _generate(model, inputs[0], max_new_tokens, None)
 
     rows = []
     bar = tqdm(total=len(configs) * len(records), disable=not progress, desc="avl bench")
     for policy, budget in configs:
-        backend.set_options({**policy_options(policy, budget), "inner": inner})
+        backend.set_options(options(policy, budget))
         correct, kv_prefill, kv_end, attended, ms = 0, [], [], [], []
         for prompt, expected in zip(inputs, answers, strict=True):
             before = dict(counters)

@@ -7,6 +7,16 @@ a start column ``c``; the answer is the colours of cells ``(r, c), (r, c+1), (r,
 token, and that token moves one position to the right from one answer token to the next:
 exactly the access pattern a KV-cache compression of image tokens has to preserve.
 
+Two tasks share the images, questions and vocabulary:
+- ``"read"`` (the bundled ``reader`` model): the answer is the four colours.
+- ``"count-read"`` (the bundled ``region-reader`` model): the answer starts with the number
+  of distinct colours among the four cells, then the four colours. The token that predicts the
+  count (the last prompt token) needs the whole region at once, as an LVLM's question token
+  attends to the region its question is about; the colour tokens then need one cell each and
+  move along the row as before. The ``read`` model's last prompt token needs only the first
+  cell, so nothing at the end of its prompt points at the later evidence: the two models bracket
+  A-VL's premise (the prompt's end ranks the image tokens the answer will need).
+
 Splits: training batches are drawn on the fly from ``torch.Generator().manual_seed(seed)``
 (``sample_grids``; ``examples/train_reader.py --seed``, default ``TRAIN_SEED``), the held-out
 split is ``make_examples(n, HELDOUT_SEED)`` which uses a different generator
@@ -36,8 +46,15 @@ READ_LEN = 4  # cells read per question
 TRAIN_SEED = 0
 HELDOUT_SEED = 1_000_003
 
-# Bundled trained model (weights, config, tokenizer, processor, card).
+TASKS = ("read", "count-read")
+
+# Bundled trained models (weights, config, tokenizer, processor, card) and their tasks.
 READER_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "reader"
+REGION_READER_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "region_reader"
+BUNDLED_MODELS: dict[str, tuple[Path, str]] = {
+    "reader": (READER_MODEL_DIR, "read"),
+    "region-reader": (REGION_READER_MODEL_DIR, "count-read"),
+}
 
 # Saturated, well separated colours: a cell's colour is recoverable from any of its pixels.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -105,12 +122,30 @@ def question_text(template: int, row: int, column: int) -> str:
     return QUESTION_TEMPLATES[template].format(r=row, c=column)
 
 
-def answer_text(grid: list[list[int]] | torch.Tensor, row: int, column: int) -> str:
-    return " ".join(COLOUR_NAMES[int(grid[row][column + k])] for k in range(READ_LEN))
+def check_task(task: str) -> str:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    return task
 
 
-def make_examples(n: int, seed: int) -> list[ReaderExample]:
+def answer_text(
+    grid: list[list[int]] | torch.Tensor, row: int, column: int, task: str = "read"
+) -> str:
+    cells = [int(grid[row][column + k]) for k in range(READ_LEN)]
+    colours = " ".join(COLOUR_NAMES[cell] for cell in cells)
+    if check_task(task) == "count-read":
+        return f"{len(set(cells))} {colours}"
+    return colours
+
+
+def answer_length(task: str) -> int:
+    """Answer tokens before the end-of-sequence token."""
+    return READ_LEN + (check_task(task) == "count-read")
+
+
+def make_examples(n: int, seed: int, task: str = "read") -> list[ReaderExample]:
     """``n`` examples, a pure function of ``seed`` (see the module docstring for splits)."""
+    check_task(task)
     rng = random.Random(seed)
     examples = []
     for _ in range(n):
@@ -122,7 +157,7 @@ def make_examples(n: int, seed: int) -> list[ReaderExample]:
             ReaderExample(
                 image=render_grid(grid),
                 question=question_text(template, row, column),
-                answer=answer_text(grid, row, column),
+                answer=answer_text(grid, row, column, task),
                 grid=grid,
                 row=row,
                 column=column,
