@@ -89,3 +89,6 @@ def test_bench_needs_data_for_a_model_that_is_not_bundled(capsys):
     assert (args.model_path, args.task) == reader_task.BUNDLED_MODELS["region-reader"]
     records = evaluate.load_examples(None, 3, args.task)
     assert all(record["answers"][0][0].isdigit() for record in records)
+    # ... also when named by its folder
+    folder = str(reader_task.REGION_READER_MODEL_DIR)
+    assert cli.parse_args(["--model", folder]).task == "count-read"

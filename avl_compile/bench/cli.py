@@ -103,10 +103,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             AvlOptions.from_mapping({"refresh_every": args.avl_refresh_every})
         except ValueError as error:
             parser.error(f"--avl-refresh-every: {error}")
-    args.model_path, args.task = BUNDLED_MODELS.get(args.model, (args.model, None))
+    args.model_path, args.task = bundled_model(args.model)
     if args.task is None and args.data is None:
         parser.error(f"--data is required with --model {args.model} (not a bundled model)")
     return args
+
+
+def bundled_model(model: str) -> tuple[str | Path, str | None]:
+    """(folder or id, task): a bundled model's task, by name or by its folder; else None."""
+    from avl_compile.bench.reader_task import BUNDLED_MODELS
+
+    if model in BUNDLED_MODELS:
+        return BUNDLED_MODELS[model]
+    for folder, task in BUNDLED_MODELS.values():
+        if Path(model).exists() and Path(model).resolve() == folder.resolve():
+            return folder, task
+    return model, None
 
 
 def answer_token_budget(processor, records) -> int:
@@ -132,11 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"avl-bench: {args.model} on {len(records)} examples, {len(configs)} configurations, "
         f"{args.device} {args.dtype}, inner={args.inner}, max_new_tokens={max_new_tokens}"
-        + (
-            ""
-            if args.avl_refresh_every is None
-            else f", avl refresh_every={args.avl_refresh_every}"
-        )
+        f"{'' if args.avl_refresh_every is None else f', avl K={args.avl_refresh_every}'}"
     )
     rows = evaluate(
         model,
