@@ -115,9 +115,11 @@ def bundled_model(model: str) -> tuple[str | Path, str | None]:
 
     if model in BUNDLED_MODELS:
         return BUNDLED_MODELS[model]
-    for folder, task in BUNDLED_MODELS.values():
-        if Path(model).exists() and Path(model).resolve() == folder.resolve():
-            return folder, task
+    if Path(model).is_dir():
+        folder = Path(model).resolve()
+        for bundled, task in BUNDLED_MODELS.values():
+            if folder == bundled.resolve():
+                return bundled, task
     return model, None
 
 
