@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from avl_compile.compiled_decode import CompiledDecode
 from avl_compile.options import AvlOptions
 from avl_compile.passes.find_attention_sites import (
     NOT_DECODER_REASON,
@@ -20,6 +21,13 @@ from avl_compile.passes.find_attention_sites import (
 from avl_compile.passes.find_image_mask import find_image_scatters
 from avl_compile.passes.record_image_mask import insert_image_mask_recorders
 from avl_compile.passes.rewrite_attention_sites import rewrite_attention_sites
+from avl_compile.passes.rewrite_decode_sites import (
+    cache_outputs,
+    is_decode_site,
+    past_cache_inputs,
+    rewrite_decode_sites,
+    state_examples,
+)
 from avl_compile.passes.split_at_runtime_calls import split_at_runtime_calls
 from avl_compile.runtime import AvlRuntime, register_runtime, update_site_options
 
@@ -73,6 +81,21 @@ class AvlBackend:
                 "instead: avl_compile.compile(model, options=...)."
             )
         scatters = find_image_scatters(gm.graph)
+        rewritable = [site for site in sites if site.rewritable]
+        # the A-VL step inside the graph: built before the runtime-call rewrite below
+        # changes gm, which stays as the fallback for caches the step does not serve
+        in_graph = None
+        caches = [past_cache_inputs(site) for site in rewritable]  # before erased by the rewrite
+        if opts.policy == "avl" and not scatters and rewritable:
+            if all(is_decode_site(site) for site in rewritable):
+                in_graph = {
+                    (refresh, grow): self._compile_decode(
+                        gm, rewritable, refresh, grow, example_inputs, opts
+                    )
+                    for refresh in (False, True)
+                    for grow in (False, True)
+                }
+                key_outputs, value_outputs = cache_outputs(gm, rewritable)
         recorders = insert_image_mask_recorders(gm.graph, scatters, self.runtime_key)
         rewritten = rewrite_attention_sites(gm.graph, sites, opts, self.runtime)
         gm.recompile()
@@ -83,7 +106,8 @@ class AvlBackend:
             rewritten=rewritten,
             options=opts,
             code_before=code_before,
-            code_after=gm.code,
+            code_after=in_graph[False, False][0].code if in_graph else gm.code,
+            decode_in_graph=in_graph is not None,
         )
         self.graphs.append(record)
         if rewritten or recorders:
@@ -103,7 +127,36 @@ class AvlBackend:
                 self.runtime.warn_once(f"avl: {site.name} runs dense attention: {site.reason}")
         if not (rewritten or recorders):
             return _inner_backend(opts.inner)(gm, example_inputs)
-        return _compile_pieces(gm, example_inputs, opts.inner)
+        fallback = _compile_pieces(gm, example_inputs, opts.inner)
+        if in_graph is None:
+            return fallback
+        inputs = [node for node in gm.graph.nodes if node.op == "placeholder"]
+        return CompiledDecode(
+            key_inputs=[inputs.index(keys) for keys, _ in caches],
+            key_outputs=key_outputs,
+            value_outputs=value_outputs,
+            graphs={key: compiled for key, (_, compiled) in in_graph.items()},
+            fallback=fallback,
+            runtime=self.runtime,
+        )
+
+    @staticmethod
+    def _compile_decode(
+        gm: fx.GraphModule,
+        sites: list[AttentionSite],
+        refresh: bool,
+        grow: bool,
+        example_inputs: list[Any],
+        opts: AvlOptions,
+    ) -> tuple[fx.GraphModule, Callable]:
+        """The decode graph with the A-VL step inside, and its compiled form."""
+        graph = rewrite_decode_sites(gm, sites, refresh, grow)
+        if opts.inner == "eager":
+            return graph, graph.forward
+        fake_mode = torch._guards.detect_fake_mode(example_inputs)
+        with fake_mode:
+            states = [t for site in sites for t in state_examples(site)]
+        return graph, _inner_backend(opts.inner)(graph, [*example_inputs, *states])
 
 
 @dataclasses.dataclass
@@ -117,6 +170,7 @@ class CompiledGraphRecord:
     options: AvlOptions
     code_before: str  # the graph's Python code as Dynamo handed it over
     code_after: str  # after the passes, before the split for the inner compiler
+    decode_in_graph: bool = False  # the A-VL decode step runs inside this graph
 
 
 RECOMPILE_LIMIT = 64

@@ -22,6 +22,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from avl_compile.options import AvlOptions
 from avl_compile.policies.budgets import (
+    best_first,
     fraction_count,
     is_refresh_step,
     split_text_budget,
@@ -107,7 +108,7 @@ class AvlReference:
             for b in range(score.shape[0]):
                 image_pos = self.image_mask[b].nonzero().flatten()
                 count = fraction_count(keep_fraction, image_pos.numel())
-                best = score[b, image_pos].topk(count).indices
+                best = best_first(score[b, image_pos], image_pos)[:count]
                 self.filter_keep[b, image_pos[best]] = True
         if layer >= opts.prefill_filter_layer:
             visible = ~self.image_mask | self.filter_keep
@@ -146,7 +147,7 @@ class AvlReference:
                 (opts.vision_compute, memory.core),
             ):
                 count = min(fraction_count(fraction, n_images), candidates.numel())
-                best = last_row[b, candidates].topk(count).indices
+                best = best_first(last_row[b, candidates], candidates)[:count]
                 target[b, candidates[best]] = True
             text = [
                 j
@@ -181,11 +182,12 @@ class AvlReference:
         memory.text_score += per_kv_head * memory.text_kept
         if opts.refresh_every != -1 and is_refresh_step(memory.step, opts.refresh_every):
             head_mean = row.mean(dim=1)
-            memory.core = torch.zeros_like(memory.core)
+            previous_core, memory.core = memory.core, torch.zeros_like(memory.core)
             for b in range(batch):
                 secondary = memory.secondary[b].nonzero().flatten()
                 count = min(memory.n_core[b], secondary.numel())
-                best = head_mean[b, secondary].topk(count).indices
+                in_core = previous_core[b, secondary]  # ties: rows already in the core stay
+                best = best_first(head_mean[b, secondary], secondary, in_core)[:count]
                 memory.core[b, secondary[best]] = True
         for b in range(batch):
             for h in range(kv_heads):
@@ -204,8 +206,8 @@ class AvlReference:
         older, recent = kept[: len(kept) - n_recent], kept[len(kept) - n_recent :]
         if n_heavy == 0 or not older:
             return recent
-        best = torch.tensor([float(score[j]) for j in older], dtype=score.dtype)
-        heavy = [older[i] for i in best.topk(min(n_heavy, len(older))).indices.tolist()]
+        # the tie rule: among equal scores the lower position stays
+        heavy = sorted(older, key=lambda j: float(score[j]), reverse=True)[:n_heavy]
         return sorted(heavy) + recent
 
 

@@ -96,7 +96,7 @@ class AvlRuntime:
         if past_keys.numel() == 0:
             return self._prefill(site, query, new_keys, new_values, attn_mask, scale)
         state = _LAYER_STATES.get(past_keys)
-        _PREFILL.context = None  # decoding has begun: the prompt's image mask is spent
+        end_prefill()
         if state is None:
             if past_keys not in _DENSE_CACHES:
                 raise RuntimeError(
@@ -154,6 +154,9 @@ class AvlRuntime:
             query, keys, values, attn_mask, site.is_causal, scale, context
         )
         _LAYER_STATES[kept_keys] = state
+        # decode graphs then compile for any cache length: the cache grows without a recompile
+        torch._dynamo.maybe_mark_dynamic(kept_keys, 2)
+        torch._dynamo.maybe_mark_dynamic(kept_values, 2)
         self.counters["prefill_sites"] += 1
         self.counters["prefill_kv_bytes"] += kept_keys.nbytes + kept_values.nbytes
         log.debug("%s: prefill kept %d of %d KV rows", site.name, kept_keys.shape[2], q_len)
@@ -178,6 +181,20 @@ class AvlRuntime:
             enable_gqa=query.shape[1] != keys.shape[1],
         )
         return output, keys, values
+
+
+def layer_state(keys: Tensor):
+    """The policy state of the layer whose cache keys are ``keys``, None if unknown."""
+    return _LAYER_STATES.get(keys)
+
+
+def set_layer_state(keys: Tensor, state) -> None:
+    _LAYER_STATES[keys] = state
+
+
+def end_prefill() -> None:
+    """Decoding has begun: the prompt's image mask is spent."""
+    _PREFILL.context = None
 
 
 def rows_in_use(keys: Tensor) -> int:

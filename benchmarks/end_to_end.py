@@ -3,12 +3,14 @@
     python benchmarks/end_to_end.py --preset cpu       # a small LLaVA-1.5-shaped model (CPU)
     python benchmarks/end_to_end.py --preset cpu-long  # 2,880 image tokens, narrower (CPU)
     python benchmarks/end_to_end.py --preset llava16   # LLaVA-1.6-7B shape, bf16 (GPU)
+    python benchmarks/end_to_end.py --preset cpu-host --threads 1  # host-bound: 32 thin layers
 
 Random weights (speed needs no trained weights). Each configuration generates the same
 prompt greedily; a logits processor stamps the time of every new token, and decode time per
-token is (last stamp - first stamp) / (N - 1): the prefill is excluded. Best of the
-repeats (on a shared machine interference only adds time). Resident KV is the bytes of the
-cache tensors after generate.
+token is (last stamp - first stamp) / (N - 1): the prefill is excluded. Time to first token
+(prefill, vision tower included) is from the call of generate to the first stamp. Best of
+the repeats (on a shared machine interference only adds time). Resident KV is the bytes of
+the cache tensors after generate.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ PRESETS = {
     # 128-wide heads: the cache outweighs the weights at batch 4, as at 7B with batch 16
     "cpu-long": dict(hidden=1024, layers=4, heads=8, kv_heads=8, intermediate=2816, image=336,
                      patch=14, tiles=5, dtype="float32", new_tokens=32, prompt_text=40),
+    # 32 layers of width 128: host work (Python, op dispatch, syncs), not arithmetic, sets
+    # the time per token, as on a GPU at small batch; run it with --threads 1
+    "cpu-host": dict(hidden=128, layers=32, heads=4, kv_heads=2, intermediate=256, image=336,
+                     patch=14, dtype="float32", new_tokens=32, prompt_text=40),
     # LLaVA-1.6-7B decoder; 2,880 image tokens (5 tiles of 576) laid out as one block
     "llava16": dict(hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008,
                     image=336, patch=14, tiles=5, dtype="bfloat16", new_tokens=64,
@@ -116,14 +122,17 @@ def measure(name: str, model, inputs, preset: dict, device: str, repeats: int) -
     n = preset["new_tokens"]
     out = _generate(model, inputs, n)  # warm-up: compiles every graph the run needs
     kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in out.past_key_values.layers)
-    decode = []
+    decode, first_token = [], []
     for _ in range(repeats):
         clock = _TokenClock(device)
+        start = time.perf_counter()
         _generate(model, inputs, n, clock)
         decode.append((clock.stamps[-1] - clock.stamps[0]) / (len(clock.stamps) - 1))
+        first_token.append(clock.stamps[0] - start)
     ms = 1e3 * min(decode)  # the machine may be shared: interference only adds time
     batch = inputs["input_ids"].shape[0]
     return {"config": name, "batch": batch, "ms/token": ms, "tokens/s": 1e3 * batch / ms,
+            "first token ms": 1e3 * min(first_token),
             "resident KV MB": kv_bytes / 2**20}  # fmt: skip
 
 
@@ -134,7 +143,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip", nargs="*", default=[], help="configs to leave out")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     preset = PRESETS[args.preset]
     rows = []
     for batch in args.batch:
@@ -153,11 +165,17 @@ def main() -> None:
             rows.append(measure(name, model, inputs, preset, args.device, args.repeats))
             print(rows[-1], flush=True)
     dense = {r["batch"]: r for r in rows if r["config"] == "dense eager"}
+    inductor = {r["batch"]: r for r in rows if r["config"] == "dense inductor"}
     for row in rows:
-        base = dense.get(row["batch"])
+        base, compiled = dense.get(row["batch"]), inductor.get(row["batch"])
         if base:
             row["speedup vs dense eager"] = base["ms/token"] / row["ms/token"]
             row["KV vs dense"] = row["resident KV MB"] / base["resident KV MB"]
+        if compiled:
+            row["speedup vs dense inductor"] = compiled["ms/token"] / row["ms/token"]
+            row["first token vs dense inductor"] = (
+                row["first token ms"] / compiled["first token ms"]
+            )
     print(tabulate(rows, headers="keys", floatfmt=".3g"))
 
 

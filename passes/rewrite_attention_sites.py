@@ -61,12 +61,12 @@ def rewrite_attention_sites(
             outputs[1].meta["example_value"] = site.key_cat.meta.get("example_value")
             outputs[2].meta["example_value"] = site.value_cat.meta.get("example_value")
         graph.erase_node(site.sdpa)
-        _erase_unused([*site.key_chain, *site.value_chain, site.key_cat, site.value_cat])
+        erase_unused([*site.key_chain, *site.value_chain, site.key_cat, site.value_cat])
         rewritten += 1
     return rewritten
 
 
-def _erase_unused(nodes: list[fx.Node]) -> None:
+def erase_unused(nodes: list[fx.Node]) -> None:
     """Erase the nodes the rewrite orphaned (not a graph-wide dead-code pass, which would
     also drop in-place writes whose results nobody reads)."""
     pending = list(dict.fromkeys(nodes))

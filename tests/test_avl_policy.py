@@ -1,15 +1,16 @@
 """The A-VL policy's cache layout at one attention site, step by step, on random tensors.
 
 The end-to-end oracles compare generated tokens; these check the layout itself: every
-occupied slot holds the K/V row of the token its position names (through swaps, trims and
-re-allocations), the parts sit where the state says, decode attends exactly sink + core +
+occupied slot holds the K/V row of the token its position names (through trims and
+re-allocations), the roles say what each slot holds, decode attends exactly sink + core +
 text (everything at a refresh), and tokens are written in place."""
 
 import pytest
 import torch
 
 from avl_compile.options import AvlOptions
-from avl_compile.policies.avl import AvlPolicy, LayerCacheState, spare_slots
+from avl_compile.policies.avl import AvlLayerState, AvlPolicy, spare_slots
+from avl_compile.policies.avl_decode import CORE, FREE, OTHER, SINK, TEXT, TEXT_END, TEXT_START
 from avl_compile.policies.budgets import fraction_count, text_budget
 from avl_compile.policies.common import PrefillContext
 
@@ -30,27 +31,30 @@ def _prompt(seed: int):
     return generator, query, keys, values, PrefillContext(image_mask=image_mask)
 
 
-def _check_layout(state: LayerCacheState, keys, values, all_keys, all_values, image_mask):
+def _check_layout(state: AvlLayerState, keys, values, all_keys, all_values, image_mask):
+    slots = state.slots
     for b in range(BATCH):
-        o, c, t, e = (
-            state.others_end[b],
-            state.core_start[b],
-            state.text_start[b],
-            state.text_end[b],
-        )
+        text_end, text_start = (int(slots.counters[b, c]) for c in (TEXT_END, TEXT_START))
+        role = slots.role[b]
+        assert (role[text_start:text_end] == TEXT).all() and (role[text_end:] == FREE).all()
+        assert not (role[:text_start] == TEXT).any(), "text slots are contiguous"
         for h in range(KV_HEADS):
-            position = state.position[b, h]
-            assert (position[e:] == -1).all(), "free slots hold no token"
-            occupied = position[:e]
-            assert torch.equal(keys[b, h, :e], all_keys[b, h, occupied])
-            assert torch.equal(values[b, h, :e], all_values[b, h, occupied])
+            position = slots.position[b, h]
+            assert (position[text_end:] == -1).all(), "free slots hold no token"
+            occupied = position[:text_end]
+            assert torch.equal(keys[b, h, :text_end], all_keys[b, h, occupied])
+            assert torch.equal(values[b, h, :text_end], all_values[b, h, occupied])
             is_image = image_mask[b, occupied]
-            assert is_image[:o].all() and is_image[c:t].all(), "image parts hold image rows"
-            assert torch.equal(occupied[o:c], torch.arange(FIRST_IMAGE[b])), "the sink"
-            text = occupied[t:e]
-            assert not is_image[t:e].any() and (text >= FIRST_IMAGE[b]).all()
-            assert (text[1:] > text[:-1]).all(), "kept text stays in positional order"
-            assert len(set(occupied.tolist())) == e, "no token twice"
+            image_slot = (role[:text_end] == CORE) | (role[:text_end] == OTHER)
+            assert torch.equal(is_image, image_slot), "image roles hold image rows"
+            sink = occupied[role[:text_end] == SINK]
+            assert torch.equal(sink.sort().values, torch.arange(FIRST_IMAGE[b])), "the sink"
+            text = occupied[text_start:text_end]
+            assert (text >= FIRST_IMAGE[b]).all()
+            # a text row's rank orders it among the row's text tokens
+            ranks = slots.text_rank[b, h, text_start:text_end]
+            assert torch.equal(ranks.argsort(), text.argsort())
+            assert len(set(occupied.tolist())) == text_end, "no token twice"
 
 
 @pytest.mark.parametrize("refresh_every", [3, -1])
@@ -68,9 +72,9 @@ def test_decode_keeps_the_layout_and_attends_sink_core_and_text(refresh_every):
     for b in range(BATCH):
         n_core = fraction_count(options.vision_compute, N_IMAGES[b])
         n_secondary = fraction_count(options.vision_keep, N_IMAGES[b])
-        assert state.text_start[b] - state.core_start[b] == n_core
-        assert state.others_end[b] == n_secondary - n_core
-        assert state.core_start[b] - state.others_end[b] == FIRST_IMAGE[b]
+        role = state.slots.role[b]
+        assert int((role == CORE).sum()) == (n_secondary if refresh_every == -1 else n_core)
+        assert int(((role == CORE) | (role == OTHER)).sum()) == n_secondary
 
     reallocations = 0
     for step in range(1, 41):
@@ -79,17 +83,14 @@ def test_decode_keeps_the_layout_and_attends_sink_core_and_text(refresh_every):
         new_v = torch.randn_like(new_k)
         all_keys, all_values = torch.cat([all_keys, new_k], 2), torch.cat([all_values, new_v], 2)
         before = cache_keys
-        start = [0] * BATCH if refresh_every == -1 or step % 3 == 0 else list(state.others_end)
-        # rows attended: the state's view before the step, plus the new token
-        attended = [
-            state.position[b, 0, start[b] : state.text_end[b]].tolist() + [PROMPT + step - 1]
+        refresh = refresh_every == 3 and step % 3 == 0
+        # rows attended: the state's view before the step (per kv head), plus the new token
+        role, position = state.slots.role, state.slots.position
+        attended = role >= SINK if not refresh else role != FREE
+        attended_rows = [
+            [position[b, h][attended[b, : position.shape[2]]].tolist() for h in range(KV_HEADS)]
             for b in range(BATCH)
         ]
-        text_views = [
-            [state.position[b, h, state.text_start[b] : state.text_end[b]].tolist()
-             for h in range(KV_HEADS)]
-            for b in range(BATCH)
-        ]  # fmt: skip
         output, cache_keys, cache_values = policy.decode(
             new_q, before, new_k, cache_values, new_v, scale, state
         )
@@ -97,9 +98,7 @@ def test_decode_keeps_the_layout_and_attends_sink_core_and_text(refresh_every):
         _check_layout(state, cache_keys, cache_values, all_keys, all_values, image_mask)
         for b in range(BATCH):
             for h in range(KV_HEADS):
-                # image and sink rows are shared by the heads, text is per kv head
-                rows = [p for p in attended[b] if p not in text_views[b][0]]
-                rows = sorted(set(rows + text_views[b][h]) | {PROMPT + step - 1})
+                rows = sorted(attended_rows[b][h] + [PROMPT + step - 1])
                 k, v = all_keys[b, h, rows], all_values[b, h, rows]
                 for g in range(Q_HEADS // KV_HEADS):
                     q = new_q[b, h * (Q_HEADS // KV_HEADS) + g, 0]
@@ -109,6 +108,11 @@ def test_decode_keeps_the_layout_and_attends_sink_core_and_text(refresh_every):
         for b in range(BATCH):
             n_text = PROMPT - FIRST_IMAGE[b] - N_IMAGES[b] + step
             budget = text_budget(n_text, options.text_keep, options.text_min_budget)
-            assert state.text_end[b] - state.text_start[b] == min(n_text, budget)
+            kept = int((state.slots.role[b] == TEXT).sum())
+            assert kept == state.schedule.kept_text[b] == min(n_text, budget)
+            n_core = fraction_count(options.vision_compute, N_IMAGES[b])
+            n_secondary = fraction_count(options.vision_keep, N_IMAGES[b])
+            cores = int((state.slots.role[b] == CORE).sum())
+            assert cores == (n_secondary if refresh_every == -1 else n_core)
     # 40 tokens, 8 free slots per re-allocation (a concatenating cache would count 40)
     assert reallocations <= 40 // spare_slots(PROMPT), "decode tokens are written in place"

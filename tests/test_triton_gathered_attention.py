@@ -136,10 +136,12 @@ def test_the_backend_decodes_through_the_kernel(monkeypatch, options):
         expected = compiled_greedy(tiny_llava, prompt.inputs, options, 16)[1].sequences
         torch._dynamo.reset()
     calls = []
-    import avl_compile.lowering as lowering
+    import avl_compile.lowering.slot_attention as slot_attention
 
-    original = lowering._triton_op()
-    monkeypatch.setattr(lowering, "_triton_op", lambda: lambda *a: calls.append(1) or original(*a))
+    original = slot_attention._slot_attention_triton
+    monkeypatch.setattr(
+        slot_attention, "_slot_attention_triton", lambda *a: calls.append(1) or original(*a)
+    )
     monkeypatch.setenv("AVL_GATHERED_ATTENTION", "triton")
     _, got = compiled_greedy(tiny_llava, prompt.inputs, options, 16)
     assert calls, "the kernel was not used"

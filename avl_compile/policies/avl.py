@@ -1,18 +1,16 @@
-"""A-VL adaptive attention at one decoder attention site, on a compacted KV cache.
+"""A-VL adaptive attention at one decoder attention site: the prefill selection, the host-side
+schedule of the decode and the decode step's wiring (the step itself, a pure tensor function,
+is in ``avl_decode.py``).
 
-Cache layout per batch row, the same in every kv head of the row (equal counts per part):
+After prefill the layer's cache is laid out, per batch row and the same in every kv head,
 
-    [secondary image rows outside the core | sink | core image rows | kept text | free]
+    [other secondary image rows | sink | core image rows | kept text | free]
 
-The sink is the prompt before the first image (never evicted). Every decode step attends ONE
-contiguous span of slots, read in place: sink + core + text
-``[others_end, text_end)``, or at a refresh step everything, ``[0, text_end)``. The cache
-tensor has free slots at its end: a decode token is written in place into the first free
-slot of its row instead of concatenating the whole cache (HF DynamicCache's per-step
-``torch.cat``); a full cache is re-allocated with ``spare_slots`` free rows. A refresh that
-changes the core set swaps the rows entering and leaving it; the H2O text trim moves only
-text rows. Kept text stays in positional order (H2O's recency needs it); image rows may be
-in any order (attention does not depend on it).
+The sink is the prompt before the first image (never evicted). The cache has free slots at
+its end: a decode token is written in place into the first free slot of its row; a full
+cache is re-allocated with ``spare_slots`` more. Every count (kept text per row, rows in use,
+when to re-allocate, which step refreshes) follows from the budgets alone, so the host knows
+it without reading the device: ``AvlSchedule``.
 """
 
 from __future__ import annotations
@@ -22,9 +20,17 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from avl_compile.lowering import attend_selected_rows
 from avl_compile.lowering.gathered_attention import pick_rows
 from avl_compile.options import AvlOptions
+from avl_compile.policies.avl_decode import (
+    CORE,
+    OTHER,
+    SINK,
+    TEXT,
+    AvlSlots,
+    avl_decode_step,
+    grow_cache,
+)
 from avl_compile.policies.budgets import fraction_count, is_refresh_step, text_budget
 from avl_compile.policies.common import (
     PrefillContext,
@@ -33,7 +39,6 @@ from avl_compile.policies.common import (
     key_is_valid,
     last_token_image_filter,
     last_token_score,
-    mask_to_index,
     prefill_attention,
     prefill_logits_bias,
     topk_positions,
@@ -41,35 +46,116 @@ from avl_compile.policies.common import (
 
 
 def spare_slots(rows: int) -> int:
-    """Free slots a cache of ``rows`` occupied rows gets when (re)allocated: about 3% (at
-    least 8), so a re-allocation (one copy of the cache) comes once in rows / 32 tokens at most.
+    """Free slots a cache of ``rows`` occupied rows gets when (re)allocated: about 3%, as a
+    power of two of at least 8 (a bounded set of growth sizes keeps the compiled graphs
+    few), so a re-allocation (one copy of the cache) comes once in rows / 32 tokens at most.
     The cache is never longer than the uncompressed sequence, so with nothing evicted (100%
     budgets) it is re-allocated at every step, as a concatenating cache would be."""
-    return max(8, rows // 32)
+    return max(8, 1 << max(rows // 32 - 1, 0).bit_length())
 
 
 @dataclasses.dataclass
-class LayerCacheState:
-    """Bookkeeping of one layer's compacted cache; slots align with the cache's dim -2.
+class AvlSchedule:
+    """The host's side of one prompt's decode, shared by its layers: every count follows
+    from the budgets (not from scores), so nothing is read back from the device."""
 
-    Part boundaries are per batch row (lists of B ints), shared by the kv heads."""
-
-    position: Tensor  # [B, Hkv, C] long, original position of the slot's token, -1 if free
-    text_score: Tensor  # [B, Hkv, C] accumulated attention of text slots, 0 elsewhere
-    others_end: list[int]  # secondary image rows outside the core: slots [0, others_end)
-    core_start: list[int]  # the sink is [others_end, core_start)
-    text_start: list[int]  # the core set is [core_start, text_start)
-    text_end: list[int]  # kept text is [text_start, text_end); free slots follow
-    n_text: list[int]  # text tokens seen so far per row (kept or not)
-    n_core: list[int]  # core size per row, floor(C * N)
-    next_position: int  # position of the next decode token
+    options: AvlOptions
+    text_start: list[int]  # per batch row: first text slot
+    kept_text: list[int]  # text rows in the cache
+    n_text: list[int]  # text tokens seen, kept or not
+    attended_base: list[int]  # sink + core rows, attended at every step
+    others: list[int]  # secondary image rows outside the core, attended at refresh steps
+    position: int  # position of the next decode token
     step: int = 0  # 0 after prefill; decode step t is the t-th decode forward
-    attended_rows: float = 0.0  # rows attended at the last decode step, mean over batch rows
+    write_rows: int = 0  # rows the current step needs (its token included)
+    write_position: int = 0  # position of the current step's token
 
     @property
     def rows_in_use(self) -> int:
-        """Occupied slots of the fullest batch row (the cache tensor also has free slots)."""
-        return max(self.text_end)
+        """Occupied slots of the fullest batch row (the cache also has free slots)."""
+        return max(s + k for s, k in zip(self.text_start, self.kept_text, strict=True))
+
+    @property
+    def refresh(self) -> bool:
+        """Whether the current step attends every secondary image row and re-picks the
+        core (with refresh_every = -1 the core is the whole secondary set: never)."""
+        k = self.options.refresh_every
+        return k != -1 and is_refresh_step(self.step, k)
+
+    def begin_step(self) -> None:
+        self.write_rows, self.write_position = self.rows_in_use + 1, self.position
+        self.step += 1
+        self.position += 1
+        self.n_text = [n + 1 for n in self.n_text]
+        budgets = text_budgets(self.n_text, self.options)
+        self.kept_text = [min(k + 1, b) for k, b in zip(self.kept_text, budgets, strict=True)]
+
+    def growth(self, capacity: int, started: bool = True) -> int:
+        """Slots to add to a cache of ``capacity`` before the current step (the next one if
+        not ``started``) writes its token; 0 if it fits. Never past the uncompressed length:
+        HF pads its mask up to the cache length otherwise (and torch 2.11 cannot trace that
+        pad with symbolic sizes)."""
+        rows, position = (
+            (self.write_rows, self.write_position)
+            if started
+            else (self.rows_in_use + 1, self.position)
+        )
+        if rows <= capacity:
+            return 0
+        return min(capacity + spare_slots(capacity), position + 1) - capacity
+
+    def growth_between_steps(self, capacity: int) -> int:
+        """Slots to add to a cache of ``capacity`` after a step so that the next one fits,
+        as far as the uncompressed length allows (the next step then grows it by the one
+        slot it still lacks: a prompt with nothing evicted)."""
+        if self.rows_in_use + 1 <= capacity:
+            return 0
+        return max(min(capacity + spare_slots(capacity), self.position) - capacity, 0)
+
+    @property
+    def attended_rows(self) -> float:
+        """Rows the current step attends, mean over batch rows."""
+        refresh = self.refresh
+        rows = [
+            base + kept + (other if refresh else 0)
+            for base, kept, other in zip(
+                self.attended_base, self.kept_text, self.others, strict=True
+            )
+        ]
+        return sum(rows) / len(rows)
+
+
+@dataclasses.dataclass
+class AvlLayerState:
+    """One layer's cache state: device tensors, and the schedule its layers share."""
+
+    slots: AvlSlots
+    schedule: AvlSchedule
+    step: int = 0  # decode steps this layer has run
+
+    @property
+    def rows_in_use(self) -> int:
+        return self.schedule.rows_in_use
+
+    @property
+    def attended_rows(self) -> float:
+        return self.schedule.attended_rows
+
+    def begin_step(self) -> AvlSchedule:
+        """The schedule of this layer's next step (the first layer to get there starts it)."""
+        if not self.schedule_started:
+            self.schedule.begin_step()
+        self.step += 1
+        return self.schedule
+
+    @property
+    def schedule_started(self) -> bool:
+        """Whether another layer has begun this layer's next step already."""
+        return self.step < self.schedule.step
+
+    def next_growth(self, capacity: int) -> int:
+        """Slots this layer's next step will add to a cache of ``capacity``."""
+        return self.schedule.growth(capacity, started=self.schedule_started)
 
 
 def text_budgets(n_text: list[int], options: AvlOptions) -> list[int]:
@@ -103,7 +189,7 @@ class AvlPolicy:
         is_causal: bool,
         scale: float,
         context: PrefillContext,
-    ) -> tuple[Tensor, Tensor, Tensor, LayerCacheState]:
+    ) -> tuple[Tensor, Tensor, Tensor, AvlLayerState]:
         opts = self.options
         batch, q_len = query.shape[0], query.shape[2]
         kv_heads, k_len = keys.shape[1], keys.shape[2]
@@ -161,20 +247,46 @@ class AvlPolicy:
                 position[b, h, : r.numel()] = r
         safe = position.clamp(min=0)
         others_end, core_start, text_start, text_end = (list(x) for x in zip(*bounds, strict=True))
-        text_score = text_scores.gather(2, safe).masked_fill(
-            ~_slot_window(text_start, text_end, capacity, device).unsqueeze(1), 0.0
+        n_core = [fraction_count(opts.vision_compute, int(n)) for n in image_mask.sum(-1)]
+        # with refresh_every = -1 every secondary image row is in the core for good
+        other_role = CORE if opts.refresh_every == -1 else OTHER
+        role = torch.zeros(batch, capacity, dtype=torch.int8, device=device)
+        for b, (o, c, t, e) in enumerate(bounds):
+            role[b, :o], role[b, o:c], role[b, c:t], role[b, t:e] = other_role, SINK, CORE, TEXT
+        is_text = (role == TEXT).unsqueeze(1)
+        text_rank = (text_mask.cumsum(-1) - 1)[:, None, :].expand(batch, kv_heads, k_len)
+        secondary = [o + t - c for o, c, t, _ in bounds]
+        n_core = [min(n, s) for n, s in zip(n_core, secondary, strict=True)]
+        per_row = zip(text_start, text_end, n_text, n_core, strict=True)
+        counters = torch.tensor(
+            [[e, n, k_len, k, t] for t, e, n, k in per_row], dtype=torch.long, device=device
         )
-        state = LayerCacheState(
+        slots = AvlSlots(
+            role=role,
             position=position,
-            text_score=text_score,
-            others_end=others_end,
-            core_start=core_start,
+            text_rank=text_rank.gather(2, safe).masked_fill(~is_text, -1),
+            text_score=text_scores.gather(2, safe).masked_fill(~is_text, 0.0),
+            counters=counters,
+            text_options=torch.tensor(
+                [opts.text_keep, opts.text_heavy_share, opts.text_min_budget],
+                dtype=torch.float64, device=device,
+            ),
+        )  # fmt: skip
+        every_step = opts.refresh_every == -1
+        core_rows = secondary if every_step else n_core
+        sinks = [c - o for o, c in zip(others_end, core_start, strict=True)]
+        schedule = AvlSchedule(
+            options=opts,
             text_start=text_start,
-            text_end=text_end,
+            kept_text=[e - t for t, e in zip(text_start, text_end, strict=True)],
             n_text=n_text,
-            n_core=[fraction_count(opts.vision_compute, int(n)) for n in image_mask.sum(-1)],
-            next_position=k_len,
+            attended_base=[s + k for s, k in zip(sinks, core_rows, strict=True)],
+            others=[0 if every_step else s - k for s, k in zip(secondary, n_core, strict=True)],
+            position=k_len,
         )
+        if context.schedule is None:
+            context.schedule = schedule  # one schedule for the prompt's layers
+        state = AvlLayerState(slots=slots, schedule=context.schedule)
         # free slots hold copies of row 0; they are never attended
         return output, pick_rows(keys, safe), pick_rows(values, safe), state
 
@@ -209,181 +321,17 @@ class AvlPolicy:
         past_values: Tensor,
         new_values: Tensor,
         scale: float,
-        state: LayerCacheState,
+        state: AvlLayerState,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        opts = self.options
-        keys, values = _append_token(state, past_keys, new_keys, past_values, new_values)
-        state.step += 1
-        refresh = is_refresh_step(state.step, opts.refresh_every)
-
-        # sink + core + text; at a refresh step, every secondary image row too
-        starts = [0] * len(state.text_end) if refresh else state.others_end
-        ranges = torch.tensor(
-            [[(start, end)] for start, end in zip(starts, state.text_end, strict=True)],
-            device=query.device,
+        """One decode step called from Python (the runtime-call wiring); a compiled decode
+        graph runs the same ``avl_decode_step`` inside the graph."""
+        schedule = state.begin_step()
+        keys, values = past_keys, past_values
+        extra = schedule.growth(keys.shape[2])
+        if extra:
+            keys, values = grow_cache(keys, extra), grow_cache(values, extra)
+            state.slots = state.slots.grown(extra)
+        output = avl_decode_step(
+            query, new_keys, new_values, keys, values, state.slots, scale, schedule.refresh
         )
-        output, lse = attend_selected_rows(query, keys, values, None, scale, ranges)
-        spans = zip(starts, state.text_end, strict=True)
-        state.attended_rows = sum(end - start for start, end in spans) / len(starts)
-
-        text_lo, text_hi = min(state.text_start), max(state.text_end)
-        text_probs = _span_probs(query, keys, lse, scale, text_lo, text_hi, state.text_score.dtype)
-        text_probs = text_probs.sum(dim=2)
-        if text_lo != max(state.text_start) or text_hi != min(state.text_end):
-            in_text = _slot_window(state.text_start, state.text_end, text_hi, query.device)
-            text_probs = text_probs.masked_fill(~in_text[:, None, text_lo:], 0.0)
-        state.text_score[..., text_lo:text_hi] += text_probs
-        if refresh and opts.refresh_every != -1:
-            self._choose_core(state, query, keys, values, lse, scale)
-
-        self._trim_text(state, keys, values)
         return output, keys, values
-
-    def _choose_core(
-        self, state: LayerCacheState, query: Tensor, keys: Tensor, values: Tensor,
-        lse: Tensor, scale: float,
-    ) -> None:  # fmt: skip
-        """Re-rank the secondary image rows by this step's head-averaged attention; the top
-        floor(C * N) become the core: rows entering and leaving the core swap slots."""
-        width = max(state.text_start)
-        device = keys.device
-        probs = _span_probs(query, keys, lse, scale, 0, width, state.text_score.dtype)
-        probs = probs.flatten(1, 2).mean(dim=1)  # head average, [B, width]
-        others = _slots_before(state.others_end, width, device)
-        core = _slot_window(state.core_start, state.text_start, width, device)
-        counts = [
-            min(n, o + t - c)
-            for n, o, c, t in zip(
-                state.n_core, state.others_end, state.core_start, state.text_start, strict=True
-            )
-        ]
-        most = max(counts)
-        if most <= 0:
-            return
-        top = torch.topk(probs.masked_fill(~(others | core), float("-inf")), most).indices
-        ranked = torch.arange(most, device=device) < torch.tensor(counts, device=device)[:, None]
-        chosen = torch.zeros_like(core).scatter_(1, top, ranked)
-        entering, leaving = mask_to_index(chosen & others), mask_to_index(core & ~chosen)
-        if entering.shape[-1]:
-            # equal counts per row; a row's padding repeats its last pair, so that a padded
-            # swap rewrites the same values (a row with no swap gets the pair (0, 0))
-            n_swaps = (entering >= 0).sum(-1, keepdim=True)
-            last = torch.arange(entering.shape[-1], device=device).minimum(n_swaps - 1)
-            pick = last.clamp(min=0)
-            entering = entering.gather(-1, pick).clamp(min=0)
-            leaving = leaving.gather(-1, pick).clamp(min=0)
-            _swap_slots(state, keys, values, entering, leaving)
-
-    def _trim_text(self, state: LayerCacheState, keys: Tensor, values: Tensor) -> None:
-        """H2O text budget: evicted text rows leave, the kept ones close ranks in order."""
-        opts = self.options
-        budgets = text_budgets(state.n_text, opts)
-        kept = [e - s for s, e in zip(state.text_start, state.text_end, strict=True)]
-        if all(k <= b for k, b in zip(kept, budgets, strict=True)):
-            return
-        lo, hi = min(state.text_start), max(state.text_end)
-        device = keys.device
-        text = _slot_window(state.text_start, state.text_end, hi, device)[:, lo:]
-        text = text.unsqueeze(1).expand(-1, keys.shape[1], -1)
-        keep = heavy_recent_keep(text, state.text_score[..., lo:hi], budgets, opts.text_heavy_share)
-        # stable sort of the window: rows before the text and kept text stay (in order),
-        # evicted text moves behind them, free slots stay last
-        before_text = _slots_before(state.text_start, hi, device)
-        rank = torch.where(keep, 0, torch.where(text, 1, 2))
-        rank = rank.masked_fill(before_text[:, None, lo:], 0)
-        order = torch.sort(rank.to(torch.int8), dim=-1, stable=True).indices
-        for cache in (keys, values):
-            cache[:, :, lo:hi] = pick_rows(cache[:, :, lo:hi], order)
-        state.position[..., lo:hi] = state.position[..., lo:hi].gather(-1, order)
-        state.text_score[..., lo:hi] = state.text_score[..., lo:hi].gather(-1, order)
-        kept_now = keep[:, 0].sum(-1).tolist()
-        state.text_end = [s + int(k) for s, k in zip(state.text_start, kept_now, strict=True)]
-        free = ~_slots_before(state.text_end, hi, device)[:, None, lo:]
-        state.position[..., lo:hi].masked_fill_(free, -1)
-        state.text_score[..., lo:hi].masked_fill_(free, 0.0)
-
-
-def _slot_window(start: list[int], stop: list[int], width: int, device) -> Tensor:
-    """[B, width] bool: slot s of row b lies in [start[b], stop[b])."""
-    slots = torch.arange(width, device=device)
-    lo = torch.tensor(start, device=device).unsqueeze(1)
-    hi = torch.tensor(stop, device=device).unsqueeze(1)
-    return (slots >= lo) & (slots < hi)
-
-
-def _slots_before(stop: list[int], width: int, device) -> Tensor:
-    """[B, width] bool: slot s of row b lies before stop[b]."""
-    return torch.arange(width, device=device) < torch.tensor(stop, device=device).unsqueeze(1)
-
-
-def _append_token(
-    state: LayerCacheState, keys: Tensor, new_keys: Tensor, values: Tensor, new_values: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Write the decode token into the first free slot of each row, in place; re-allocate
-    the cache with spare slots when a row has no free slot."""
-    batch, kv_heads, capacity, _ = keys.shape
-    if max(state.text_end) >= capacity:
-        # never longer than the uncompressed sequence: HF pads its mask up to the cache length
-        # otherwise (and torch 2.11 cannot trace that pad with symbolic sizes)
-        grown = min(capacity + spare_slots(capacity), state.next_position + 1)
-        keys, values = _grow(keys, grown), _grow(values, grown)
-        pad = grown - capacity
-        state.position = torch.nn.functional.pad(state.position, (0, pad), value=-1)
-        state.text_score = torch.nn.functional.pad(state.text_score, (0, pad), value=0.0)
-    if min(state.text_end) == max(state.text_end):  # every row writes the same slot
-        slot = state.text_end[0]
-        keys[:, :, slot] = new_keys[:, :, -1]
-        values[:, :, slot] = new_values[:, :, -1]
-        state.position[..., slot] = state.next_position
-    else:
-        rows = torch.arange(batch, device=keys.device)
-        slots = torch.tensor(state.text_end, device=keys.device)
-        keys[rows, :, slots] = new_keys[:, :, -1]
-        values[rows, :, slots] = new_values[:, :, -1]
-        state.position[rows, :, slots] = state.next_position
-    state.text_end = [end + 1 for end in state.text_end]
-    state.n_text = [n + 1 for n in state.n_text]
-    state.next_position += 1
-    return keys, values
-
-
-def _grow(cache: Tensor, capacity: int) -> Tensor:
-    grown = cache.new_empty((*cache.shape[:2], capacity, cache.shape[3]))
-    grown[:, :, : cache.shape[2]] = cache
-    grown[:, :, cache.shape[2] :] = cache[:, :, :1]  # free slots: copies of row 0, as at prefill
-    return grown
-
-
-def _swap_slots(
-    state: LayerCacheState, keys: Tensor, values: Tensor, a: Tensor, b_: Tensor
-) -> None:
-    """Swap slot a[b, i] with slot b_[b, i] [B, n] in every kv head. A pair may repeat
-    (same values written twice); pairs must not otherwise share a slot."""
-    kv_heads = keys.shape[1]
-    a, b_ = a[:, None].expand(-1, kv_heads, -1), b_[:, None].expand(-1, kv_heads, -1)
-    for cache in (keys, values):
-        rows_a, rows_b = pick_rows(cache, a), pick_rows(cache, b_)
-        _put_rows(cache, a, rows_b)
-        _put_rows(cache, b_, rows_a)
-    pos_a, pos_b = state.position.gather(-1, a), state.position.gather(-1, b_)
-    state.position.scatter_(-1, a, pos_b)
-    state.position.scatter_(-1, b_, pos_a)
-
-
-def _put_rows(cache: Tensor, slots: Tensor, rows: Tensor) -> None:
-    """cache [B, H, L, D] (contiguous) at slots [B, H, n] = rows [B, H, n, D], in place."""
-    batch, heads, length, dim = cache.shape
-    base = torch.arange(batch * heads, device=slots.device).view(batch, heads, 1) * length
-    cache.view(-1, dim).index_copy_(0, (base + slots).flatten(), rows.reshape(-1, dim))
-
-
-def _span_probs(
-    query: Tensor, keys: Tensor, lse: Tensor, scale: float, lo: int, hi: int, acc: torch.dtype
-) -> Tensor:
-    """Final softmax probabilities [B, Hkv, g, hi - lo] of cache slots [lo, hi) for the
-    single query row (read in place); the caller masks slots that were not attended."""
-    batch, q_heads = query.shape[:2]
-    kv_heads = keys.shape[1]
-    grouped = query[:, :, -1].reshape(batch, kv_heads, q_heads // kv_heads, -1).to(acc)
-    logits = torch.matmul(grouped, keys[:, :, lo:hi].to(acc).transpose(-1, -2)) * scale
-    return torch.exp(logits - lse[:, :, -1].reshape(batch, kv_heads, -1, 1).to(acc))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import torch
+from torch import Tensor
+
 
 def fraction_count(fraction: float, total: int) -> int:
     """Floor of ``fraction * total``, computed as the authors do (``int(f * N)``)."""
@@ -21,3 +24,18 @@ def split_text_budget(budget: int, heavy_share: float) -> tuple[int, int]:
 def is_refresh_step(step: int, refresh_every: int) -> bool:
     """Decode step ``step`` (1-based; prefill is 0) attends the whole secondary set."""
     return refresh_every == -1 or step % refresh_every == 0
+
+
+def best_first(scores: Tensor, positions: Tensor, prefer: Tensor | None = None) -> Tensor:
+    """Order (indices along the last dim) of candidates, best first, under the one tie rule
+    every selection of the policy and the reference follows: higher score first; among
+    equal scores, the ``prefer`` ones first (rows already in the core, at a re-pick); then
+    the lower position. Fixed shapes, no host sync: up to three stable sorts."""
+    order = torch.sort(positions, dim=-1, stable=True).indices
+    if prefer is not None:
+        preferred = prefer.gather(-1, order).to(torch.int8)
+        order = order.gather(
+            -1, torch.sort(preferred, dim=-1, descending=True, stable=True).indices
+        )
+    ranked = scores.gather(-1, order)
+    return order.gather(-1, torch.sort(ranked, dim=-1, descending=True, stable=True).indices)

@@ -4,6 +4,7 @@ the heavy-hitter + recent selection (H2O) used by A-VL's text side and by the H2
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ class PrefillContext:
     image_mask: Tensor  # [B, L] bool
     filter_keep: Tensor | None = None  # [B, L] bool, image tokens that pass the prefill filter
     used_by_layers: set[int] = dataclasses.field(default_factory=set)  # a layer seen twice = stale
+    schedule: Any = None  # A-VL: the host-side decode schedule the prompt's layers share
 
 
 def score_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -133,21 +135,14 @@ def last_token_image_filter(
     return keep
 
 
-def mask_to_index(mask: Tensor) -> Tensor:
-    """Bool [..., L] -> int64 [..., n] of the True positions in order, padded with -1."""
-    length = mask.shape[-1]
-    count = int(mask.sum(-1).max()) if mask.numel() else 0
-    order = torch.where(mask, torch.arange(length, device=mask.device), length)
-    index = order.sort(dim=-1).values[..., :count]
-    return index.masked_fill(index == length, -1)
-
-
 def topk_positions(scores: Tensor, candidates: Tensor, k: int) -> Tensor:
-    """Positions (sorted) of the k largest ``scores`` among the ``candidates`` positions."""
+    """Positions (sorted) of the k largest ``scores`` among the ``candidates`` positions
+    (ascending); ties go to the lower position."""
     if k <= 0 or candidates.numel() == 0:
         return candidates[:0]
-    k = min(k, candidates.numel())
-    best = torch.topk(scores[candidates], k).indices
+    # the tie rule (budgets.best_first): candidates are in positional order, a stable sort
+    # puts the lower position first among equal scores
+    best = torch.sort(scores[candidates], descending=True, stable=True).indices[:k]
     return candidates[best].sort().values
 
 
@@ -177,8 +172,10 @@ def heavy_recent_keep(
     most = int(n_heavy.max())
     if most > 0:
         masked = scores.masked_fill(~older, float("-inf"))
-        top = torch.topk(masked, min(most, masked.shape[-1]), dim=-1)
-        rank = torch.arange(top.indices.shape[-1], device=device)
-        heavy.scatter_(-1, top.indices, (rank < n_heavy) & torch.isfinite(top.values))
+        # stable: among equal scores the lower position is the heavier (the one tie rule)
+        top = torch.sort(masked, dim=-1, descending=True, stable=True)
+        values, indices = top.values[..., :most], top.indices[..., :most]
+        rank = torch.arange(indices.shape[-1], device=device)
+        heavy.scatter_(-1, indices, (rank < n_heavy) & torch.isfinite(values))
     over_rows = torch.tensor(over, device=device).view(-1, 1, 1)
     return torch.where(over_rows, recent | heavy, slots)

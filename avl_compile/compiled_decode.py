@@ -1,0 +1,121 @@
+"""The callable the backend returns for a decode graph whose A-VL step runs in the graph.
+
+Per forward it does host work only, once per graph, never per layer: it finds the layers'
+state by their cache tensors (an identity check when they are the tensors of the last step),
+starts the step on the host schedule (which step refreshes, whether the cache must grow),
+and calls the compiled graph with the state tensors appended to Dynamo's inputs. Nothing is
+read back from the device.
+
+A cache grows between steps, here, by a power of two of slots, so that Dynamo's guards see
+its new length at the next forward. Only a prompt with nothing evicted (its cache as long as
+the sequence, which it may not outgrow) needs one slot inside a step: the ``grow`` graphs.
+
+Caches the in-graph step does not serve (a prompt that ran dense, a baseline policy's cache)
+go to the runtime-call graph, which handles every case in Python.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+
+from avl_compile.passes.rewrite_decode_sites import GROWN_STATE_TENSORS
+from avl_compile.policies.avl import AvlLayerState
+from avl_compile.policies.avl_decode import AvlSlots, grow_cache
+from avl_compile.runtime import AvlRuntime, end_prefill, layer_state, set_layer_state
+
+
+class CompiledDecode:
+    """Dispatch one decode forward to its compiled graph (refresh step? grow a slot?), or
+    to the fallback."""
+
+    def __init__(
+        self,
+        key_inputs: list[int],
+        key_outputs: list[int],
+        value_outputs: list[int],
+        graphs: dict[tuple[bool, bool], Callable],
+        fallback: Callable,
+        runtime: AvlRuntime,
+    ) -> None:
+        self.key_inputs = key_inputs  # Dynamo input index of each site's past keys
+        self.key_outputs = key_outputs  # output index of each site's cache write-back
+        self.value_outputs = value_outputs
+        self.graphs = graphs  # (refresh, grow) -> graph taking the state tensors last
+        self.fallback = fallback
+        self.runtime = runtime
+        # the caches of the last step, weakly (a finished generate's cache must be freed)
+        self._last_keys: tuple[weakref.ref, ...] = ()
+        self._last_states: list[weakref.ref] = []
+
+    def __call__(self, *args):
+        end_prefill()
+        states = self._states(args)
+        grow = states[0].next_growth(args[self.key_inputs[0]].shape[2]) if states else 0
+        if states is None or grow > 1:  # grow > 1: not grown between steps (cannot happen)
+            self.runtime.counters["decode_graphs_in_python"] += 1
+            return self.fallback(*args)
+        first = states[0]
+        schedule = first.schedule
+        for state in states:
+            state.begin_step()
+        tensors = [t for state in states for t in state.slots.tensors()]
+        result = self.graphs[schedule.refresh, bool(grow)](*args, *tensors)
+        if grow:
+            result = self._take_grown_state(result, states)
+        extra = schedule.growth_between_steps(result[self.key_outputs[0]].shape[2])
+        if extra:
+            result = self._grow(result, states, extra)
+        counters = self.runtime.counters
+        counters["decode_graphs_in_graph"] += 1
+        counters["decode_sites"] += len(states)
+        counters["attended_rows"] += schedule.attended_rows * len(states)
+        return result
+
+    def _states(self, args) -> list[AvlLayerState] | None:
+        """The A-VL state of each site's cache, or None if some cache has none."""
+        keys = [args[i] for i in self.key_inputs]
+        if len(keys) == len(self._last_keys) and all(
+            a is b() for a, b in zip(keys, self._last_keys, strict=True)
+        ):
+            states = [ref() for ref in self._last_states]
+            if all(s is not None for s in states):
+                return states
+        states = [layer_state(k) for k in keys]
+        if not all(isinstance(s, AvlLayerState) for s in states):
+            return None
+        if any(s.schedule is not states[0].schedule for s in states):
+            return None
+        self._remember(keys, states)
+        return states
+
+    def _remember(self, keys: list, states: list[AvlLayerState]) -> None:
+        self._last_keys = tuple(weakref.ref(k) for k in keys)
+        self._last_states = [weakref.ref(s) for s in states]
+
+    def _take_grown_state(self, result, states: list[AvlLayerState]) -> list:
+        """A grow graph returns each site's grown per-slot state after Dynamo's outputs."""
+        result = list(result)
+        grown = result[len(result) - GROWN_STATE_TENSORS * len(states) :]
+        del result[len(result) - len(grown) :]
+        for i, (state, key_output) in enumerate(zip(states, self.key_outputs, strict=True)):
+            per_slot = grown[i * GROWN_STATE_TENSORS : (i + 1) * GROWN_STATE_TENSORS]
+            old = state.slots
+            state.slots = AvlSlots(*per_slot, counters=old.counters, text_options=old.text_options)
+            set_layer_state(result[key_output], state)
+        self._remember([result[i] for i in self.key_outputs], states)
+        return result
+
+    def _grow(self, result, states: list[AvlLayerState], extra: int) -> list:
+        """Re-allocate every site's cache with ``extra`` free slots; the model's cache takes
+        the new tensors from the graph's outputs."""
+        result = list(result)
+        for key_output, value_output, state in zip(
+            self.key_outputs, self.value_outputs, states, strict=True
+        ):
+            result[key_output] = grow_cache(result[key_output], extra)
+            result[value_output] = grow_cache(result[value_output], extra)
+            state.slots = state.slots.grown(extra)
+            set_layer_state(result[key_output], state)
+        self._remember([result[i] for i in self.key_outputs], states)
+        return result

@@ -1,0 +1,161 @@
+"""One A-VL decode step at one attention site, as a pure tensor function.
+
+It knows nothing of HF classes, Dynamo or the host: it takes the query, the new token's
+K/V, the layer's fixed-capacity cache and the layer's state tensors, updates cache and state
+in place and returns the attention output. Fixed shapes, no host sync, so the FX rewrite can
+put it inside a compiled decode graph (and a serving engine could call it as it is).
+
+Slots (dim -2 of the cache) have a role per batch row, shared by the row's kv heads:
+
+    [other secondary image rows | sink | core image rows | kept text | free]
+
+at prefill; a core re-pick changes roles (OTHER <-> CORE) without moving rows. Text slots
+are contiguous, ``[text_start, text_end)``, with equal counts in every head (H2O evicts one
+text row per head and step at most; the last text row fills its slot), so the next decode
+token always goes to slot ``text_end``. Text rows are not kept in positional order: H2O's
+recency reads each text row's rank among the row's text tokens (``text_rank``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from avl_compile.lowering.slot_attention import slot_attention
+from avl_compile.policies.budgets import best_first
+
+FREE, OTHER, SINK, CORE, TEXT = 0, 1, 2, 3, 4  # slot roles; attended: role >= SINK
+# columns of the per-row counters
+TEXT_END, N_TEXT, NEXT_POSITION, N_CORE, TEXT_START = range(5)
+
+
+@dataclasses.dataclass
+class AvlSlots:
+    """State tensors of one layer's cache; slots align with the cache's dim -2."""
+
+    role: Tensor  # [B, C] int8
+    position: Tensor  # [B, Hkv, C] int64, the token's position; -1 if free
+    text_rank: Tensor  # [B, Hkv, C] int64, the text token's rank among the row's text; -1
+    text_score: Tensor  # [B, Hkv, C] accumulated attention of text slots, 0 elsewhere
+    counters: Tensor  # [B, 5] int64, columns TEXT_END ... TEXT_START
+    text_options: Tensor  # [3] float64: text_keep, text_heavy_share, text_min_budget
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return (
+            self.role, self.position, self.text_rank, self.text_score, self.counters,
+            self.text_options,
+        )  # fmt: skip
+
+    def grown(self, extra: int) -> AvlSlots:
+        """The same state with ``extra`` free slots at the end (a re-allocation)."""
+
+        def pad(t: Tensor, value) -> Tensor:
+            return torch.nn.functional.pad(t, (0, extra), value=value)
+
+        return AvlSlots(
+            role=pad(self.role, FREE),
+            position=pad(self.position, -1),
+            text_rank=pad(self.text_rank, -1),
+            text_score=pad(self.text_score, 0.0),
+            counters=self.counters,
+            text_options=self.text_options,
+        )
+
+
+def grow_cache(cache: Tensor, extra: int) -> Tensor:
+    """``cache`` [B, H, C, D] with ``extra`` more slots (zeros; free slots are never read)."""
+    return torch.cat([cache, cache.new_zeros((*cache.shape[:2], extra, cache.shape[3]))], -2)
+
+
+def avl_decode_step(
+    query: Tensor,
+    new_keys: Tensor,
+    new_values: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    slots: AvlSlots,
+    scale: float,
+    refresh: bool,
+) -> Tensor:
+    """Write the token into slot ``text_end``, attend sink + core + text (every secondary
+    image row too at a refresh step), add the text rows' attention to their scores, re-pick
+    the core at a refresh step, then evict at most one text row per head (H2O).
+    ``refresh`` is known on the host (the step counter), so it selects code, not data."""
+    batch, kv_heads = keys.shape[:2]
+    counters = slots.counters
+    rows = torch.arange(batch, device=keys.device).unsqueeze(1)  # [B, 1]
+    heads = torch.arange(kv_heads, device=keys.device).unsqueeze(0)  # [1, Hkv]
+    slot = counters[:, TEXT_END].unsqueeze(1)  # [B, 1]
+    write = (rows, heads, slot)
+    keys.index_put_(write, new_keys[:, :, -1])
+    values.index_put_(write, new_values[:, :, -1])
+    per_head = (batch, kv_heads)
+    slots.position.index_put_(write, counters[:, NEXT_POSITION, None].expand(per_head))
+    slots.text_rank.index_put_(write, counters[:, N_TEXT, None].expand(per_head))
+    slots.text_score.index_put_(write, slots.text_score.new_zeros(per_head))
+    slots.role.index_put_((rows[:, 0], slot[:, 0]), slots.role.new_full((batch,), TEXT))
+    step = torch.tensor([1, 1, 1, 0, 0], device=keys.device)
+    counters.add_(step)
+
+    role = slots.role
+    attend = role != FREE if refresh else role >= SINK
+    output, probs = slot_attention(query, keys, values, attend, scale)
+    grouped = probs.view(batch, kv_heads, -1, probs.shape[-1]).sum(dim=2)
+    is_text = (role == TEXT).unsqueeze(1)
+    slots.text_score.add_(grouped.masked_fill(~is_text, 0.0).to(slots.text_score.dtype))
+    if refresh:
+        _repick_core(slots, probs.mean(dim=1))
+    _evict_one_text_row(slots, keys, values, rows, heads)
+    return output
+
+
+def _repick_core(slots: AvlSlots, score: Tensor) -> None:
+    """The top n_core secondary image rows by this step's head-averaged attention ``score``
+    [B, C] become the core (ties: rows already in the core, then the lower position)."""
+    role = slots.role
+    candidate = (role == OTHER) | (role == CORE)
+    ranked = score.masked_fill(~candidate, float("-inf"))
+    order = best_first(ranked, slots.position[:, 0], prefer=role == CORE)
+    capacity = role.shape[-1]
+    rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(capacity, device=order.device).expand_as(order)
+    )
+    chosen = rank < slots.counters[:, N_CORE, None]
+    new_role = torch.where(chosen, CORE, OTHER).to(role.dtype)
+    role.copy_(torch.where(candidate, new_role, role))
+
+
+def _evict_one_text_row(
+    slots: AvlSlots, keys: Tensor, values: Tensor, rows: Tensor, heads: Tensor
+) -> None:
+    """A-VL's text budget max(round(T * n_text), min): a row over it by one (it never is by
+    more at decode) drops, per head, the older-than-recent text row with the least
+    accumulated attention (ties: the higher position goes); the row's last text slot fills
+    the hole and becomes free."""
+    counters, role = slots.counters, slots.role
+    text_keep, heavy_share, min_budget = slots.text_options.unbind()
+    n_text = counters[:, N_TEXT].to(torch.float64)
+    budget = torch.maximum(torch.round(text_keep * n_text), min_budget)
+    n_recent = budget - torch.floor(heavy_share * budget)
+    kept = counters[:, TEXT_END] - counters[:, TEXT_START]
+    over = kept > budget.to(kept.dtype)  # [B]
+    older = (role == TEXT).unsqueeze(1) & (
+        slots.text_rank < (n_text - n_recent).to(torch.long)[:, None, None]
+    )
+    score = slots.text_score.masked_fill(~older, float("inf"))
+    lowest = older & (score == score.amin(dim=-1, keepdim=True))
+    victim = slots.position.masked_fill(~lowest, -1).argmax(dim=-1)  # [B, Hkv]
+    last = (counters[:, TEXT_END] - 1).unsqueeze(1).expand_as(victim)
+    target = torch.where(over.unsqueeze(1), victim, last)  # last -> last: no move
+    source, destination = (rows, heads, last), (rows, heads, target)
+    for tensor in (keys, values, slots.position, slots.text_rank, slots.text_score):
+        tensor.index_put_(destination, tensor[source])
+    # the row's last text slot is free now
+    freed = over.unsqueeze(1).expand_as(victim)
+    for tensor, empty in ((slots.position, -1), (slots.text_rank, -1), (slots.text_score, 0.0)):
+        tensor.index_put_(source, torch.where(freed, empty, tensor[source]))
+    last_role = role[rows[:, 0], last[:, 0]]
+    role.index_put_((rows[:, 0], last[:, 0]), torch.where(over, FREE, last_role).to(role.dtype))
+    counters[:, TEXT_END] -= over.to(counters.dtype)

@@ -1,0 +1,161 @@
+"""Put the A-VL decode step inside a decode graph: each decoder site's cache concat and SDPA
+become one call of the pure tensor step, which writes the token into the layer's
+fixed-capacity cache in place; the graph gets the layers' state tensors as extra inputs.
+
+Before:  keys = cat([past_k, k_new], -2); out = sdpa(q, keys, ...); return (.., keys, ..)
+After:   out = avl_decode_site(q, k_new, v_new, past_k, past_v, *state); return (.., past_k, ..)
+
+The result is a new GraphModule (Dynamo's own graph is left as it was: Dynamo reads its
+placeholders after the backend returns); whoever calls it appends ``STATE_TENSORS`` state
+tensors per site, in site order, after Dynamo's inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+
+import torch
+from torch import Tensor, fx
+
+from avl_compile.lowering.slot_attention import score_dtype
+from avl_compile.passes.find_attention_sites import AttentionSite
+from avl_compile.passes.rewrite_attention_sites import erase_unused
+from avl_compile.policies.avl_decode import AvlSlots, avl_decode_step, grow_cache
+
+STATE_TENSORS = len(dataclasses.fields(AvlSlots))  # role, position, ..., text_options
+GROWN_STATE_TENSORS = 4  # role, position, text_rank, text_score: one entry per slot
+
+
+def avl_decode_site(
+    query: Tensor,
+    new_keys: Tensor,
+    new_values: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    *state: Tensor,
+    scale: float | None,
+    refresh: bool,
+    grow: bool,
+) -> Tensor | tuple[Tensor, ...]:
+    """The graph's entry to one site's decode step (flat tensors, as FX passes them).
+
+    With ``grow`` the cache and the per-slot state first get one more slot (a prompt with
+    nothing evicted yet: the cache is as long as the sequence) and come back as new tensors:
+    (output, keys, values, role, position, text_rank, text_score)."""
+    scale = scale if scale is not None else query.shape[-1] ** -0.5
+    slots = AvlSlots(*state)
+    if grow:
+        keys, values, slots = grow_cache(keys, 1), grow_cache(values, 1), slots.grown(1)
+    output = avl_decode_step(query, new_keys, new_values, keys, values, slots, scale, refresh)
+    if not grow:
+        return output
+    return (output, keys, values, *slots.tensors()[:GROWN_STATE_TENSORS])
+
+
+def past_cache_inputs(site: AttentionSite) -> tuple[fx.Node, fx.Node] | None:
+    """The site's past keys and values if they are graph inputs (a cache layer's tensors
+    that Dynamo lifted), else None."""
+    past_keys, past_values = site.key_cat.args[0][0], site.value_cat.args[0][0]
+    if past_keys.op != "placeholder" or past_values.op != "placeholder":
+        return None
+    return past_keys, past_values
+
+
+def is_decode_site(site: AttentionSite) -> bool:
+    """A rewritable site that attends one new token over a non-empty past cache held in
+    graph inputs (Dynamo specialises a length of 0, so prefill graphs never match)."""
+    if not site.rewritable or past_cache_inputs(site) is None:
+        return False
+    past = site.key_cat.args[0][0].meta.get("example_value")
+    query = site.arguments["query"].meta.get("example_value")
+    if past is None or query is None:
+        return False
+    return past.shape[2] != 0 and query.shape[2] == 1
+
+
+def state_examples(site: AttentionSite) -> list[Tensor]:
+    """Example (fake) state tensors for one site, sized from its past keys' (maybe
+    symbolic) shape: create them under the graph's fake mode."""
+    past = site.key_cat.args[0][0].meta["example_value"]
+    query = site.arguments["query"].meta["example_value"]
+    batch, kv_heads, capacity = past.shape[:3]
+    per_slot = (batch, kv_heads, capacity)
+    return [
+        torch.empty(batch, capacity, dtype=torch.int8, device=past.device),
+        torch.empty(per_slot, dtype=torch.long, device=past.device),
+        torch.empty(per_slot, dtype=torch.long, device=past.device),
+        torch.empty(per_slot, dtype=score_dtype(query.dtype), device=past.device),
+        torch.empty(batch, 5, dtype=torch.long, device=past.device),
+        torch.empty(3, dtype=torch.float64, device=past.device),
+    ]
+
+
+def cache_outputs(gm: fx.GraphModule, sites: list[AttentionSite]) -> tuple[list[int], list[int]]:
+    """Where each site's cache write-back (keys, values) sits among the graph's outputs."""
+    returned = list(gm.graph.output_node().args[0])
+    return (
+        [returned.index(site.key_cat) for site in sites],
+        [returned.index(site.value_cat) for site in sites],
+    )
+
+
+def rewrite_decode_sites(
+    gm: fx.GraphModule, sites: list[AttentionSite], refresh: bool, grow: bool
+) -> fx.GraphModule:
+    """A copy of ``gm`` whose ``sites`` (all decode sites) run the A-VL step in the graph.
+
+    With ``grow`` each site's cache gets one more slot; the graph then returns the grown
+    per-slot state tensors after Dynamo's outputs (``GROWN_STATE_TENSORS`` per site)."""
+    graph = fx.Graph()
+    copies: dict[fx.Node, fx.Node] = {}
+    graph.output(graph.graph_copy(gm.graph, copies))
+    for old, new in copies.items():
+        if old.op == "placeholder" and hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source  # AOTAutograd reads it on Dynamo graphs
+    last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    output = graph.output_node()
+    grown_state: list[fx.Node] = []
+    for index, site in enumerate(sites):
+        state = []
+        for name in ("role", "position", "text_rank", "text_score", "counters", "options"):
+            with graph.inserting_after(last_input):
+                last_input = graph.placeholder(f"avl_{name}_{index}")
+            last_input._dynamo_source = None  # fed by the backend's wrapper, not by Dynamo
+            state.append(last_input)
+        past_keys, new_keys = (copies[n] for n in site.key_cat.args[0])
+        past_values, new_values = (copies[n] for n in site.value_cat.args[0])
+        sdpa = copies[site.sdpa]
+        with graph.inserting_before(sdpa):
+            call = graph.call_function(
+                avl_decode_site,
+                (copies[site.arguments["query"]], new_keys, new_values, past_keys, past_values,
+                 *state),
+                {"scale": site.arguments["scale"], "refresh": refresh, "grow": grow},
+            )  # fmt: skip
+            if grow:
+                results = [
+                    graph.call_function(operator.getitem, (call, i))
+                    for i in range(3 + GROWN_STATE_TENSORS)
+                ]
+                attention, keys, values = results[:3]
+                grown_state.extend(results[3:])
+            else:
+                attention, keys, values = call, past_keys, past_values
+        attention.meta.update(sdpa.meta)
+        sdpa.replace_all_uses_with(attention)
+        output.replace_input_with(copies[site.key_cat], keys)
+        output.replace_input_with(copies[site.value_cat], values)
+        graph.erase_node(sdpa)
+        chain = [*site.key_chain, *site.value_chain, site.key_cat, site.value_cat]
+        erase_unused([copies[n] for n in chain])
+    if grown_state:
+        output.args = ((*output.args[0], *grown_state),)
+    rewritten = fx.GraphModule(gm, graph)
+    rewritten.meta.update(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        rewritten._param_name_to_source = gm._param_name_to_source
+    return rewritten
+
+
+torch.fx.node.has_side_effect(avl_decode_site)
