@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,7 +30,7 @@ from avl_compile.passes.rewrite_decode_sites import (
     state_examples,
 )
 from avl_compile.passes.split_at_runtime_calls import split_at_runtime_calls
-from avl_compile.runtime import AvlRuntime, register_runtime, update_site_options
+from avl_compile.runtime import AvlRuntime, SiteCall
 
 log = logging.getLogger("avl_compile")
 
@@ -43,11 +44,9 @@ class AvlBackend:
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         self.options = AvlOptions.from_mapping(options)
-        self.runtime = AvlRuntime()
-        # Registered for the life of the process: Dynamo guards compiled code on the backend's
-        # id, and a freed backend's id reused by a new one would let stale graphs run.
-        self.runtime_key = register_runtime(self.runtime, self)
+        self.runtime = AvlRuntime(backend=self)
         self.graphs: list[CompiledGraphRecord] = []
+        self._sites: weakref.WeakSet[SiteCall] = weakref.WeakSet()  # live graphs' sites
 
     def set_options(self, options: Mapping[str, Any] | None) -> None:
         """Switch the policy and budgets of the graphs already compiled, without recompiling
@@ -60,7 +59,8 @@ class AvlBackend:
                 f"inner={self.options.inner!r}; compile the model again instead"
             )
         self.options = new
-        update_site_options(self.runtime, new)
+        for site in self._sites:
+            site.options = new
 
     def __call__(
         self,
@@ -96,8 +96,10 @@ class AvlBackend:
                     for grow in (False, True)
                 }
                 key_outputs, value_outputs = cache_outputs(gm, rewritable)
-        recorders = insert_image_mask_recorders(gm.graph, scatters, self.runtime_key)
-        rewritten = rewrite_attention_sites(gm.graph, sites, opts, self.runtime)
+        recorders = insert_image_mask_recorders(gm.graph, scatters, self.runtime)
+        site_calls = rewrite_attention_sites(gm.graph, sites, opts, self.runtime)
+        self._sites.update(site_calls)
+        rewritten = len(site_calls)
         gm.recompile()
         record = CompiledGraphRecord(
             index=len(self.graphs),

@@ -5,13 +5,16 @@ Per-layer state is keyed by the KV-cache tensor the site returned: the next deco
 receives that very tensor as its past keys. So state follows the cache: a new ``generate``
 (new cache) starts fresh, two models never share it, and it is freed with the cache. The
 store is process-wide because Dynamo may run a graph compiled by one backend instance for
-another model of the same class; keyed by cache tensors, sharing the store is safe.
+another model of the same class; keyed by cache tensors, sharing the store is safe, and it
+holds only live caches.
+
+The graphs call the runtime through objects they hold (``SiteCall``, ``ImageMaskRecorder``):
+no registry keyed by name grows with every compile; what a graph needs dies with it.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import warnings
 
@@ -28,16 +31,61 @@ from avl_compile.policies.common import PrefillContext
 log = logging.getLogger("avl_compile")
 
 
-@dataclasses.dataclass
-class SiteInfo:
-    """A rewritten decoder attention site: static facts read off the graph."""
+class SiteCall:
+    """A rewritten decoder attention site as its graph calls it: the facts read off the
+    graph, and the call into the runtime (FX calls the object itself: it is the node's
+    target, named so that the graph's code reads ``attention_site_<layer>``)."""
 
-    name: str
-    layer_idx: int
-    scale: float | None
-    is_causal: bool
-    options: AvlOptions
-    runtime: AvlRuntime
+    def __init__(
+        self,
+        name: str,
+        layer_idx: int,
+        scale: float | None,
+        is_causal: bool,
+        options: AvlOptions,
+        runtime: AvlRuntime,
+    ) -> None:
+        self.name, self.layer_idx, self.scale, self.is_causal = name, layer_idx, scale, is_causal
+        self.options, self.runtime = options, runtime
+        self.__name__ = self.__qualname__ = f"attention_site_{layer_idx}"
+        self.__module__ = __name__
+
+    def __call__(
+        self,
+        query: Tensor,
+        past_keys: Tensor,
+        new_keys: Tensor,
+        past_values: Tensor,
+        new_values: Tensor,
+        attn_mask: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Returns (attention output, new keys, new values)."""
+        if is_fake(query):  # the backend is propagating shapes through the split graph
+            keys = torch.cat([past_keys, new_keys], dim=-2)
+            values = torch.cat([past_values, new_values], dim=-2)
+            output = query.new_empty((*query.shape[:-1], values.shape[-1]))
+            return output, keys, values
+        output, keys, values = self.runtime.run_site(
+            self, query, past_keys, new_keys, past_values, new_values, attn_mask
+        )
+        # Compiled pieces downstream were specialised on contiguous layouts (see the fake path).
+        return output.contiguous(), keys.contiguous(), values.contiguous()
+
+
+class ImageMaskRecorder:
+    """Called right after the image features are scattered into the embeddings: records
+    the image-token mask and returns the embeddings, which the graph then uses (so no
+    dead-code pass can drop the call)."""
+
+    def __init__(self, runtime: AvlRuntime) -> None:
+        self.runtime = runtime
+        self.__name__ = self.__qualname__ = "record_image_mask"
+        self.__module__ = __name__
+
+    def __call__(self, mask: Tensor, inputs_embeds: Tensor) -> Tensor:
+        if not is_fake(mask):
+            self.runtime.record_image_mask(mask, inputs_embeds)
+        return inputs_embeds
 
 
 # KV-cache keys tensor -> bookkeeping of that layer's compacted cache
@@ -58,9 +106,12 @@ _PREFILL = _PrefillSlot()
 class AvlRuntime:
     """Counters and warnings of the graphs one backend compiles; state lives in the stores."""
 
-    def __init__(self) -> None:
+    def __init__(self, backend: object = None) -> None:
         self.counters: collections.Counter[str] = collections.Counter()
         self._warned: set[str] = set()
+        # The graphs hold the runtime, the runtime holds the backend: Dynamo guards compiled
+        # code on the backend's id, which must not be reused while such code lives.
+        self.backend = backend
 
     def warn_once(self, message: str) -> None:
         if message not in self._warned:
@@ -84,7 +135,7 @@ class AvlRuntime:
 
     def run_site(
         self,
-        site: SiteInfo,
+        site: SiteCall,
         query: Tensor,
         past_keys: Tensor,
         new_keys: Tensor,
@@ -202,65 +253,3 @@ def rows_in_use(keys: Tensor) -> int:
     cache also has free slots at its end, reserved for the next decode tokens."""
     state = _LAYER_STATES.get(keys)
     return state.rows_in_use if hasattr(state, "rows_in_use") else keys.shape[-2]
-
-
-_SITES: dict[str, SiteInfo] = {}
-
-
-def register_site(site: SiteInfo) -> str:
-    key = f"{site.name}#{len(_SITES)}"
-    _SITES[key] = site
-    return key
-
-
-def update_site_options(runtime: AvlRuntime, options: AvlOptions) -> None:
-    """New options for every site that ``runtime``'s backend rewrote."""
-    for site in _SITES.values():
-        if site.runtime is runtime:
-            site.options = options
-
-
-def attention_site(
-    site_key: str,
-    query: Tensor,
-    past_keys: Tensor,
-    new_keys: Tensor,
-    past_values: Tensor,
-    new_values: Tensor,
-    attn_mask: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Graph entry of a rewritten site: returns (attention output, new keys, new values)."""
-    site = _SITES[site_key]
-    if is_fake(query):  # the backend is propagating shapes through the split graph
-        keys = torch.cat([past_keys, new_keys], dim=-2)
-        values = torch.cat([past_values, new_values], dim=-2)
-        output = query.new_empty((*query.shape[:-1], values.shape[-1]))
-        return output, keys, values
-    output, keys, values = site.runtime.run_site(
-        site, query, past_keys, new_keys, past_values, new_values, attn_mask
-    )
-    # Compiled pieces downstream were specialised on contiguous layouts (see the fake path).
-    return output.contiguous(), keys.contiguous(), values.contiguous()
-
-
-def record_image_mask(runtime_key: str, mask: Tensor, inputs_embeds: Tensor) -> None:
-    if is_fake(mask):
-        return
-    _RUNTIMES[runtime_key].record_image_mask(mask, inputs_embeds)
-
-
-_RUNTIMES: dict[str, AvlRuntime] = {}
-
-
-_BACKENDS: list[object] = []
-
-
-def register_runtime(runtime: AvlRuntime, backend: object) -> str:
-    key = f"runtime{len(_RUNTIMES)}"
-    _RUNTIMES[key] = runtime
-    _BACKENDS.append(backend)
-    return key
-
-
-torch.fx.node.has_side_effect(record_image_mask)
-torch.fx.node.has_side_effect(attention_site)

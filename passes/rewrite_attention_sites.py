@@ -1,7 +1,7 @@
 """Replace each decoder SDPA site and its cache concat by one call into the A-VL runtime.
 
 Before:  keys = cat([past_k, k_new], -2); out = sdpa(q, keys, values, ...); return (.., keys, ..)
-After:   site = attention_site(key, q, past_k, k_new, past_v, v_new, mask)
+After:   site = attention_site_<layer>(q, past_k, k_new, past_v, v_new, mask)  # a SiteCall
          out = site[0]; return (.., site[1], ..)
 
 The write-back of the cache now returns the compacted keys/values chosen by the policy,
@@ -16,18 +16,19 @@ from torch import fx
 
 from avl_compile.options import AvlOptions
 from avl_compile.passes.find_attention_sites import AttentionSite
-from avl_compile.runtime import AvlRuntime, SiteInfo, attention_site, register_site
+from avl_compile.runtime import AvlRuntime, SiteCall
 
 
 def rewrite_attention_sites(
     graph: fx.Graph, sites: list[AttentionSite], options: AvlOptions, runtime: AvlRuntime
-) -> int:
-    rewritten = 0
+) -> list[SiteCall]:
+    """Rewrites the rewritable ``sites``; returns the calls the graph now makes."""
+    rewritten = []
     for site in sites:
         if not site.rewritable:
             continue
         args = site.arguments
-        info = SiteInfo(
+        info = SiteCall(
             name=site.name,
             layer_idx=site.layer_idx,
             scale=args["scale"],
@@ -39,9 +40,8 @@ def rewrite_attention_sites(
         past_values, new_values = site.value_cat.args[0]
         with graph.inserting_before(site.sdpa):
             call = graph.call_function(
-                attention_site,
+                info,
                 (
-                    register_site(info),
                     args["query"],
                     past_keys,
                     new_keys,
@@ -51,7 +51,6 @@ def rewrite_attention_sites(
                 ),
             )
             outputs = [graph.call_function(operator.getitem, (call, i)) for i in range(3)]
-        call.meta["avl_site"] = info
         site.sdpa.replace_all_uses_with(outputs[0])
         output = graph.output_node()
         output.replace_input_with(site.key_cat, outputs[1])
@@ -62,7 +61,7 @@ def rewrite_attention_sites(
             outputs[2].meta["example_value"] = site.value_cat.meta.get("example_value")
         graph.erase_node(site.sdpa)
         erase_unused([*site.key_chain, *site.value_chain, site.key_cat, site.value_cat])
-        rewritten += 1
+        rewritten.append(info)
     return rewritten
 
 

@@ -13,13 +13,11 @@ import operator
 from torch import fx
 from torch.fx.passes.split_module import split_module
 
-from avl_compile.runtime import attention_site, record_image_mask
-
-RUNTIME_CALLS = (attention_site, record_image_mask)
+from avl_compile.runtime import ImageMaskRecorder, SiteCall
 
 
 def is_runtime_call(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target in RUNTIME_CALLS
+    return node.op == "call_function" and isinstance(node.target, (SiteCall, ImageMaskRecorder))
 
 
 def split_at_runtime_calls(gm: fx.GraphModule) -> tuple[fx.GraphModule, set[str]]:

@@ -15,7 +15,7 @@ from avl_compile.passes.record_image_mask import insert_image_mask_recorders
 from avl_compile.passes.rewrite_attention_sites import rewrite_attention_sites
 from avl_compile.passes.split_at_runtime_calls import is_runtime_call, split_at_runtime_calls
 from avl_compile.policies.avl import spare_slots
-from avl_compile.runtime import AvlRuntime, attention_site, record_image_mask, rows_in_use
+from avl_compile.runtime import AvlRuntime, ImageMaskRecorder, SiteCall, rows_in_use
 from avl_compile.tiny_models import llava_prompt, tiny_llava
 
 
@@ -28,9 +28,9 @@ def _toy_graph(**kwargs):
 def test_rewrite_replaces_the_decoder_sdpa_and_the_cache_write_back():
     gm = _toy_graph()
     sites = find_attention_sites(gm.graph)
-    count = rewrite_attention_sites(gm.graph, sites, AvlOptions(), AvlRuntime())
+    count = len(rewrite_attention_sites(gm.graph, sites, AvlOptions(), AvlRuntime()))
     assert count == 1
-    calls = [n for n in gm.graph.nodes if n.target is attention_site]
+    calls = [n for n in gm.graph.nodes if isinstance(n.target, SiteCall)]
     assert len(calls) == 1
     remaining = [n for n in gm.graph.nodes if n.target in SDPA_TARGETS]
     assert len(remaining) == 1  # the encoder-style attention stays
@@ -61,10 +61,11 @@ def test_recorder_is_inserted_after_the_scatter_and_survives_dead_code_eliminati
     graphs = capture_generate_graphs(model, llava_prompt(model, [[1]], [[7]]).inputs, 2)
     gm = next(g for g in graphs if find_image_scatters(g.graph))
     scatters = find_image_scatters(gm.graph)
-    assert insert_image_mask_recorders(gm.graph, scatters, "runtime-under-test") == 1
+    assert insert_image_mask_recorders(gm.graph, scatters, AvlRuntime()) == 1
     gm.graph.eliminate_dead_code()
-    recorder = next(n for n in gm.graph.nodes if n.target is record_image_mask)
+    recorder = next(n for n in gm.graph.nodes if isinstance(n.target, ImageMaskRecorder))
     assert recorder.prev is scatters[0].node
+    assert list(scatters[0].node.users) == [recorder]  # later users read the recorder's output
 
 
 @pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
@@ -138,7 +139,7 @@ def test_rewrite_erases_only_what_it_orphaned(style):
     torch.compile(step, backend=capture)(*toy_inputs(past=0), torch.zeros(()))
     gm = capture.graphs[0]
     sites = find_attention_sites(gm.graph)
-    assert rewrite_attention_sites(gm.graph, sites, AvlOptions(), AvlRuntime()) == 1
+    assert len(rewrite_attention_sites(gm.graph, sites, AvlOptions(), AvlRuntime())) == 1
     targets = [n.target for n in gm.graph.nodes]
     assert "add_" in targets
     assert torch.cat not in targets and "expand" not in targets  # the cache concat, repeat_kv

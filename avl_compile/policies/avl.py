@@ -43,6 +43,7 @@ from avl_compile.policies.common import (
     prefill_logits_bias,
     topk_positions,
 )
+from avl_compile.policies.prefill_scores import attention_and_lse, column_sums_of, last_row_score
 
 
 def spare_slots(rows: int) -> int:
@@ -194,22 +195,30 @@ class AvlPolicy:
         batch, q_len = query.shape[0], query.shape[2]
         kv_heads, k_len = keys.shape[1], keys.shape[2]
         device = query.device
-        bias = prefill_logits_bias(attn_mask, is_causal, q_len, k_len, device)
         filtered = self._filtered_keys(context)
-        output, bias = prefill_attention(
-            query, keys, values, attn_mask, is_causal, scale, bias, filtered
-        )
-
         key_valid = key_is_valid(attn_mask, batch, k_len, device)
         if filtered is not None:
             key_valid = key_valid & filtered
-        image_score = last_token_score(query, keys, bias, scale)
-        text_scores = column_sums(query, keys, bias, scale, key_valid[:, k_len - q_len :])
-
         image_mask = context.image_mask
         positions = torch.arange(k_len, device=device)
         first_image_pos = image_mask.int().argmax(dim=-1, keepdim=True)  # [B, 1]
         text_mask = key_valid & ~image_mask & (positions >= first_image_pos)  # [B, Lk]
+        query_valid = key_valid[:, k_len - q_len :]
+
+        with_lse = attention_and_lse(query, keys, values, attn_mask, is_causal, scale, filtered)
+        if with_lse is not None:  # the scores from the log-sum-exp: one row, a few columns
+            output, lse = with_lse
+            mask_args = (attn_mask, is_causal, scale, filtered, lse)
+            image_score = last_row_score(query, keys, *mask_args)
+            columns = torch.nonzero(text_mask.any(dim=0)).flatten()
+            text_scores = column_sums_of(query, keys, *mask_args, columns, query_valid)
+        else:  # recompute the probabilities block by block
+            bias = prefill_logits_bias(attn_mask, is_causal, q_len, k_len, device)
+            output, bias = prefill_attention(
+                query, keys, values, attn_mask, is_causal, scale, bias, filtered
+            )
+            image_score = last_token_score(query, keys, bias, scale)
+            text_scores = column_sums(query, keys, bias, scale, query_valid)
         n_text = text_mask.sum(-1).tolist()
         text_slots = text_mask[:, None, :].expand(batch, kv_heads, k_len)
         kept_text = h2o_text_keep(text_slots, text_scores, n_text, opts)

@@ -1,0 +1,150 @@
+"""The A-VL decode step inside the compiled decode graph: no host sync, no runtime call, a
+bounded number of graphs, and one tie rule shared with the reference."""
+
+import functools
+
+import torch
+from helpers import greedy
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import avl_compile
+from avl_compile.compiled_decode import CompiledDecode
+from avl_compile.policies.avl_decode import CORE, OTHER, TEXT, AvlSlots, avl_decode_step
+from avl_compile.policies.budgets import best_first
+from avl_compile.tiny_models import llava_prompt, tiny_llava
+
+PREFIX, SUFFIX = [1, 5, 6], [7, 8, 9, 10]
+# ops that read a device value back to the host, or whose output shape depends on data
+SYNCING_OPS = {
+    "_local_scalar_dense", "item", "nonzero", "is_nonzero", "equal", "allclose",
+    "masked_select", "unique", "_unique2", "unique_consecutive", "repeat_interleave",
+}  # fmt: skip
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_decode_steps_run_in_the_graph_with_no_host_sync(monkeypatch):
+    counter = _OpCounter()
+    original = CompiledDecode.__call__
+
+    def counted(self, *args):
+        with counter:  # the dispatcher's host work and the compiled graph (aot_eager: aten ops)
+            return original(self, *args)
+
+    monkeypatch.setattr(CompiledDecode, "__call__", counted)
+    model = avl_compile.compile(tiny_llava(), options={"inner": "aot_eager", "refresh_every": 2})
+    prompt = llava_prompt(model, [PREFIX, [1, 9]], [SUFFIX, [7, 8, 9, 10, 11, 12]])
+    greedy(model, prompt.inputs, new_tokens=41)  # 40 decode steps
+    counters = model._avl_backend.runtime.counters
+    assert counters["decode_graphs_in_graph"] == 40
+    assert counters["decode_graphs_in_python"] == 0
+    assert len(counter.ops) > 40 * 100, "the graphs ran under the counter"
+    assert not SYNCING_OPS & set(counter.ops)
+    decode_graphs = [g for g in model._avl_backend.graphs if g.decode_in_graph]
+    assert decode_graphs
+    for record in decode_graphs:  # one graph: no runtime call left to split it
+        assert "attention_site" not in record.code_after
+        assert "avl_decode_site" in record.code_after
+
+
+def _graphs_of_one_generate(new_tokens: int) -> int:
+    model = avl_compile.compile(tiny_llava(), options={"inner": "eager"})
+    greedy(model, llava_prompt(model, [PREFIX], [SUFFIX]).inputs, new_tokens)
+    assert model._avl_backend.runtime.counters["decode_graphs_in_python"] == 0
+    return len(model._avl_backend.graphs)
+
+
+def test_graphs_per_generate_do_not_grow_with_length():
+    count_256 = _graphs_of_one_generate(256)
+    torch._dynamo.reset()
+    assert _graphs_of_one_generate(512) == count_256
+
+
+def test_no_recompile_storm_across_prompts_of_different_lengths():
+    model = avl_compile.compile(tiny_llava(), options={"inner": "eager"})
+    counts = []
+    for length in range(20):
+        suffix = [7 + i % 20 for i in range(1 + length)]
+        prefix = [1] + [5] * (length % 4)
+        greedy(model, llava_prompt(model, [prefix], [suffix], seed=length).inputs, 6)
+        counts.append(len(model._avl_backend.graphs))
+    # the first prompts make the lengths dynamic; the other 17 compile nothing
+    assert counts[-1] == counts[2], counts
+
+
+def _slots(role: list[int], position: list[int], scores: list[float], n_core: int):
+    capacity = len(role)
+    counters = torch.tensor([[capacity, 0, 100, n_core, capacity]])
+    return AvlSlots(
+        role=torch.tensor([role], dtype=torch.int8),
+        position=torch.tensor([[position]]),
+        text_rank=torch.full((1, 1, capacity), -1),
+        text_score=torch.zeros(1, 1, capacity, dtype=torch.float64),
+        counters=counters,
+        text_options=torch.tensor([1.0, 0.5, 100.0], dtype=torch.float64),
+    ), torch.tensor([scores], dtype=torch.float64)
+
+
+def test_core_re_pick_ties_keep_the_core_then_the_lower_position():
+    from avl_compile.policies.avl_decode import _repick_core
+
+    # four image rows of equal score for two core places: slot 2 (position 40) is in the
+    # core and stays; then the lower position: slot 1 (position 10) beats slots 0 and 3
+    slots, score = _slots([OTHER, OTHER, CORE, OTHER], [30, 10, 40, 20], [0.25] * 4, n_core=2)
+    _repick_core(slots, score)
+    assert slots.role[0].tolist() == [OTHER, CORE, CORE, OTHER]
+    # a higher score still wins over the tie rule
+    slots, score = _slots([OTHER, OTHER, CORE, OTHER], [30, 10, 40, 20], [0.3, 0.2, 0.2, 0.2], 2)
+    _repick_core(slots, score)
+    assert slots.role[0].tolist() == [CORE, OTHER, CORE, OTHER]
+
+
+def test_the_reference_breaks_ties_the_same_way():
+    scores = torch.tensor([0.25, 0.25, 0.25, 0.25], dtype=torch.float64)
+    positions = torch.tensor([10, 20, 30, 40])  # the reference's candidates: positional order
+    in_core = torch.tensor([False, False, True, False])
+    assert best_first(scores, positions, in_core).tolist()[:2] == [2, 0]
+    assert best_first(scores, positions).tolist() == [0, 1, 2, 3]
+
+
+def test_text_eviction_ties_drop_the_higher_position():
+    # three text rows (positions 5, 7, 6; ranks 0, 2, 1), budget max(round(0.5 n), 3): 3
+    # before the step, 3 after it for 4 text tokens, so one row goes: 1 heavy + 2 recent
+    # (ranks 2 and 3 are recent). A zero query attends uniformly: the older rows (positions
+    # 5 and 6) tie, and at equal scores the higher position goes
+    capacity, dim = 6, 4
+    keys = torch.zeros(1, 1, capacity, dim, dtype=torch.float64)
+    values = torch.zeros_like(keys)
+    slots = AvlSlots(
+        role=torch.tensor([[TEXT, TEXT, TEXT, 0, 0, 0]], dtype=torch.int8),
+        position=torch.tensor([[[5, 7, 6, -1, -1, -1]]]),
+        text_rank=torch.tensor([[[0, 2, 1, -1, -1, -1]]]),
+        text_score=torch.zeros(1, 1, capacity, dtype=torch.float64),
+        counters=torch.tensor([[3, 3, 8, 0, 0]]),  # text_end, n_text, position, n_core, start
+        text_options=torch.tensor([0.5, 0.5, 3.0], dtype=torch.float64),
+    )
+    query = torch.zeros(1, 1, 1, dim, dtype=torch.float64)
+    new = torch.ones(1, 1, 1, dim, dtype=torch.float64)
+    avl_decode_step(query, new, new, keys, values, slots, scale=1.0, refresh=False)
+    assert slots.position[0, 0].tolist() == [5, 7, 8, -1, -1, -1]  # the last row filled the hole
+    assert slots.text_rank[0, 0, :3].tolist() == [0, 2, 3]
+    assert slots.role[0].tolist() == [TEXT, TEXT, TEXT, 0, 0, 0]
+    assert int(slots.counters[0, 0]) == 3
+
+
+def test_eager_decode_step_equals_the_compiled_graph():
+    """inner=eager runs the step's Python; inductor compiles it: same tokens (float64)."""
+    make = functools.partial(tiny_llava, dtype=torch.float64)
+    prompt = llava_prompt(make(), [PREFIX], [SUFFIX])
+    eager = greedy(avl_compile.compile(make(), options={"inner": "eager"}), prompt.inputs, 12)
+    torch._dynamo.reset()
+    model = avl_compile.compile(make(), options={"inner": "aot_eager"})
+    assert torch.equal(greedy(model, prompt.inputs, 12).sequences, eager.sequences)
