@@ -89,11 +89,8 @@ class AvlBackend:
         if opts.policy == "avl" and not scatters and rewritable:
             if all(is_decode_site(site) for site in rewritable):
                 in_graph = {
-                    (refresh, grow): self._compile_decode(
-                        gm, rewritable, refresh, grow, example_inputs, opts
-                    )
+                    refresh: self._compile_decode(gm, rewritable, refresh, example_inputs, opts)
                     for refresh in (False, True)
-                    for grow in (False, True)
                 }
                 key_outputs, value_outputs = cache_outputs(gm, rewritable)
         recorders = insert_image_mask_recorders(gm.graph, scatters, self.runtime)
@@ -108,18 +105,19 @@ class AvlBackend:
             rewritten=rewritten,
             options=opts,
             code_before=code_before,
-            code_after=in_graph[False, False][0].code if in_graph else gm.code,
+            code_after=in_graph[False][0].code if in_graph else gm.code,
             decode_in_graph=in_graph is not None,
         )
         self.graphs.append(record)
         if rewritten or recorders:
             log.info(
-                "avl: graph %d: rewrote %d of %d attention sites (policy=%s), %d image-mask "
+                "avl: graph %d: rewrote %d of %d attention sites (policy=%s%s), %d image-mask "
                 "recorder(s)",
                 record.index,
                 rewritten,
                 len(sites),
                 opts.policy,
+                ", decode step inside the graph" if in_graph else "",
                 recorders,
             )
         for site in sites:
@@ -147,12 +145,11 @@ class AvlBackend:
         gm: fx.GraphModule,
         sites: list[AttentionSite],
         refresh: bool,
-        grow: bool,
         example_inputs: list[Any],
         opts: AvlOptions,
     ) -> tuple[fx.GraphModule, Callable]:
         """The decode graph with the A-VL step inside, and its compiled form."""
-        graph = rewrite_decode_sites(gm, sites, refresh, grow)
+        graph = rewrite_decode_sites(gm, sites, refresh)
         if opts.inner == "eager":
             return graph, graph.forward
         fake_mode = torch._guards.detect_fake_mode(example_inputs)

@@ -7,11 +7,10 @@ and calls the compiled graph with the state tensors appended to Dynamo's inputs.
 read back from the device.
 
 A cache grows between steps, here, by a power of two of slots, so that Dynamo's guards see
-its new length at the next forward. Only a prompt with nothing evicted (its cache as long as
-the sequence, which it may not outgrow) needs one slot inside a step: the ``grow`` graphs.
-
-Caches the in-graph step does not serve (a prompt that ran dense, a baseline policy's cache)
-go to the runtime-call graph, which handles every case in Python.
+its new length at the next forward. The runtime-call graph, which handles every case in
+Python, takes the steps the in-graph step does not serve: a prompt that ran dense, a baseline
+policy's cache, and a cache that must grow inside the step (a prompt with nothing evicted yet:
+its cache is as long as the sequence, which it may not outgrow, as with 100% budgets).
 """
 
 from __future__ import annotations
@@ -19,29 +18,28 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 
-from avl_compile.passes.rewrite_decode_sites import GROWN_STATE_TENSORS
 from avl_compile.policies.avl import AvlLayerState
-from avl_compile.policies.avl_decode import AvlSlots, grow_cache
+from avl_compile.policies.avl_decode import grow_cache
 from avl_compile.runtime import AvlRuntime, end_prefill, layer_state, set_layer_state
 
 
 class CompiledDecode:
-    """Dispatch one decode forward to its compiled graph (refresh step? grow a slot?), or
-    to the fallback."""
+    """Dispatch one decode forward to its compiled graph (plain or refresh step), or to the
+    fallback."""
 
     def __init__(
         self,
         key_inputs: list[int],
         key_outputs: list[int],
         value_outputs: list[int],
-        graphs: dict[tuple[bool, bool], Callable],
+        graphs: dict[bool, Callable],
         fallback: Callable,
         runtime: AvlRuntime,
     ) -> None:
         self.key_inputs = key_inputs  # Dynamo input index of each site's past keys
         self.key_outputs = key_outputs  # output index of each site's cache write-back
         self.value_outputs = value_outputs
-        self.graphs = graphs  # (refresh, grow) -> graph taking the state tensors last
+        self.graphs = graphs  # refresh step? -> graph taking the state tensors last
         self.fallback = fallback
         self.runtime = runtime
         # the caches of the last step, weakly (a finished generate's cache must be freed)
@@ -51,8 +49,7 @@ class CompiledDecode:
     def __call__(self, *args):
         end_prefill()
         states = self._states(args)
-        grow = states[0].next_growth(args[self.key_inputs[0]].shape[2]) if states else 0
-        if states is None or grow > 1:  # grow > 1: not grown between steps (cannot happen)
+        if states is None or states[0].next_growth(args[self.key_inputs[0]].shape[2]):
             self.runtime.counters["decode_graphs_in_python"] += 1
             return self.fallback(*args)
         first = states[0]
@@ -60,9 +57,7 @@ class CompiledDecode:
         for state in states:
             state.begin_step()
         tensors = [t for state in states for t in state.slots.tensors()]
-        result = self.graphs[schedule.refresh, bool(grow)](*args, *tensors)
-        if grow:
-            result = self._take_grown_state(result, states)
+        result = self.graphs[schedule.refresh](*args, *tensors)
         extra = schedule.growth_between_steps(result[self.key_outputs[0]].shape[2])
         if extra:
             result = self._grow(result, states, extra)
@@ -92,19 +87,6 @@ class CompiledDecode:
     def _remember(self, keys: list, states: list[AvlLayerState]) -> None:
         self._last_keys = tuple(weakref.ref(k) for k in keys)
         self._last_states = [weakref.ref(s) for s in states]
-
-    def _take_grown_state(self, result, states: list[AvlLayerState]) -> list:
-        """A grow graph returns each site's grown per-slot state after Dynamo's outputs."""
-        result = list(result)
-        grown = result[len(result) - GROWN_STATE_TENSORS * len(states) :]
-        del result[len(result) - len(grown) :]
-        for i, (state, key_output) in enumerate(zip(states, self.key_outputs, strict=True)):
-            per_slot = grown[i * GROWN_STATE_TENSORS : (i + 1) * GROWN_STATE_TENSORS]
-            old = state.slots
-            state.slots = AvlSlots(*per_slot, counters=old.counters, text_options=old.text_options)
-            set_layer_state(result[key_output], state)
-        self._remember([result[i] for i in self.key_outputs], states)
-        return result
 
     def _grow(self, result, states: list[AvlLayerState], extra: int) -> list:
         """Re-allocate every site's cache with ``extra`` free slots; the model's cache takes

@@ -7,13 +7,14 @@ After:   out = avl_decode_site(q, k_new, v_new, past_k, past_v, *state); return 
 
 The result is a new GraphModule (Dynamo's own graph is left as it was: Dynamo reads its
 placeholders after the backend returns); whoever calls it appends ``STATE_TENSORS`` state
-tensors per site, in site order, after Dynamo's inputs.
+tensors per site, in site order, after Dynamo's inputs. (One stacked tensor per field for
+all sites would mean fewer inputs, but AOTAutograd turns each in-place write into a view of
+an input into a copy of the whole stack: measured twice as slow.)
 """
 
 from __future__ import annotations
 
 import dataclasses
-import operator
 
 import torch
 from torch import Tensor, fx
@@ -21,10 +22,9 @@ from torch import Tensor, fx
 from avl_compile.lowering.slot_attention import score_dtype
 from avl_compile.passes.find_attention_sites import AttentionSite
 from avl_compile.passes.rewrite_attention_sites import erase_unused
-from avl_compile.policies.avl_decode import AvlSlots, avl_decode_step, grow_cache
+from avl_compile.policies.avl_decode import AvlSlots, avl_decode_step
 
 STATE_TENSORS = len(dataclasses.fields(AvlSlots))  # role, position, ..., text_options
-GROWN_STATE_TENSORS = 4  # role, position, text_rank, text_score: one entry per slot
 
 
 def avl_decode_site(
@@ -36,21 +36,11 @@ def avl_decode_site(
     *state: Tensor,
     scale: float | None,
     refresh: bool,
-    grow: bool,
-) -> Tensor | tuple[Tensor, ...]:
-    """The graph's entry to one site's decode step (flat tensors, as FX passes them).
-
-    With ``grow`` the cache and the per-slot state first get one more slot (a prompt with
-    nothing evicted yet: the cache is as long as the sequence) and come back as new tensors:
-    (output, keys, values, role, position, text_rank, text_score)."""
+) -> Tensor:
+    """The graph's entry to one site's decode step (flat tensors, as FX passes them)."""
     scale = scale if scale is not None else query.shape[-1] ** -0.5
     slots = AvlSlots(*state)
-    if grow:
-        keys, values, slots = grow_cache(keys, 1), grow_cache(values, 1), slots.grown(1)
-    output = avl_decode_step(query, new_keys, new_values, keys, values, slots, scale, refresh)
-    if not grow:
-        return output
-    return (output, keys, values, *slots.tensors()[:GROWN_STATE_TENSORS])
+    return avl_decode_step(query, new_keys, new_values, keys, values, slots, scale, refresh)
 
 
 def past_cache_inputs(site: AttentionSite) -> tuple[fx.Node, fx.Node] | None:
@@ -101,12 +91,9 @@ def cache_outputs(gm: fx.GraphModule, sites: list[AttentionSite]) -> tuple[list[
 
 
 def rewrite_decode_sites(
-    gm: fx.GraphModule, sites: list[AttentionSite], refresh: bool, grow: bool
+    gm: fx.GraphModule, sites: list[AttentionSite], refresh: bool
 ) -> fx.GraphModule:
-    """A copy of ``gm`` whose ``sites`` (all decode sites) run the A-VL step in the graph.
-
-    With ``grow`` each site's cache gets one more slot; the graph then returns the grown
-    per-slot state tensors after Dynamo's outputs (``GROWN_STATE_TENSORS`` per site)."""
+    """A copy of ``gm`` whose ``sites`` (all decode sites) run the A-VL step in the graph."""
     graph = fx.Graph()
     copies: dict[fx.Node, fx.Node] = {}
     graph.output(graph.graph_copy(gm.graph, copies))
@@ -115,12 +102,11 @@ def rewrite_decode_sites(
             new._dynamo_source = old._dynamo_source  # AOTAutograd reads it on Dynamo graphs
     last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
     output = graph.output_node()
-    grown_state: list[fx.Node] = []
     for index, site in enumerate(sites):
         state = []
-        for name in ("role", "position", "text_rank", "text_score", "counters", "options"):
+        for field in dataclasses.fields(AvlSlots):
             with graph.inserting_after(last_input):
-                last_input = graph.placeholder(f"avl_{name}_{index}")
+                last_input = graph.placeholder(f"avl_{field.name}_{index}")
             last_input._dynamo_source = None  # fed by the backend's wrapper, not by Dynamo
             state.append(last_input)
         past_keys, new_keys = (copies[n] for n in site.key_cat.args[0])
@@ -131,26 +117,15 @@ def rewrite_decode_sites(
                 avl_decode_site,
                 (copies[site.arguments["query"]], new_keys, new_values, past_keys, past_values,
                  *state),
-                {"scale": site.arguments["scale"], "refresh": refresh, "grow": grow},
+                {"scale": site.arguments["scale"], "refresh": refresh},
             )  # fmt: skip
-            if grow:
-                results = [
-                    graph.call_function(operator.getitem, (call, i))
-                    for i in range(3 + GROWN_STATE_TENSORS)
-                ]
-                attention, keys, values = results[:3]
-                grown_state.extend(results[3:])
-            else:
-                attention, keys, values = call, past_keys, past_values
-        attention.meta.update(sdpa.meta)
-        sdpa.replace_all_uses_with(attention)
-        output.replace_input_with(copies[site.key_cat], keys)
-        output.replace_input_with(copies[site.value_cat], values)
+        call.meta.update(sdpa.meta)
+        sdpa.replace_all_uses_with(call)
+        output.replace_input_with(copies[site.key_cat], past_keys)
+        output.replace_input_with(copies[site.value_cat], past_values)
         graph.erase_node(sdpa)
         chain = [*site.key_chain, *site.value_chain, site.key_cat, site.value_cat]
         erase_unused([copies[n] for n in chain])
-    if grown_state:
-        output.args = ((*output.args[0], *grown_state),)
     rewritten = fx.GraphModule(gm, graph)
     rewritten.meta.update(gm.meta)
     if hasattr(gm, "_param_name_to_source"):

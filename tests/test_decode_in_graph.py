@@ -148,3 +148,17 @@ def test_eager_decode_step_equals_the_compiled_graph():
     torch._dynamo.reset()
     model = avl_compile.compile(make(), options={"inner": "aot_eager"})
     assert torch.equal(greedy(model, prompt.inputs, 12).sequences, eager.sequences)
+
+
+def test_the_one_key_sort_orders_as_the_three_sorts():
+    generator = torch.Generator().manual_seed(0)
+    # scores with many exact ties, -inf for non-candidates, shuffled positions
+    scores = torch.randint(0, 4, (3, 50), generator=generator).float() / 8
+    scores[:, ::7] = float("-inf")
+    positions = torch.stack([torch.randperm(50, generator=generator) for _ in range(3)])
+    prefer = torch.rand(3, 50, generator=generator) < 0.3
+    for flag in (prefer, None):
+        one_key = best_first(scores, positions, flag)
+        three_sorts = best_first(scores.double(), positions, flag)
+        candidates = 50 - len(range(0, 50, 7))
+        assert torch.equal(one_key[:, :candidates], three_sorts[:, :candidates])

@@ -18,6 +18,14 @@ def test_info_summarises_what_each_compile_rewrote(caplog):
     assert any("rewrote 3 of 3 attention sites (policy=h2o), 1 image-mask" in s for s in summaries)
 
 
+def test_info_says_when_the_decode_step_runs_inside_the_graph(caplog):
+    prompt = llava_prompt(tiny_llava(), [[1, 5, 6]], [[7, 8, 9]])
+    with caplog.at_level(logging.INFO, logger="avl_compile"):
+        compiled_greedy(tiny_llava, prompt.inputs, {"inner": "eager"}, 4)
+    summaries = [r.getMessage() for r in caplog.records if "attention sites" in r.getMessage()]
+    assert any("(policy=avl, decode step inside the graph)" in s for s in summaries)
+
+
 def test_nothing_is_printed_by_default():
     script = (
         "import avl_compile, torch\n"

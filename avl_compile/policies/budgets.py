@@ -30,12 +30,24 @@ def best_first(scores: Tensor, positions: Tensor, prefer: Tensor | None = None) 
     """Order (indices along the last dim) of candidates, best first, under the one tie rule
     every selection of the policy and the reference follows: higher score first; among
     equal scores, the ``prefer`` ones first (rows already in the core, at a re-pick); then
-    the lower position. Fixed shapes, no host sync: up to three stable sorts."""
+    the lower position. Fixed shapes, no host sync. Non-negative float32 scores (or -inf)
+    sort once, on one int64 key; other dtypes take up to three stable sorts."""
+    if scores.dtype == torch.float32:
+        return torch.sort(_rule_key(scores, positions, prefer), dim=-1, descending=True).indices
     order = torch.sort(positions, dim=-1, stable=True).indices
     if prefer is not None:
         preferred = prefer.gather(-1, order).to(torch.int8)
-        order = order.gather(
-            -1, torch.sort(preferred, dim=-1, descending=True, stable=True).indices
-        )
+        first = torch.sort(preferred, dim=-1, descending=True, stable=True).indices
+        order = order.gather(-1, first)
     ranked = scores.gather(-1, order)
     return order.gather(-1, torch.sort(ranked, dim=-1, descending=True, stable=True).indices)
+
+
+def _rule_key(scores: Tensor, positions: Tensor, prefer: Tensor | None) -> Tensor:
+    """One int64 per candidate that orders as the tie rule does: the float32 score's bits
+    (monotone for non-negative floats; -inf is negative), the preference bit, then the
+    position reversed (positions are below 2**31)."""
+    key = scores.view(torch.int32).to(torch.int64) * 2**32
+    if prefer is not None:
+        key = key + prefer.to(torch.int64) * 2**31
+    return key + (2**31 - 1 - positions.to(torch.int64))
