@@ -12,7 +12,7 @@ import torch
 from torch import fx
 
 from avl_compile.compiled_decode import CompiledDecode
-from avl_compile.options import AvlOptions
+from avl_compile.options import AvlOptions, uses_cudagraphs
 from avl_compile.passes.find_attention_sites import (
     NOT_DECODER_REASON,
     STATIC_CACHE_REASON,
@@ -25,6 +25,7 @@ from avl_compile.passes.rewrite_attention_sites import rewrite_attention_sites
 from avl_compile.passes.rewrite_decode_sites import (
     cache_outputs,
     is_decode_site,
+    mark_state_inputs_static,
     past_cache_inputs,
     rewrite_decode_sites,
     state_examples,
@@ -155,7 +156,13 @@ class AvlBackend:
         fake_mode = torch._guards.detect_fake_mode(example_inputs)
         with fake_mode:
             states = [t for site in sites for t in state_examples(site)]
-        return graph, _inner_backend(opts.inner)(graph, [*example_inputs, *states])
+        inputs = [*example_inputs, *states]
+        if uses_cudagraphs(opts, states[0].device):
+            from torch._inductor.compile_fx import compile_fx
+
+            mark_state_inputs_static(graph)
+            return graph, compile_fx(graph, inputs, config_patches={"triton.cudagraphs": True})
+        return graph, _inner_backend(opts.inner)(graph, inputs)
 
 
 @dataclasses.dataclass

@@ -18,6 +18,8 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 
+import torch
+
 from avl_compile.policies.avl import AvlLayerState
 from avl_compile.policies.avl_decode import grow_cache
 from avl_compile.runtime import AvlRuntime, end_prefill, layer_state, set_layer_state
@@ -95,8 +97,10 @@ class CompiledDecode:
         for key_output, value_output, state in zip(
             self.key_outputs, self.value_outputs, states, strict=True
         ):
-            result[key_output] = grow_cache(result[key_output], extra)
-            result[value_output] = grow_cache(result[value_output], extra)
+            for index in (key_output, value_output):
+                result[index] = grow_cache(result[index], extra)
+                if result[index].is_cuda:  # CUDA-graph trees: written in place, never copied
+                    torch._dynamo.mark_static_address(result[index], guard=False)
             state.slots = state.slots.grown(extra)
             set_layer_state(result[key_output], state)
         self._remember([result[i] for i in self.key_outputs], states)

@@ -7,6 +7,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 POLICIES = ("avl", "full", "h2o", "streaming", "fastv", "random")
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 
@@ -34,6 +36,8 @@ class AvlOptions:
     streaming_sink: int = 4  # first tokens StreamingLLM never evicts
     seed: int = 0  # random: which image tokens are dropped
     inner: str = "inductor"
+    # decode graphs through Inductor's CUDA-graph trees; None: on for CUDA with inner=inductor
+    cudagraphs: bool | None = None
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any] | None) -> AvlOptions:
@@ -53,6 +57,8 @@ class AvlOptions:
             _fail("policy", self.policy, f"one of {list(POLICIES)}")
         if self.inner not in INNER_COMPILERS:
             _fail("inner", self.inner, f"one of {list(INNER_COMPILERS)}")
+        if self.cudagraphs not in (None, True, False):
+            _fail("cudagraphs", self.cudagraphs, "True, False or None (on for CUDA with inductor)")
         for name in ("vision_keep", "vision_compute", "text_keep"):
             _check_fraction(name, getattr(self, name))
         _check_fraction("text_heavy_share", self.text_heavy_share, allow_zero=True)
@@ -101,6 +107,12 @@ class AvlOptions:
             and self.text_keep == 1.0
             and self.prefill_filter_keep in (None, 1.0)
         )
+
+
+def uses_cudagraphs(options: AvlOptions, device) -> bool:
+    """Whether decode graphs on ``device`` run through CUDA-graph trees."""
+    wanted = options.cudagraphs is not False
+    return wanted and options.inner == "inductor" and torch.device(device).type == "cuda"
 
 
 def _is_int(value: Any) -> bool:

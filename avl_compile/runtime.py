@@ -206,8 +206,10 @@ class AvlRuntime:
         )
         _LAYER_STATES[kept_keys] = state
         # decode graphs then compile for any cache length: the cache grows without a recompile
-        torch._dynamo.maybe_mark_dynamic(kept_keys, 2)
-        torch._dynamo.maybe_mark_dynamic(kept_values, 2)
+        for cache in (kept_keys, kept_values):
+            torch._dynamo.maybe_mark_dynamic(cache, 2)
+            if cache.is_cuda:  # written in place: CUDA-graph trees need not copy it per replay
+                torch._dynamo.mark_static_address(cache, guard=False)
         self.counters["prefill_sites"] += 1
         self.counters["prefill_kv_bytes"] += kept_keys.nbytes + kept_values.nbytes
         log.debug("%s: prefill kept %d of %d KV rows", site.name, kept_keys.shape[2], q_len)

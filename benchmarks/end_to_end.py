@@ -157,6 +157,13 @@ def main() -> None:
             "avl (inductor)": lambda m: avl_compile.compile(m),
             "avl (aot_eager)": lambda m: avl_compile.compile(m, options={"inner": "aot_eager"}),
         }
+        if args.device == "cuda":  # avl's decode graphs use CUDA graphs by default there
+            configs["dense inductor (cudagraphs)"] = lambda m: (
+                setattr(m, "forward", torch.compile(m.forward, mode="reduce-overhead")) or m
+            )
+            configs["avl (inductor, no cudagraphs)"] = lambda m: avl_compile.compile(
+                m, options={"cudagraphs": False}
+            )
         for name, prepare in configs.items():
             if name in args.skip:
                 continue

@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_checks.sh tests      # GPU-only tests: bf16 kernel, Triton in Inductor
 #   bash benchmarks/gpu_checks.sh attention  # benchmarks/attention.py default grid (bf16, batch 1/16)
 #   bash benchmarks/gpu_checks.sh e2e        # benchmarks/end_to_end.py --preset llava16, batch 1/16
+#                                            # (dense and avl, with and without CUDA graphs)
 # Output goes to $OUT (the device tool brings it back) or gpu_results/. The device image has
 # torch, transformers and triton but nothing can be downloaded there: carry a folder made here
 # with `pip install --target .gpu_deps tabulate` (git-ignored; name it in carry) if tabulate is

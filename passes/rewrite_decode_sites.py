@@ -81,6 +81,14 @@ def state_examples(site: AttentionSite) -> list[Tensor]:
     ]
 
 
+def mark_state_inputs_static(gm: fx.GraphModule) -> None:
+    """Tell AOTAutograd (hence CUDA-graph trees) that the state inputs keep their address
+    from step to step: they are updated in place, never copied into a graph's pool."""
+    for node in gm.graph.find_nodes(op="placeholder"):
+        if node.meta.get("avl_state"):
+            node.meta.setdefault("tensor_dict", {})["_dynamo_static_input_type"] = "unguarded"
+
+
 def cache_outputs(gm: fx.GraphModule, sites: list[AttentionSite]) -> tuple[list[int], list[int]]:
     """Where each site's cache write-back (keys, values) sits among the graph's outputs."""
     returned = list(gm.graph.output_node().args[0])
@@ -108,6 +116,7 @@ def rewrite_decode_sites(
             with graph.inserting_after(last_input):
                 last_input = graph.placeholder(f"avl_{field.name}_{index}")
             last_input._dynamo_source = None  # fed by the backend's wrapper, not by Dynamo
+            last_input.meta["avl_state"] = True
             state.append(last_input)
         past_keys, new_keys = (copies[n] for n in site.key_cat.args[0])
         past_values, new_values = (copies[n] for n in site.value_cat.args[0])

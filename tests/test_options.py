@@ -1,6 +1,6 @@
 import pytest
 
-from avl_compile.options import AvlOptions
+from avl_compile.options import AvlOptions, uses_cudagraphs
 
 
 def test_defaults_match_the_paper_settings():
@@ -51,3 +51,12 @@ def test_full_budgets_are_recognised():
         {"vision_keep": 1.0, "vision_compute": 1.0, "text_keep": 1.0}
     ).keeps_everything
     assert not AvlOptions.from_mapping({}).keeps_everything
+
+
+def test_cudagraphs_option_is_checked_and_only_acts_on_cuda_with_inductor():
+    with pytest.raises(ValueError, match="cudagraphs='yes'.*True, False or None"):
+        AvlOptions.from_mapping({"cudagraphs": "yes"})
+    assert uses_cudagraphs(AvlOptions(), "cuda")
+    assert not uses_cudagraphs(AvlOptions(cudagraphs=False), "cuda")
+    assert not uses_cudagraphs(AvlOptions(inner="aot_eager"), "cuda")
+    assert not uses_cudagraphs(AvlOptions(cudagraphs=True), "cpu")  # accepted, no effect
