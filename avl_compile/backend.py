@@ -183,13 +183,17 @@ RECOMPILE_LIMIT = 64
 
 
 def _raise_recompile_limit() -> None:
-    """Each compiled model adds ~4 entries (prefill, first decodes, dynamic decode) to the
-    forward's code cache. Past Dynamo's limit (8) the forward would run uncompiled on a
-    compacted cache, which is wrong, so the limit is raised for a few models per process."""
+    """Each compiled model adds a few entries (prefill graphs, decode graph) to the forward's
+    code cache, shared by the models of a class. Past Dynamo's limit (8) a forward would run
+    uncompiled, possibly on a cache a compiled prefill compacted, which is wrong: so the
+    limit is raised for a few dozen models per process, and reaching it raises instead."""
     config = torch._dynamo.config
     if config.recompile_limit < RECOMPILE_LIMIT:
         log.info("avl: raising torch._dynamo.config.recompile_limit to %d", RECOMPILE_LIMIT)
         config.recompile_limit = RECOMPILE_LIMIT
+    if not config.fail_on_recompile_limit_hit:
+        log.info("avl: setting torch._dynamo.config.fail_on_recompile_limit_hit")
+        config.fail_on_recompile_limit_hit = True
 
 
 def _inner_backend(name: str) -> Callable:

@@ -67,3 +67,23 @@ def test_a_dense_prefill_leaves_no_image_mask_for_the_next_prompt():
     assert second.inputs["input_ids"].shape == first.inputs["input_ids"].shape
     got = greedy(model, second.inputs, 8).sequences
     assert torch.equal(got, reference_greedy(make, second.inputs, {}, 8))
+
+
+def test_past_dynamos_recompile_limit_a_model_fails_instead_of_running_uncompiled(monkeypatch):
+    # an uncompiled forward could run on a cache a compiled prefill compacted (wrong tokens,
+    # silently): the backend makes reaching the limit an error
+    import avl_compile.backend
+
+    monkeypatch.setattr(avl_compile.backend, "RECOMPILE_LIMIT", 8)
+    config = torch._dynamo.config
+    saved = config.recompile_limit, config.fail_on_recompile_limit_hit
+    config.recompile_limit, config.fail_on_recompile_limit_hit = 8, False
+    prompt = llava_prompt(tiny_llava(), [[1, 5]], [[7, 8]])
+    try:
+        with pytest.raises(Exception, match="recompile_limit"):
+            for _ in range(4):  # each model adds entries to the shared forward's cache
+                model = avl_compile.compile(tiny_llava(), options={"inner": "eager"})
+                greedy(model, prompt.inputs, new_tokens=3)
+                assert model._avl_backend.runtime.counters["decode_graphs_in_graph"] == 2
+    finally:
+        config.recompile_limit, config.fail_on_recompile_limit_hit = saved
