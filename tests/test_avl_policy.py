@@ -95,6 +95,8 @@ def test_decode_keeps_the_layout_and_attends_sink_core_and_text(refresh_every):
             new_q, before, new_k, cache_values, new_v, scale, state
         )
         reallocations += cache_keys is not before
+        counted = sum(len(attended_rows[b][0]) + 1 for b in range(BATCH)) / BATCH
+        assert state.attended_rows == counted, "the host counts the rows the step attended"
         _check_layout(state, cache_keys, cache_values, all_keys, all_values, image_mask)
         for b in range(BATCH):
             for h in range(KV_HEADS):

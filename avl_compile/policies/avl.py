@@ -70,6 +70,7 @@ class AvlSchedule:
     step: int = 0  # 0 after prefill; decode step t is the t-th decode forward
     write_rows: int = 0  # rows the current step needs (its token included)
     write_position: int = 0  # position of the current step's token
+    attended_text: list[int] = dataclasses.field(default_factory=list)  # this step's text rows
 
     @property
     def rows_in_use(self) -> int:
@@ -89,6 +90,7 @@ class AvlSchedule:
         self.position += 1
         self.n_text = [n + 1 for n in self.n_text]
         budgets = text_budgets(self.n_text, self.options)
+        self.attended_text = [k + 1 for k in self.kept_text]  # the new token, before a trim
         self.kept_text = [min(k + 1, b) for k, b in zip(self.kept_text, budgets, strict=True)]
 
     def growth(self, capacity: int, started: bool = True) -> int:
@@ -118,9 +120,9 @@ class AvlSchedule:
         """Rows the current step attends, mean over batch rows."""
         refresh = self.refresh
         rows = [
-            base + kept + (other if refresh else 0)
-            for base, kept, other in zip(
-                self.attended_base, self.kept_text, self.others, strict=True
+            base + text + (other if refresh else 0)
+            for base, text, other in zip(
+                self.attended_base, self.attended_text, self.others, strict=True
             )
         ]
         return sum(rows) / len(rows)
