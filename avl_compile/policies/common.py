@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from avl_compile.policies.budgets import fraction_count
+from avl_compile.policies.budgets import best_first, fraction_count
 
 _QUERY_CHUNK = 256  # query rows per block when summing prefill attention columns
 
@@ -140,9 +140,7 @@ def topk_positions(scores: Tensor, candidates: Tensor, k: int) -> Tensor:
     (ascending); ties go to the lower position."""
     if k <= 0 or candidates.numel() == 0:
         return candidates[:0]
-    # the tie rule (budgets.best_first): candidates are in positional order, a stable sort
-    # puts the lower position first among equal scores
-    best = torch.sort(scores[candidates], descending=True, stable=True).indices[:k]
+    best = best_first(scores[candidates], candidates)[:k]  # the one tie rule
     return candidates[best].sort().values
 
 
