@@ -55,6 +55,37 @@ def test_decode_steps_run_in_the_graph_with_no_host_sync(monkeypatch):
         assert "avl_decode_site" in record.code_after
 
 
+def test_inductor_writes_the_cache_in_place(monkeypatch):
+    """Every write of the step into the cache stays in place after Inductor's passes: one
+    it cannot re-inplace becomes a copy of the whole cache at every step."""
+    from torch._inductor.fx_passes import post_grad
+
+    original = post_grad.reinplace_inplaceable_ops
+    functional_writes, graphs = [], []
+
+    def reinplace(*args):
+        original(*args)
+        graph = args[-1]
+        graphs.append(graph)
+        functional_writes.extend(
+            str(node) for node in graph.find_nodes(
+                op="call_function", target=torch.ops.aten.index_put.default
+            )
+        )  # fmt: skip
+
+    monkeypatch.setattr(post_grad, "reinplace_inplaceable_ops", reinplace)
+    model = avl_compile.compile(tiny_llava(), options={"refresh_every": 2})
+    uncached = {"fx_graph_cache": False, "fx_graph_remote_cache": False}
+    with (
+        torch._inductor.config.patch(uncached),
+        torch._functorch.config.patch(enable_autograd_cache=False),
+    ):  # the passes must run
+        greedy(model, llava_prompt(model, [PREFIX], [SUFFIX]).inputs, new_tokens=6)
+    assert model._avl_backend.runtime.counters["decode_graphs_in_graph"] == 5
+    assert len(graphs) >= 3, "prefill, plain and refresh graphs went through the passes"
+    assert functional_writes == []
+
+
 def _graphs_of_one_generate(new_tokens: int) -> int:
     model = avl_compile.compile(tiny_llava(), options={"inner": "eager"})
     greedy(model, llava_prompt(model, [PREFIX], [SUFFIX]).inputs, new_tokens)
