@@ -23,7 +23,10 @@ from avl_compile.passes.find_image_mask import find_image_scatters
 from avl_compile.passes.record_image_mask import insert_image_mask_recorders
 from avl_compile.passes.rewrite_attention_sites import rewrite_attention_sites
 from avl_compile.passes.rewrite_decode_sites import (
+    DecodeStep,
+    avl_step,
     cache_outputs,
+    eviction_step,
     is_decode_site,
     mark_state_inputs_static,
     past_cache_inputs,
@@ -31,6 +34,7 @@ from avl_compile.passes.rewrite_decode_sites import (
     state_examples,
 )
 from avl_compile.passes.split_at_runtime_calls import split_at_runtime_calls
+from avl_compile.policies import POLICY_CLASSES
 from avl_compile.runtime import AvlRuntime, SiteCall
 
 log = logging.getLogger("avl_compile")
@@ -87,13 +91,19 @@ class AvlBackend:
         # changes gm, which stays as the fallback for caches the step does not serve
         in_graph = None
         caches = [past_cache_inputs(site) for site in rewritable]  # before erased by the rewrite
-        if opts.policy == "avl" and not scatters and rewritable:
-            if all(is_decode_site(site) for site in rewritable):
-                in_graph = {
-                    refresh: self._compile_decode(gm, rewritable, refresh, example_inputs, opts)
-                    for refresh in (False, True)
-                }
-                key_outputs, value_outputs = cache_outputs(gm, rewritable)
+        if not scatters and rewritable and all(is_decode_site(site) for site in rewritable):
+            if opts.policy == "avl":  # a refresh step is a graph of its own
+                steps = {refresh: avl_step(refresh) for refresh in (False, True)}
+            else:
+                steps = {False: eviction_step(POLICY_CLASSES[opts.policy].eviction)}
+            growing = _sites_evicting_nothing(opts, rewritable)
+            in_graph = {
+                (refresh, growing): self._compile_decode(
+                    gm, rewritable, step, growing, example_inputs, opts
+                )
+                for refresh, step in steps.items()
+            }
+            key_outputs, value_outputs = cache_outputs(gm, rewritable)
         recorders = insert_image_mask_recorders(gm.graph, scatters, self.runtime)
         site_calls = rewrite_attention_sites(gm.graph, sites, opts, self.runtime)
         self._sites.update(site_calls)
@@ -106,7 +116,7 @@ class AvlBackend:
             rewritten=rewritten,
             options=opts,
             code_before=code_before,
-            code_after=in_graph[False][0].code if in_graph else gm.code,
+            code_after=next(iter(in_graph.values()))[0].code if in_graph else gm.code,
             decode_in_graph=in_graph is not None,
         )
         self.graphs.append(record)
@@ -145,17 +155,22 @@ class AvlBackend:
     def _compile_decode(
         gm: fx.GraphModule,
         sites: list[AttentionSite],
-        refresh: bool,
+        step: DecodeStep,
+        growing: frozenset[int],
         example_inputs: list[Any],
         opts: AvlOptions,
     ) -> tuple[fx.GraphModule, Callable]:
-        """The decode graph with the A-VL step inside, and its compiled form."""
-        graph = rewrite_decode_sites(gm, sites, refresh)
+        """The decode graph with the policy's step inside, and its compiled form."""
+        graph = rewrite_decode_sites(gm, sites, step, growing)
         if opts.inner == "eager":
             return graph, graph.forward
         fake_mode = torch._guards.detect_fake_mode(example_inputs)
         with fake_mode:
-            states = [t for site in sites for t in state_examples(site)]
+            states = [
+                t
+                for index, site in enumerate(sites)
+                for t in state_examples(site, step, grows=index in growing)
+            ]
         inputs = [*example_inputs, *states]
         if opts.inner != "inductor":
             return graph, _inner_backend(opts.inner)(graph, inputs)
@@ -169,6 +184,25 @@ class AvlBackend:
             mark_state_inputs_static(graph)
             patches["triton.cudagraphs"] = True
         return graph, compile_fx(graph, inputs, config_patches=patches)
+
+
+def _sites_evicting_nothing(opts: AvlOptions, sites: list[AttentionSite]) -> frozenset[int]:
+    """The sites whose layer keeps every token (their cache grows by one slot per step,
+    inside the graph): all at budgets that evict nothing, FastV's layers before its filter."""
+    if opts.policy == "avl":
+        keeps = opts.vision_keep == 1.0 and opts.text_keep == 1.0
+        keeps = keeps and opts.prefill_filter_keep in (None, 1.0)
+    else:
+        keeps = opts.policy == "full" or opts.kv_budget == 1.0
+    if keeps:
+        return frozenset(range(len(sites)))
+    if opts.policy == "fastv":
+        return frozenset(
+            index
+            for index, site in enumerate(sites)
+            if site.layer_idx is not None and site.layer_idx < opts.prefill_filter_layer
+        )
+    return frozenset()
 
 
 @dataclasses.dataclass

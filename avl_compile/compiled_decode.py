@@ -1,16 +1,17 @@
-"""The callable the backend returns for a decode graph whose A-VL step runs in the graph.
+"""The callable the backend returns for a decode graph whose policy step (A-VL's or a
+baseline's) runs in the graph.
 
-Per forward it does host work only, once per graph, never per layer: it finds the layers'
-state by their cache tensors (an identity check when they are the tensors of the last step),
-starts the step on the host schedule (which step refreshes, whether the cache must grow),
-and calls the compiled graph with the state tensors appended to Dynamo's inputs. Nothing is
-read back from the device.
+Per forward it does host work only, once per graph (per layer only where layers hold
+different counts, as the baselines' may): it finds the layers' state by their cache tensors
+(an identity check when they are the tensors of the last step), starts the step on the host
+schedule (which step refreshes, whether a cache must grow), and calls the compiled graph
+with the state tensors appended to Dynamo's inputs. Nothing is read back from the device.
 
 A cache grows between steps, here, by a power of two of slots, so that Dynamo's guards see
 its new length at the next forward. The runtime-call graph, which handles every case in
-Python, takes the steps the in-graph step does not serve: a prompt that ran dense, a baseline
-policy's cache, and a cache that must grow inside the step (a prompt with nothing evicted yet:
-its cache is as long as the sequence, which it may not outgrow, as with 100% budgets).
+Python, takes the steps the in-graph step does not serve: a prompt that ran dense, and a
+cache that must grow inside the step (a layer with nothing evicted: its cache is as long as
+the sequence, which it may not outgrow, as with 100% budgets or FastV's first layers).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from collections.abc import Callable
 
 import torch
 
-from avl_compile.policies.avl import AvlLayerState
 from avl_compile.policies.avl_decode import grow_cache
+from avl_compile.policies.decode_schedule import LayerState
 from avl_compile.runtime import AvlRuntime, end_prefill, layer_state, set_layer_state
 
 
@@ -34,43 +35,86 @@ class CompiledDecode:
         key_inputs: list[int],
         key_outputs: list[int],
         value_outputs: list[int],
-        graphs: dict[bool, Callable],
+        graphs: dict[tuple[bool, frozenset[int]], Callable],
         fallback: Callable,
         runtime: AvlRuntime,
     ) -> None:
         self.key_inputs = key_inputs  # Dynamo input index of each site's past keys
         self.key_outputs = key_outputs  # output index of each site's cache write-back
         self.value_outputs = value_outputs
-        self.graphs = graphs  # refresh step? -> graph taking the state tensors last
+        # (refresh step?, layers whose cache grows in the step) -> graph taking the state
+        # tensors last
+        self.graphs = graphs
         self.fallback = fallback
         self.runtime = runtime
         # the caches of the last step, weakly (a finished generate's cache must be freed)
         self._last_keys: tuple[weakref.ref, ...] = ()
         self._last_states: list[weakref.ref] = []
+        self._shared_schedule = False  # the last states' layers share one schedule (A-VL)
 
     def __call__(self, *args):
         end_prefill()
         states = self._states(args)
-        if states is None or states[0].next_growth(args[self.key_inputs[0]].shape[2]):
+        graph, growing = None, ()
+        if states is not None:
+            growing = self._growing_in_step(states, args)
+            if growing is not None:
+                graph = self.graphs.get((states[0].next_refresh, frozenset(growing)))
+        if graph is None:
             self.runtime.counters["decode_graphs_in_python"] += 1
             return self.fallback(*args)
-        first = states[0]
-        schedule = first.schedule
         for state in states:
             state.begin_step()
+        for layer in growing:  # the graph grows the cache by one slot: the state too
+            states[layer].slots = states[layer].slots.grown(1)
         tensors = [t for state in states for t in state.slots.tensors()]
-        result = self.graphs[schedule.refresh](*args, *tensors)
-        extra = schedule.growth_between_steps(result[self.key_outputs[0]].shape[2])
-        if extra:
-            result = self._grow(result, states, extra)
+        result = graph(*args, *tensors)
+        if growing:  # new cache tensors, from the graph's concatenation
+            for layer in growing:
+                set_layer_state(result[self.key_outputs[layer]], states[layer])
+            self._remember([result[i] for i in self.key_outputs], states)
+        result = self._grow_between_steps(result, states)
         counters = self.runtime.counters
         counters["decode_graphs_in_graph"] += 1
         counters["decode_sites"] += len(states)
-        counters["attended_rows"] += schedule.attended_rows * len(states)
+        if self._shared_schedule:
+            counters["attended_rows"] += states[0].attended_rows * len(states)
+        else:
+            counters["attended_rows"] += sum(state.attended_rows for state in states)
         return result
 
-    def _states(self, args) -> list[AvlLayerState] | None:
-        """The A-VL state of each site's cache, or None if some cache has none."""
+    def _growing_in_step(self, states: list[LayerState], args) -> tuple[int, ...] | None:
+        """The layers whose cache must grow by one slot inside this step (those that evict
+        nothing); None if one must grow by more (the fallback's case)."""
+        if self._shared_schedule:  # every layer holds as many rows: ask the first
+            extra = states[0].next_growth(args[self.key_inputs[0]].shape[2])
+            return None if extra > 1 else tuple(range(len(states))) if extra else ()
+        growth = [
+            state.next_growth(args[index].shape[2])
+            for state, index in zip(states, self.key_inputs, strict=True)
+        ]
+        if any(extra > 1 for extra in growth):
+            return None
+        return tuple(layer for layer, extra in enumerate(growth) if extra)
+
+    def _grow_between_steps(self, result, states: list[LayerState]):
+        """Re-allocate the caches the next step would overflow."""
+        grown = None
+        for layer, state in enumerate(states):
+            capacity = result[self.key_outputs[layer]].shape[2]
+            extra = state.schedule.growth_between_steps(capacity)
+            if extra:
+                grown = list(result) if grown is None else grown
+                self._grow(grown, layer, state, extra)
+            elif self._shared_schedule:
+                break  # every layer holds as many rows as the first
+        if grown is None:
+            return result
+        self._remember([grown[i] for i in self.key_outputs], states)
+        return grown
+
+    def _states(self, args) -> list[LayerState] | None:
+        """The decode state of each site's cache, or None if some cache has none."""
         keys = [args[i] for i in self.key_inputs]
         if len(keys) == len(self._last_keys) and all(
             a is b() for a, b in zip(keys, self._last_keys, strict=True)
@@ -79,29 +123,25 @@ class CompiledDecode:
             if all(s is not None for s in states):
                 return states
         states = [layer_state(k) for k in keys]
-        if not all(isinstance(s, AvlLayerState) for s in states):
+        if not all(isinstance(s, LayerState) for s in states):
             return None
-        if any(s.schedule is not states[0].schedule for s in states):
+        if any(type(s.slots) is not type(states[0].slots) for s in states):
             return None
+        self._shared_schedule = all(s.schedule is states[0].schedule for s in states)
         self._remember(keys, states)
         return states
 
-    def _remember(self, keys: list, states: list[AvlLayerState]) -> None:
+    def _remember(self, keys: list, states: list[LayerState]) -> None:
         self._last_keys = tuple(weakref.ref(k) for k in keys)
         self._last_states = [weakref.ref(s) for s in states]
 
-    def _grow(self, result, states: list[AvlLayerState], extra: int) -> list:
-        """Re-allocate every site's cache with ``extra`` free slots; the model's cache takes
+    def _grow(self, result: list, layer: int, state: LayerState, extra: int) -> None:
+        """Re-allocate one site's cache with ``extra`` free slots; the model's cache takes
         the new tensors from the graph's outputs."""
-        result = list(result)
-        for key_output, value_output, state in zip(
-            self.key_outputs, self.value_outputs, states, strict=True
-        ):
-            for index in (key_output, value_output):
-                result[index] = grow_cache(result[index], extra)
-                if result[index].is_cuda:  # CUDA-graph trees: written in place, never copied
-                    torch._dynamo.mark_static_address(result[index], guard=False)
-            state.slots = state.slots.grown(extra)
-            set_layer_state(result[key_output], state)
-        self._remember([result[i] for i in self.key_outputs], states)
-        return result
+        key_output, value_output = self.key_outputs[layer], self.value_outputs[layer]
+        for index in (key_output, value_output):
+            result[index] = grow_cache(result[index], extra)
+            if result[index].is_cuda:  # CUDA-graph trees: written in place, never copied
+                torch._dynamo.mark_static_address(result[index], guard=False)
+        state.slots = state.slots.grown(extra)
+        set_layer_state(result[key_output], state)

@@ -1,12 +1,13 @@
-"""Put the A-VL decode step inside a decode graph: each decoder site's cache concat and SDPA
-become one call of the pure tensor step, which writes the token into the layer's
-fixed-capacity cache in place; the graph gets the layers' state tensors as extra inputs.
+"""Put a policy's decode step inside a decode graph: each decoder site's cache concat and
+SDPA become one call of the pure tensor step (A-VL's or a baseline's), which writes the
+token into the layer's fixed-capacity cache in place; the graph gets the layers' state
+tensors as extra inputs.
 
 Before:  keys = cat([past_k, k_new], -2); out = sdpa(q, keys, ...); return (.., keys, ..)
 After:   out = avl_decode_site(q, k_new, v_new, past_k, past_v, *state); return (.., past_k, ..)
 
 The result is a new GraphModule (Dynamo's own graph is left as it was: Dynamo reads its
-placeholders after the backend returns); whoever calls it appends ``STATE_TENSORS`` state
+placeholders after the backend returns); whoever calls it appends the step's state
 tensors per site, in site order, after Dynamo's inputs. (One stacked tensor per field for
 all sites would mean fewer inputs, but AOTAutograd turns each in-place write into a view of
 an input into a copy of the whole stack: measured twice as slow.)
@@ -15,6 +16,8 @@ an input into a copy of the whole stack: measured twice as slow.)
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, fx
@@ -23,8 +26,7 @@ from avl_compile.lowering.slot_attention import score_dtype
 from avl_compile.passes.find_attention_sites import AttentionSite
 from avl_compile.passes.rewrite_attention_sites import erase_unused
 from avl_compile.policies.avl_decode import AvlSlots, avl_decode_step
-
-STATE_TENSORS = len(dataclasses.fields(AvlSlots))  # role, position, ..., text_options
+from avl_compile.policies.eviction_decode import EvictionSlots, eviction_decode_step
 
 
 def avl_decode_site(
@@ -37,10 +39,50 @@ def avl_decode_site(
     scale: float | None,
     refresh: bool,
 ) -> Tensor:
-    """The graph's entry to one site's decode step (flat tensors, as FX passes them)."""
+    """The graph's entry to one A-VL site's decode step (flat tensors, as FX passes them)."""
     scale = scale if scale is not None else query.shape[-1] ** -0.5
     slots = AvlSlots(*state)
     return avl_decode_step(query, new_keys, new_values, keys, values, slots, scale, refresh)
+
+
+def eviction_decode_site(
+    query: Tensor,
+    new_keys: Tensor,
+    new_values: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    *state: Tensor,
+    scale: float | None,
+    eviction: str,
+) -> Tensor:
+    """The graph's entry to one baseline site's decode step."""
+    scale = scale if scale is not None else query.shape[-1] ** -0.5
+    slots = EvictionSlots(*state)
+    return eviction_decode_step(query, new_keys, new_values, keys, values, slots, scale, eviction)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeStep:
+    """What every decode site of a graph becomes: a step function, its keyword arguments
+    (fixed when the graph is built) and the class of its state tensors."""
+
+    function: Callable[..., Tensor]
+    kwargs: dict[str, Any]
+    state: type  # AvlSlots or EvictionSlots: its fields are the state tensors, in order
+
+    @property
+    def state_names(self) -> list[str]:
+        return [field.name for field in dataclasses.fields(self.state)]
+
+
+def avl_step(refresh: bool) -> DecodeStep:
+    """A-VL's decode step (``refresh``: a step that attends every kept image row)."""
+    return DecodeStep(avl_decode_site, {"refresh": refresh}, AvlSlots)
+
+
+def eviction_step(eviction: str) -> DecodeStep:
+    """A baseline's decode step (``eviction``: what leaves the cache after it)."""
+    return DecodeStep(eviction_decode_site, {"eviction": eviction}, EvictionSlots)
 
 
 def past_cache_inputs(site: AttentionSite) -> tuple[fx.Node, fx.Node] | None:
@@ -64,21 +106,16 @@ def is_decode_site(site: AttentionSite) -> bool:
     return past.shape[2] != 0 and query.shape[2] == 1
 
 
-def state_examples(site: AttentionSite) -> list[Tensor]:
+def state_examples(site: AttentionSite, step: DecodeStep, grows: bool = False) -> list[Tensor]:
     """Example (fake) state tensors for one site, sized from its past keys' (maybe
-    symbolic) shape: create them under the graph's fake mode."""
+    symbolic) shape, one slot more where the cache ``grows`` in the step: create them
+    under the graph's fake mode."""
     past = site.key_cat.args[0][0].meta["example_value"]
     query = site.arguments["query"].meta["example_value"]
     batch, kv_heads, capacity = past.shape[:3]
-    per_slot = (batch, kv_heads, capacity)
-    return [
-        torch.empty(batch, capacity, dtype=torch.int8, device=past.device),
-        torch.empty(per_slot, dtype=torch.long, device=past.device),
-        torch.empty(per_slot, dtype=torch.long, device=past.device),
-        torch.empty(per_slot, dtype=score_dtype(query.dtype), device=past.device),
-        torch.empty(batch, 5, dtype=torch.long, device=past.device),
-        torch.empty(3, dtype=torch.float64, device=past.device),
-    ]
+    capacity = capacity + 1 if grows else capacity
+    empty = step.state.empty(batch, kv_heads, capacity, score_dtype(query.dtype), past.device)
+    return list(empty.tensors())
 
 
 def mark_state_inputs_static(gm: fx.GraphModule) -> None:
@@ -99,9 +136,15 @@ def cache_outputs(gm: fx.GraphModule, sites: list[AttentionSite]) -> tuple[list[
 
 
 def rewrite_decode_sites(
-    gm: fx.GraphModule, sites: list[AttentionSite], refresh: bool
+    gm: fx.GraphModule,
+    sites: list[AttentionSite],
+    step: DecodeStep,
+    growing: frozenset[int] = frozenset(),
 ) -> fx.GraphModule:
-    """A copy of ``gm`` whose ``sites`` (all decode sites) run the A-VL step in the graph."""
+    """A copy of ``gm`` whose ``sites`` (all decode sites) run ``step`` in the graph. The
+    caches of the sites numbered in ``growing`` (layers that evict nothing, so their cache
+    is as long as the sequence) grow by the token's slot in the graph, by Dynamo's own
+    concatenation, as a dense cache does; the step writes into the new slot."""
     graph = fx.Graph()
     copies: dict[fx.Node, fx.Node] = {}
     graph.output(graph.graph_copy(gm.graph, copies))
@@ -112,26 +155,28 @@ def rewrite_decode_sites(
     output = graph.output_node()
     for index, site in enumerate(sites):
         state = []
-        for field in dataclasses.fields(AvlSlots):
+        for name in step.state_names:
             with graph.inserting_after(last_input):
-                last_input = graph.placeholder(f"avl_{field.name}_{index}")
+                last_input = graph.placeholder(f"avl_{name}_{index}")
             last_input._dynamo_source = None  # fed by the backend's wrapper, not by Dynamo
             last_input.meta["avl_state"] = True
             state.append(last_input)
         past_keys, new_keys = (copies[n] for n in site.key_cat.args[0])
         past_values, new_values = (copies[n] for n in site.value_cat.args[0])
+        keys, values = past_keys, past_values
+        if index in growing:  # the concatenated cache, one slot longer
+            keys, values = copies[site.key_cat], copies[site.value_cat]
         sdpa = copies[site.sdpa]
         with graph.inserting_before(sdpa):
             call = graph.call_function(
-                avl_decode_site,
-                (copies[site.arguments["query"]], new_keys, new_values, past_keys, past_values,
-                 *state),
-                {"scale": site.arguments["scale"], "refresh": refresh},
-            )  # fmt: skip
+                step.function,
+                (copies[site.arguments["query"]], new_keys, new_values, keys, values, *state),
+                {"scale": site.arguments["scale"], **step.kwargs},
+            )
         call.meta.update(sdpa.meta)
         sdpa.replace_all_uses_with(call)
-        output.replace_input_with(copies[site.key_cat], past_keys)
-        output.replace_input_with(copies[site.value_cat], past_values)
+        output.replace_input_with(copies[site.key_cat], keys)
+        output.replace_input_with(copies[site.value_cat], values)
         graph.erase_node(sdpa)
         chain = [*site.key_chain, *site.value_chain, site.key_cat, site.value_cat]
         erase_unused([copies[n] for n in chain])
@@ -143,3 +188,4 @@ def rewrite_decode_sites(
 
 
 torch.fx.node.has_side_effect(avl_decode_site)
+torch.fx.node.has_side_effect(eviction_decode_site)

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from avl_compile.options import AvlOptions
-from avl_compile.policies.avl import AvlLayerState, AvlPolicy, spare_slots
+from avl_compile.policies.avl import AvlPolicy
 from avl_compile.policies.avl_decode import CORE, FREE, OTHER, SINK, TEXT, TEXT_END, TEXT_START
 from avl_compile.policies.budgets import fraction_count, text_budget
 from avl_compile.policies.common import PrefillContext
+from avl_compile.policies.decode_schedule import LayerState, spare_slots
 
 BATCH, Q_HEADS, KV_HEADS, DIM = 2, 4, 2, 8
 PROMPT = 40
@@ -31,7 +32,7 @@ def _prompt(seed: int):
     return generator, query, keys, values, PrefillContext(image_mask=image_mask)
 
 
-def _check_layout(state: AvlLayerState, keys, values, all_keys, all_values, image_mask):
+def _check_layout(state: LayerState, keys, values, all_keys, all_values, image_mask):
     slots = state.slots
     for b in range(BATCH):
         text_end, text_start = (int(slots.counters[b, c]) for c in (TEXT_END, TEXT_START))

@@ -6,11 +6,10 @@ After prefill the layer's cache is laid out, per batch row and the same in every
 
     [other secondary image rows | sink | core image rows | kept text | free]
 
-The sink is the prompt before the first image (never evicted). The cache has free slots at
-its end: a decode token is written in place into the first free slot of its row; a full
-cache is re-allocated with ``spare_slots`` more. Every count (kept text per row, rows in use,
-when to re-allocate, which step refreshes) follows from the budgets alone, so the host knows
-it without reading the device: ``AvlSchedule``.
+The sink is the prompt before the first image (never evicted). The free slots at the end
+take the decode tokens (``decode_schedule.py``). Every count (kept text per row, rows in
+use, when to re-allocate, which step refreshes) follows from the budgets alone, so the host
+knows it without reading the device: ``AvlSchedule``.
 """
 
 from __future__ import annotations
@@ -43,22 +42,14 @@ from avl_compile.policies.common import (
     prefill_logits_bias,
     topk_positions,
 )
+from avl_compile.policies.decode_schedule import DecodeSchedule, LayerState, spare_slots
 from avl_compile.policies.prefill_scores import attention_and_lse, column_sums_of, last_row_score
 
 
-def spare_slots(rows: int) -> int:
-    """Free slots a cache of ``rows`` occupied rows gets when (re)allocated: about 3%, as a
-    power of two of at least 8 (a bounded set of growth sizes keeps the compiled graphs
-    few), so a re-allocation (one copy of the cache) comes once in rows / 32 tokens at most.
-    The cache is never longer than the uncompressed sequence, so with nothing evicted (100%
-    budgets) it is re-allocated at every step, as a concatenating cache would be."""
-    return max(8, 1 << max(rows // 32 - 1, 0).bit_length())
-
-
-@dataclasses.dataclass
-class AvlSchedule:
-    """The host's side of one prompt's decode, shared by its layers: every count follows
-    from the budgets (not from scores), so nothing is read back from the device."""
+@dataclasses.dataclass(kw_only=True)
+class AvlSchedule(DecodeSchedule):
+    """The host's side of one prompt's A-VL decode, shared by its layers: every count
+    follows from the budgets (not from scores), so nothing is read back from the device."""
 
     options: AvlOptions
     text_start: list[int]  # per batch row: first text slot
@@ -66,58 +57,26 @@ class AvlSchedule:
     n_text: list[int]  # text tokens seen, kept or not
     attended_base: list[int]  # sink + core rows, attended at every step
     others: list[int]  # secondary image rows outside the core, attended at refresh steps
-    position: int  # position of the next decode token
-    step: int = 0  # 0 after prefill; decode step t is the t-th decode forward
-    write_rows: int = 0  # rows the current step needs (its token included)
-    write_position: int = 0  # position of the current step's token
     attended_text: list[int] = dataclasses.field(default_factory=list)  # this step's text rows
 
     @property
     def rows_in_use(self) -> int:
-        """Occupied slots of the fullest batch row (the cache also has free slots)."""
         return max(s + k for s, k in zip(self.text_start, self.kept_text, strict=True))
 
-    @property
-    def refresh(self) -> bool:
-        """Whether the current step attends every secondary image row and re-picks the
-        core (with refresh_every = -1 the core is the whole secondary set: never)."""
+    def refresh_at(self, step: int) -> bool:
+        """Whether ``step`` attends every secondary image row and re-picks the core (with
+        refresh_every = -1 the core is the whole secondary set: never)."""
         k = self.options.refresh_every
-        return k != -1 and is_refresh_step(self.step, k)
+        return k != -1 and is_refresh_step(step, k)
 
-    def begin_step(self) -> None:
-        self.write_rows, self.write_position = self.rows_in_use + 1, self.position
-        self.step += 1
-        self.position += 1
+    def advance(self) -> None:
         self.n_text = [n + 1 for n in self.n_text]
         budgets = text_budgets(self.n_text, self.options)
         self.attended_text = [k + 1 for k in self.kept_text]  # the new token, before a trim
         self.kept_text = [min(k + 1, b) for k, b in zip(self.kept_text, budgets, strict=True)]
 
-    def growth(self, capacity: int, started: bool = True) -> int:
-        """Slots to add to a cache of ``capacity`` before the current step (the next one if
-        not ``started``) writes its token; 0 if it fits. Never past the uncompressed length:
-        HF pads its mask up to the cache length otherwise (and torch 2.11 cannot trace that
-        pad with symbolic sizes)."""
-        rows, position = (
-            (self.write_rows, self.write_position)
-            if started
-            else (self.rows_in_use + 1, self.position)
-        )
-        if rows <= capacity:
-            return 0
-        return min(capacity + spare_slots(capacity), position + 1) - capacity
-
-    def growth_between_steps(self, capacity: int) -> int:
-        """Slots to add to a cache of ``capacity`` after a step so that the next one fits,
-        as far as the uncompressed length allows (the next step then grows it by the one
-        slot it still lacks: a prompt with nothing evicted)."""
-        if self.rows_in_use + 1 <= capacity:
-            return 0
-        return max(min(capacity + spare_slots(capacity), self.position) - capacity, 0)
-
     @property
     def attended_rows(self) -> float:
-        """Rows the current step attends, mean over batch rows."""
         refresh = self.refresh
         rows = [
             base + text + (other if refresh else 0)
@@ -126,39 +85,6 @@ class AvlSchedule:
             )
         ]
         return sum(rows) / len(rows)
-
-
-@dataclasses.dataclass
-class AvlLayerState:
-    """One layer's cache state: device tensors, and the schedule its layers share."""
-
-    slots: AvlSlots
-    schedule: AvlSchedule
-    step: int = 0  # decode steps this layer has run
-
-    @property
-    def rows_in_use(self) -> int:
-        return self.schedule.rows_in_use
-
-    @property
-    def attended_rows(self) -> float:
-        return self.schedule.attended_rows
-
-    def begin_step(self) -> AvlSchedule:
-        """The schedule of this layer's next step (the first layer to get there starts it)."""
-        if not self.schedule_started:
-            self.schedule.begin_step()
-        self.step += 1
-        return self.schedule
-
-    @property
-    def schedule_started(self) -> bool:
-        """Whether another layer has begun this layer's next step already."""
-        return self.step < self.schedule.step
-
-    def next_growth(self, capacity: int) -> int:
-        """Slots this layer's next step will add to a cache of ``capacity``."""
-        return self.schedule.growth(capacity, started=self.schedule_started)
 
 
 def text_budgets(n_text: list[int], options: AvlOptions) -> list[int]:
@@ -192,7 +118,7 @@ class AvlPolicy:
         is_causal: bool,
         scale: float,
         context: PrefillContext,
-    ) -> tuple[Tensor, Tensor, Tensor, AvlLayerState]:
+    ) -> tuple[Tensor, Tensor, Tensor, LayerState]:
         opts = self.options
         batch, q_len = query.shape[0], query.shape[2]
         kv_heads, k_len = keys.shape[1], keys.shape[2]
@@ -297,7 +223,7 @@ class AvlPolicy:
         )
         if context.schedule is None:
             context.schedule = schedule  # one schedule for the prompt's layers
-        state = AvlLayerState(slots=slots, schedule=context.schedule)
+        state = LayerState(slots=slots, schedule=context.schedule)
         # free slots hold copies of row 0; they are never attended
         return output, pick_rows(keys, safe), pick_rows(values, safe), state
 
@@ -332,7 +258,7 @@ class AvlPolicy:
         past_values: Tensor,
         new_values: Tensor,
         scale: float,
-        state: AvlLayerState,
+        state: LayerState,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One decode step called from Python (the runtime-call wiring); a compiled decode
         graph runs the same ``avl_decode_step`` inside the graph."""

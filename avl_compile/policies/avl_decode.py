@@ -48,6 +48,19 @@ class AvlSlots:
             self.text_options,
         )  # fmt: skip
 
+    @classmethod
+    def empty(cls, batch: int, kv_heads: int, capacity: int, scores, device) -> AvlSlots:
+        """Uninitialised tensors of the right shapes and dtypes (examples for tracing)."""
+        per_slot = (batch, kv_heads, capacity)
+        return cls(
+            role=torch.empty(batch, capacity, dtype=torch.int8, device=device),
+            position=torch.empty(per_slot, dtype=torch.long, device=device),
+            text_rank=torch.empty(per_slot, dtype=torch.long, device=device),
+            text_score=torch.empty(per_slot, dtype=scores, device=device),
+            counters=torch.empty(batch, 5, dtype=torch.long, device=device),
+            text_options=torch.empty(3, dtype=torch.float64, device=device),
+        )
+
     def grown(self, extra: int) -> AvlSlots:
         """The same state with ``extra`` free slots at the end (a re-allocation)."""
 

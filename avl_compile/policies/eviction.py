@@ -1,8 +1,9 @@
 """Baselines that evict KV rows and attend densely to the rows left (full cache, H2O,
 StreamingLLM, FastV, random drop): one base class; each baseline says what it keeps.
 
-Cache layout per (batch row, kv head): the kept slots in positional order, then empty slots
-(rows of a batch may keep different counts); decode tokens are appended.
+After prefill the cache holds, per batch row and kv head, the kept rows in positional order,
+then free slots (rows of a batch may keep different counts); the decode step itself is
+``eviction_decode.py``.
 """
 
 from __future__ import annotations
@@ -10,11 +11,11 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from avl_compile.lowering.gathered_attention import pick_rows
 from avl_compile.options import AvlOptions
+from avl_compile.policies.avl_decode import grow_cache
 from avl_compile.policies.budgets import fraction_count
 from avl_compile.policies.common import (
     PrefillContext,
@@ -24,19 +25,60 @@ from avl_compile.policies.common import (
     prefill_logits_bias,
     score_dtype,
 )
+from avl_compile.policies.decode_schedule import DecodeSchedule, LayerState, spare_slots
+from avl_compile.policies.eviction_decode import (
+    DROP_LIGHTEST,
+    DROP_OLDEST,
+    KEEP_ALL,
+    EvictionSlots,
+    eviction_decode_step,
+)
 
 
-@dataclasses.dataclass
-class EvictionState:
-    """Bookkeeping of one layer's cache; slots align with the cache's dim -2."""
+@dataclasses.dataclass(kw_only=True)
+class EvictionSchedule(DecodeSchedule):
+    """The host's side of one layer's decode: kept rows per batch row follow from the
+    budget alone (floor(kv_budget * tokens seen)), never from scores."""
 
-    position: Tensor  # [B, Hkv, L] long, original position, -1 for an empty slot
-    score: Tensor  # [B, Hkv, L] accumulated attention (zeros unless the policy tracks it)
-    protected: Tensor  # [B, Hkv, L] bool, slots never evicted (StreamingLLM's sink)
-    n_seen: list[int]  # tokens of each row seen so far, kept or evicted (padding excluded)
-    next_position: int
-    step: int = 0
-    attended_rows: float = 0.0  # rows attended at the last decode step, mean over batch rows
+    eviction: str  # KEEP_ALL, DROP_OLDEST or DROP_LIGHTEST
+    kv_budget: float
+    end: list[int]  # per batch row: kept rows
+    n_seen: list[int]  # tokens seen, kept or not (padding excluded)
+    n_protected: list[int]  # rows never evicted (StreamingLLM's sink)
+    attended: list[int] = dataclasses.field(default_factory=list)  # this step's rows
+    # the first layer's schedule, where every layer's cache must be as long as the first's
+    # (HF sizes an explicit mask from the first layer's cache; FastV's later layers hold
+    # fewer rows); None: this cache grows on its own
+    leader: EvictionSchedule | None = None
+
+    def growth(self, capacity: int, started: bool = True) -> int:
+        if self.leader is not None:
+            return self.leader.growth(capacity, started)
+        return super().growth(capacity, started)
+
+    def growth_between_steps(self, capacity: int) -> int:
+        if self.leader is not None:
+            return self.leader.growth_between_steps(capacity)
+        return super().growth_between_steps(capacity)
+
+    @property
+    def rows_in_use(self) -> int:
+        return max(self.end)
+
+    @property
+    def attended_rows(self) -> float:
+        return sum(self.attended) / len(self.attended)
+
+    def advance(self) -> None:
+        self.n_seen = [n + 1 for n in self.n_seen]
+        self.attended = [e + 1 for e in self.end]
+        if self.eviction == KEEP_ALL:
+            self.end = self.attended
+            return
+        budgets = [eviction_budget(self.kv_budget, n) for n in self.n_seen]
+        if self.eviction == DROP_OLDEST:
+            budgets = [max(b, p) for b, p in zip(budgets, self.n_protected, strict=True)]
+        self.end = [min(e, b) for e, b in zip(self.attended, budgets, strict=True)]
 
 
 def eviction_budget(kv_budget: float, n_seen: int) -> int:
@@ -47,7 +89,7 @@ def eviction_budget(kv_budget: float, n_seen: int) -> int:
 class EvictionPolicy:
     """Dense attention over the kept rows; subclasses choose the rows."""
 
-    tracks_scores = False  # accumulate each row's attention (H2O's heavy hitters)
+    eviction = KEEP_ALL  # what leaves the cache at decode (eviction_decode.py)
 
     def __init__(self, options: AvlOptions, layer_idx: int) -> None:
         self.options = options
@@ -71,10 +113,6 @@ class EvictionPolicy:
         """[B, Hkv, L] prompt rows to keep; ``slots`` marks the valid, visible ones."""
         return slots
 
-    def decode_keep(self, state: EvictionState) -> Tensor | None:
-        """[B, Hkv, L] slots to keep after a decode step, None to keep all."""
-        return None
-
     def min_cache_width(self, not_padding: Tensor, attn_mask: Tensor | None) -> int:
         """Fewest slots the prefill leaves in the cache (the rest padded with empty slots)."""
         return 0
@@ -89,34 +127,68 @@ class EvictionPolicy:
         is_causal: bool,
         scale: float,
         context: PrefillContext,
-    ) -> tuple[Tensor, Tensor, Tensor, EvictionState]:
+    ) -> tuple[Tensor, Tensor, Tensor, LayerState]:
         batch, q_len = query.shape[0], query.shape[2]
         kv_heads, k_len = keys.shape[1], keys.shape[2]
-        bias = prefill_logits_bias(attn_mask, is_causal, q_len, k_len, query.device)
+        device = query.device
+        bias = prefill_logits_bias(attn_mask, is_causal, q_len, k_len, device)
         visible = self.visible_keys(context)
         output, bias = prefill_attention(
             query, keys, values, attn_mask, is_causal, scale, bias, visible
         )
-        not_padding = key_is_valid(attn_mask, batch, k_len, query.device)
+        not_padding = key_is_valid(attn_mask, batch, k_len, device)
         key_valid = not_padding if visible is None else not_padding & visible
         shape = (batch, kv_heads, k_len)
-        if self.tracks_scores:
+        if self.eviction == DROP_LIGHTEST:
             scores = column_sums(query, keys, bias, scale, key_valid[:, k_len - q_len :])
         else:
-            scores = torch.zeros(shape, dtype=score_dtype(query.dtype), device=query.device)
+            scores = torch.zeros(shape, dtype=score_dtype(query.dtype), device=device)
         n_seen = not_padding.sum(-1).tolist()
         slots = key_valid[:, None, :].expand(shape)
         keep = self.prefill_keep(slots, scores, n_seen, context) & slots
-        state = EvictionState(
-            position=torch.arange(k_len, device=query.device).expand(shape),
-            score=scores,
-            protected=self.protected(key_valid)[:, None, :].expand(shape),
-            n_seen=n_seen,
-            next_position=k_len,
-        )
+        kept = keep[:, 0].sum(-1).tolist()  # the same count in every head of a row
+        protected = self.protected(key_valid) & keep[:, 0]
         min_width = self.min_cache_width(not_padding, attn_mask)
-        kept_keys, kept_values = self._compact(state, keep, keys, values, min_width)
-        return output, kept_keys, kept_values, state
+        in_use = max(*kept, min_width)
+        capacity = min(in_use + spare_slots(in_use), k_len)
+        # the kept slots first, in positional order
+        order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :capacity]
+        still = keep.gather(-1, order)
+        rank = (not_padding.cumsum(-1) - 1)[:, None, :].expand(shape)
+        per_row = zip(kept, n_seen, protected.sum(-1).tolist(), strict=True)
+        slots_state = EvictionSlots(
+            position=order.masked_fill(~still, -1),
+            rank=rank.gather(-1, order).masked_fill(~still, -1),
+            score=scores.gather(-1, order).masked_fill(~still, 0.0),
+            counters=torch.tensor(
+                [[e, n, k_len, p] for e, n, p in per_row], dtype=torch.long, device=device
+            ),
+            budget_options=torch.tensor(
+                [self.options.kv_budget, self.options.h2o_heavy_share,
+                 self.options.streaming_sink],
+                dtype=torch.float64, device=device,
+            ),
+        )  # fmt: skip
+        schedule = EvictionSchedule(
+            eviction=self.eviction,
+            kv_budget=self.options.kv_budget,
+            end=kept,
+            n_seen=n_seen,
+            n_protected=protected.sum(-1).tolist(),
+            position=k_len,
+        )
+        if min_width:  # every layer as long as the first, which holds min_width rows
+            if context.schedule is None:
+                context.schedule = schedule
+            else:
+                schedule.leader = context.schedule
+        # free slots hold copies of other rows; they are never attended
+        return (
+            output,
+            pick_rows(keys, order),
+            pick_rows(values, order),
+            LayerState(slots=slots_state, schedule=schedule),
+        )
 
     def decode(
         self,
@@ -126,66 +198,17 @@ class EvictionPolicy:
         past_values: Tensor,
         new_values: Tensor,
         scale: float,
-        state: EvictionState,
+        state: LayerState,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        batch, q_heads = query.shape[:2]
-        kv_heads = past_keys.shape[1]
-        group = q_heads // kv_heads
-        keys = torch.cat([past_keys, new_keys], dim=-2)
-        values = torch.cat([past_values, new_values], dim=-2)
-        self._append_token(state, query.device)
-        valid = state.position >= 0
-        if self.tracks_scores:
-            output, probs = _attention_with_probs(query, keys, values, valid, scale)
-            per_kv_head = probs.view(batch, kv_heads, group, -1).sum(dim=2)
-            state.score += per_kv_head.to(state.score.dtype)
-        else:
-            mask = None if bool(valid.all()) else valid.repeat_interleave(group, 1)[:, :, None]
-            output = F.scaled_dot_product_attention(
-                query, keys, values, attn_mask=mask, scale=scale, enable_gqa=group > 1
-            )
-        state.attended_rows = float(valid[:, 0].sum(-1).float().mean())
-        keep = self.decode_keep(state)
-        if keep is not None:
-            keys, values = self._compact(state, keep & valid, keys, values)
+        """One decode step called from Python (the runtime-call wiring); a compiled decode
+        graph runs the same ``eviction_decode_step`` inside the graph."""
+        schedule = state.begin_step()
+        keys, values = past_keys, past_values
+        extra = schedule.growth(keys.shape[2])
+        if extra:
+            keys, values = grow_cache(keys, extra), grow_cache(values, extra)
+            state.slots = state.slots.grown(extra)
+        output = eviction_decode_step(
+            query, new_keys, new_values, keys, values, state.slots, scale, self.eviction
+        )
         return output, keys, values
-
-    @staticmethod
-    def _append_token(state: EvictionState, device) -> None:
-        batch, kv_heads = state.position.shape[:2]
-        shape = (batch, kv_heads, 1)
-        new_position = torch.full(shape, state.next_position, device=device)
-        state.position = torch.cat([state.position, new_position], dim=-1)
-        state.score = torch.cat([state.score, state.score.new_zeros(shape)], dim=-1)
-        no = torch.zeros(shape, dtype=torch.bool, device=device)
-        state.protected = torch.cat([state.protected, no], dim=-1)
-        state.n_seen = [n + 1 for n in state.n_seen]
-        state.next_position += 1
-        state.step += 1
-
-    @staticmethod
-    def _compact(
-        state: EvictionState, keep: Tensor, keys: Tensor, values: Tensor, min_width: int = 0
-    ) -> tuple[Tensor, Tensor]:
-        """Move the kept slots to the front, in order; the rest become empty or go."""
-        width = max(int(keep.sum(-1).max()), min_width)
-        order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :width]
-        still = keep.gather(-1, order)
-        state.position = state.position.gather(-1, order).masked_fill(~still, -1)
-        state.score = state.score.gather(-1, order).masked_fill(~still, 0.0)
-        state.protected = state.protected.gather(-1, order) & still
-        return pick_rows(keys, order), pick_rows(values, order)
-
-
-def _attention_with_probs(
-    query: Tensor, keys: Tensor, values: Tensor, valid: Tensor, scale: float
-) -> tuple[Tensor, Tensor]:
-    """Decode attention that also returns its probabilities [B, Hq, L] (for H2O scores)."""
-    batch, q_heads, _, head_dim = query.shape
-    kv_heads = keys.shape[1]
-    acc = score_dtype(query.dtype)
-    grouped = query.reshape(batch, kv_heads, q_heads // kv_heads, head_dim).to(acc)
-    logits = torch.matmul(grouped, keys.to(acc).transpose(-1, -2)) * scale
-    probs = torch.softmax(logits.masked_fill(~valid[:, :, None, :], float("-inf")), dim=-1)
-    output = torch.matmul(probs, values.to(acc)).reshape(batch, q_heads, 1, head_dim)
-    return output.to(query.dtype), probs.reshape(batch, q_heads, -1)

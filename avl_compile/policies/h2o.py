@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from avl_compile.policies.common import PrefillContext, heavy_recent_keep
-from avl_compile.policies.eviction import EvictionPolicy, EvictionState, eviction_budget
+from avl_compile.policies.eviction import EvictionPolicy, eviction_budget
+from avl_compile.policies.eviction_decode import DROP_LIGHTEST
 
 
 class H2OPolicy(EvictionPolicy):
@@ -13,7 +14,7 @@ class H2OPolicy(EvictionPolicy):
     heavy hitters (accumulated attention) / the rest most recent; re-chosen every step
     among the rows still kept (evicted rows never return)."""
 
-    tracks_scores = True
+    eviction = DROP_LIGHTEST
 
     def _keep(self, slots: Tensor, scores: Tensor, n_seen: list[int]) -> Tensor:
         budgets = [eviction_budget(self.options.kv_budget, n) for n in n_seen]
@@ -24,6 +25,3 @@ class H2OPolicy(EvictionPolicy):
         self, slots: Tensor, scores: Tensor, n_seen: list[int], context: PrefillContext
     ) -> Tensor:
         return self._keep(slots, scores, n_seen)
-
-    def decode_keep(self, state: EvictionState) -> Tensor:
-        return self._keep(state.position >= 0, state.score, state.n_seen)

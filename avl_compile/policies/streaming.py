@@ -6,12 +6,15 @@ import torch
 from torch import Tensor
 
 from avl_compile.policies.common import PrefillContext
-from avl_compile.policies.eviction import EvictionPolicy, EvictionState, eviction_budget
+from avl_compile.policies.eviction import EvictionPolicy, eviction_budget
+from avl_compile.policies.eviction_decode import DROP_OLDEST
 
 
 class StreamingPolicy(EvictionPolicy):
     """Keeps the first ``streaming_sink`` tokens of each row for good, and fills the rest of
     the budget floor(kv_budget * current length) with the most recent tokens."""
+
+    eviction = DROP_OLDEST
 
     def protected(self, key_valid: Tensor) -> Tensor:
         return key_valid & (key_valid.cumsum(-1) <= self.options.streaming_sink)
@@ -28,6 +31,3 @@ class StreamingPolicy(EvictionPolicy):
         self, slots: Tensor, scores: Tensor, n_seen: list[int], context: PrefillContext
     ) -> Tensor:
         return self._keep(slots, self.protected(slots[:, 0])[:, None, :].expand_as(slots), n_seen)
-
-    def decode_keep(self, state: EvictionState) -> Tensor:
-        return self._keep(state.position >= 0, state.protected, state.n_seen)
