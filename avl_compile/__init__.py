@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from avl_compile.backend import AvlBackend
+from avl_compile.backend import AvlBackend, BackendHandle
 from avl_compile.options import AvlOptions
 
 __version__ = "0.1.0"
@@ -39,7 +39,8 @@ def compile(
     is what makes ``model.generate(...)`` run the compiled graphs. Options are checked here.
     """
     backend = AvlBackend(options)
-    model.forward = torch.compile(model.forward, backend=backend, **compile_kwargs)
+    # the model holds its backend; Dynamo, which keeps backends for good, a weak handle
+    model.forward = torch.compile(model.forward, backend=BackendHandle(backend), **compile_kwargs)
     model._avl_backend = backend
     return model
 

@@ -49,7 +49,7 @@ class AvlBackend:
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         self.options = AvlOptions.from_mapping(options)
-        self.runtime = AvlRuntime(backend=self)
+        self.runtime = AvlRuntime()
         self.graphs: list[CompiledGraphRecord] = []
         self._sites: weakref.WeakSet[SiteCall] = weakref.WeakSet()  # live graphs' sites
 
@@ -180,7 +180,8 @@ class AvlBackend:
         # the eviction's write into it; the write then cannot be done in place and every
         # step copies the whole cache twice (measured: 2x the graph's time at batch 16)
         patches: dict[str, Any] = {"reorder_for_locality": False}
-        if uses_cudagraphs(opts, states[0].device):
+        # a cache that grows at every step would be a new CUDA graph at every step
+        if uses_cudagraphs(opts, states[0].device) and not growing:
             mark_state_inputs_static(graph)
             patches["triton.cudagraphs"] = True
         return graph, compile_fx(graph, inputs, config_patches=patches)
@@ -205,6 +206,22 @@ def _sites_evicting_nothing(opts: AvlOptions, sites: list[AttentionSite]) -> fro
     return frozenset()
 
 
+class BackendHandle:
+    """What ``torch.compile`` gets: Dynamo keeps every backend it is given for the life of
+    the process (``torch._dynamo.eval_frame.cached_backends``), so it gets this forwarder
+    and the backend, its graphs and records are freed with the model and its compiled code
+    (which hold it)."""
+
+    def __init__(self, backend: AvlBackend) -> None:
+        self._backend = weakref.ref(backend)
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Callable:
+        backend = self._backend()
+        if backend is None:
+            raise RuntimeError("avl: the backend this function was compiled with is gone")
+        return backend(gm, example_inputs, **kwargs)
+
+
 @dataclasses.dataclass
 class CompiledGraphRecord:
     """What the backend did to one graph Dynamo handed it (kept for inspection and tests)."""
@@ -219,14 +236,16 @@ class CompiledGraphRecord:
     decode_in_graph: bool = False  # the A-VL decode step runs inside this graph
 
 
-RECOMPILE_LIMIT = 64
+# Dynamo's accumulated_recompile_limit: the most compiles of one frame it allows anyway
+RECOMPILE_LIMIT = 256
 
 
 def _raise_recompile_limit() -> None:
-    """Each compiled model adds a few entries (prefill graphs, decode graph) to the forward's
-    code cache, shared by the models of a class. Past Dynamo's limit (8) a forward would run
-    uncompiled, possibly on a cache a compiled prefill compacted, which is wrong: so the
-    limit is raised for a few dozen models per process, and reaching it raises instead."""
+    """Each compiled model adds a few entries (prefill graphs, decode graph) to the code
+    caches of transformers' forward wrappers, shared by all models, and the entries of a
+    model that is gone still count. Past Dynamo's limit (8) a forward would run uncompiled,
+    possibly on a cache a compiled prefill compacted, which is wrong: so the limit is raised
+    to Dynamo's own ceiling (about 80 models per process), and reaching it raises instead."""
     config = torch._dynamo.config
     if config.recompile_limit < RECOMPILE_LIMIT:
         log.info("avl: raising torch._dynamo.config.recompile_limit to %d", RECOMPILE_LIMIT)

@@ -106,12 +106,9 @@ _PREFILL = _PrefillSlot()
 class AvlRuntime:
     """Counters and warnings of the graphs one backend compiles; state lives in the stores."""
 
-    def __init__(self, backend: object = None) -> None:
+    def __init__(self) -> None:
         self.counters: collections.Counter[str] = collections.Counter()
         self._warned: set[str] = set()
-        # The graphs hold the runtime, the runtime holds the backend: Dynamo guards compiled
-        # code on the backend's id, which must not be reused while such code lives.
-        self.backend = backend
 
     def warn_once(self, message: str) -> None:
         if message not in self._warned:

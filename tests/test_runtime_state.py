@@ -3,6 +3,7 @@
 import functools
 import gc
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -26,6 +27,24 @@ def test_nothing_leaks_across_100_generate_calls():
     del out
     gc.collect()
     assert len(_LAYER_STATES) == before
+
+
+def test_50_models_compiled_one_after_another_keep_only_the_live_backend():
+    """Dynamo keeps every backend handed to torch.compile for good: it gets a weak handle,
+    and each model's backend (its graph records, options, counters) dies with the model.
+    Fifty models fit under the recompile limit the backend sets."""
+    prompt = llava_prompt(tiny_llava(num_layers=1), [[1, 5]], [[7, 8]])
+    backends = []
+    for seed in range(50):
+        model = avl_compile.compile(tiny_llava(seed, num_layers=1), options={"inner": "eager"})
+        greedy(model, prompt.inputs, new_tokens=3)
+        assert model._avl_backend.runtime.counters["decode_graphs_in_graph"] == 2
+        backends.append(weakref.ref(model._avl_backend))
+        gc.collect()
+        assert [b() is not None for b in backends] == [False] * seed + [True]
+    del model
+    gc.collect()
+    assert all(b() is None for b in backends)
 
 
 def test_a_cache_the_backend_did_not_produce_is_a_clear_error():
