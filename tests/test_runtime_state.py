@@ -37,8 +37,8 @@ def test_50_models_compiled_one_after_another_keep_only_the_live_backend():
     backends = []
     for seed in range(50):
         model = avl_compile.compile(tiny_llava(seed, num_layers=1), options={"inner": "eager"})
-        greedy(model, prompt.inputs, new_tokens=3)
-        assert model._avl_backend.runtime.counters["decode_graphs_in_graph"] == 2
+        greedy(model, prompt.inputs, new_tokens=2)  # a prefill graph and a decode graph
+        assert model._avl_backend.runtime.counters["decode_graphs_in_graph"] == 1
         backends.append(weakref.ref(model._avl_backend))
         gc.collect()
         assert [b() is not None for b in backends] == [False] * seed + [True]
