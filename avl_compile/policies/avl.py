@@ -28,7 +28,6 @@ from avl_compile.policies.avl_decode import (
     TEXT,
     AvlSlots,
     avl_decode_step,
-    grow_cache,
 )
 from avl_compile.policies.budgets import fraction_count, is_refresh_step, text_budget
 from avl_compile.policies.common import (
@@ -42,7 +41,12 @@ from avl_compile.policies.common import (
     prefill_logits_bias,
     topk_positions,
 )
-from avl_compile.policies.decode_schedule import DecodeSchedule, LayerState, spare_slots
+from avl_compile.policies.decode_schedule import (
+    DecodeSchedule,
+    LayerState,
+    begin_step_and_grow,
+    spare_slots,
+)
 from avl_compile.policies.prefill_scores import attention_and_lse, column_sums_of, last_row_score
 
 
@@ -262,12 +266,7 @@ class AvlPolicy:
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One decode step called from Python (the runtime-call wiring); a compiled decode
         graph runs the same ``avl_decode_step`` inside the graph."""
-        schedule = state.begin_step()
-        keys, values = past_keys, past_values
-        extra = schedule.growth(keys.shape[2])
-        if extra:
-            keys, values = grow_cache(keys, extra), grow_cache(values, extra)
-            state.slots = state.slots.grown(extra)
+        schedule, keys, values = begin_step_and_grow(state, past_keys, past_values)
         output = avl_decode_step(
             query, new_keys, new_values, keys, values, state.slots, scale, schedule.refresh
         )

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from avl_compile.lowering.slot_attention import slot_attention
-from avl_compile.policies.budgets import best_first
+from avl_compile.policies.budgets import best_first, lightest
 
 FREE, OTHER, SINK, CORE, TEXT = 0, 1, 2, 3, 4  # slot roles; attended: role >= SINK
 # columns of the per-row counters
@@ -80,6 +80,30 @@ class AvlSlots:
 def grow_cache(cache: Tensor, extra: int) -> Tensor:
     """``cache`` [B, H, C, D] with ``extra`` more slots (zeros; free slots are never read)."""
     return torch.cat([cache, cache.new_zeros((*cache.shape[:2], extra, cache.shape[3]))], -2)
+
+
+def move_last_slot_into(
+    victim: Tensor,
+    over: Tensor,
+    end: Tensor,
+    rows: Tensor,
+    heads: Tensor,
+    moved: tuple[Tensor, ...],
+    emptied: tuple[tuple[Tensor, float], ...],
+) -> Tensor:
+    """An eviction's hole fill, in fixed shapes: in the batch rows flagged in ``over`` [B],
+    each head's last occupied slot (``end`` - 1) moves into its ``victim`` slot [B, Hkv] in
+    every tensor of ``moved`` [B, Hkv, C, ...], and becomes empty in ``emptied`` (tensor,
+    empty value); elsewhere nothing changes. Returns the last slots [B, Hkv]."""
+    last = (end - 1).unsqueeze(1).expand_as(victim)
+    target = torch.where(over.unsqueeze(1), victim, last)  # last -> last: no move
+    source, destination = (rows, heads, last), (rows, heads, target)
+    for tensor in moved:
+        tensor.index_put_(destination, tensor[source])
+    freed = over.unsqueeze(1).expand_as(victim)
+    for tensor, empty in emptied:
+        tensor.index_put_(source, torch.where(freed, empty, tensor[source]))
+    return last
 
 
 def avl_decode_step(
@@ -157,18 +181,12 @@ def _evict_one_text_row(
     older = (role == TEXT).unsqueeze(1) & (
         slots.text_rank < (n_text - n_recent).to(torch.long)[:, None, None]
     )
-    score = slots.text_score.masked_fill(~older, float("inf"))
-    lowest = older & (score == score.amin(dim=-1, keepdim=True))
-    victim = slots.position.masked_fill(~lowest, -1).argmax(dim=-1)  # [B, Hkv]
-    last = (counters[:, TEXT_END] - 1).unsqueeze(1).expand_as(victim)
-    target = torch.where(over.unsqueeze(1), victim, last)  # last -> last: no move
-    source, destination = (rows, heads, last), (rows, heads, target)
-    for tensor in (keys, values, slots.position, slots.text_rank, slots.text_score):
-        tensor.index_put_(destination, tensor[source])
-    # the row's last text slot is free now
-    freed = over.unsqueeze(1).expand_as(victim)
-    for tensor, empty in ((slots.position, -1), (slots.text_rank, -1), (slots.text_score, 0.0)):
-        tensor.index_put_(source, torch.where(freed, empty, tensor[source]))
+    victim = lightest(slots.text_score, older, slots.position)  # [B, Hkv]
+    last = move_last_slot_into(
+        victim, over, counters[:, TEXT_END], rows, heads,
+        moved=(keys, values, slots.position, slots.text_rank, slots.text_score),
+        emptied=((slots.position, -1), (slots.text_rank, -1), (slots.text_score, 0.0)),
+    )  # fmt: skip
     last_role = role[rows[:, 0], last[:, 0]]
     role.index_put_((rows[:, 0], last[:, 0]), torch.where(over, FREE, last_role).to(role.dtype))
     counters[:, TEXT_END] -= over.to(counters.dtype)

@@ -43,6 +43,14 @@ def best_first(scores: Tensor, positions: Tensor, prefer: Tensor | None = None) 
     return order.gather(-1, torch.sort(ranked, dim=-1, descending=True, stable=True).indices)
 
 
+def lightest(scores: Tensor, candidates: Tensor, positions: Tensor) -> Tensor:
+    """Index (along the last dim) of the candidate an H2O eviction drops: the one ranked last
+    by the tie rule, i.e. the least score, and among equal scores the higher position."""
+    masked = scores.masked_fill(~candidates, float("inf"))
+    least = candidates & (masked == masked.amin(dim=-1, keepdim=True))
+    return positions.masked_fill(~least, -1).argmax(dim=-1)
+
+
 def _rule_key(scores: Tensor, positions: Tensor, prefer: Tensor | None) -> Tensor:
     """One int64 per candidate that orders as the tie rule does: the float32 score's bits
     (monotone for non-negative floats; -inf is negative), the preference bit, then the

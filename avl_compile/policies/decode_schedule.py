@@ -14,6 +14,8 @@ from typing import Protocol
 
 from torch import Tensor
 
+from avl_compile.policies.avl_decode import grow_cache
+
 
 class SlotTensors(Protocol):
     """A layer's state tensors (``AvlSlots``, ``EvictionSlots``): slots along the cache's
@@ -131,3 +133,16 @@ class LayerState:
     def next_growth(self, capacity: int) -> int:
         """Slots this layer's next step will add to a cache of ``capacity``."""
         return self.schedule.growth(capacity, started=self.schedule_started)
+
+
+def begin_step_and_grow(
+    state: LayerState, keys: Tensor, values: Tensor
+) -> tuple[DecodeSchedule, Tensor, Tensor]:
+    """Begin a layer's step on the host and re-allocate its cache (and state) if the step's
+    token does not fit: the runtime-call path's step, before the policy's tensor step."""
+    schedule = state.begin_step()
+    extra = schedule.growth(keys.shape[2])
+    if extra:
+        keys, values = grow_cache(keys, extra), grow_cache(values, extra)
+        state.slots = state.slots.grown(extra)
+    return schedule, keys, values

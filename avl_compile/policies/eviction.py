@@ -15,7 +15,6 @@ from torch import Tensor
 
 from avl_compile.lowering.gathered_attention import pick_rows
 from avl_compile.options import AvlOptions
-from avl_compile.policies.avl_decode import grow_cache
 from avl_compile.policies.budgets import fraction_count
 from avl_compile.policies.common import (
     PrefillContext,
@@ -25,7 +24,12 @@ from avl_compile.policies.common import (
     prefill_logits_bias,
     score_dtype,
 )
-from avl_compile.policies.decode_schedule import DecodeSchedule, LayerState, spare_slots
+from avl_compile.policies.decode_schedule import (
+    DecodeSchedule,
+    LayerState,
+    begin_step_and_grow,
+    spare_slots,
+)
 from avl_compile.policies.eviction_decode import (
     DROP_LIGHTEST,
     DROP_OLDEST,
@@ -202,12 +206,7 @@ class EvictionPolicy:
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One decode step called from Python (the runtime-call wiring); a compiled decode
         graph runs the same ``eviction_decode_step`` inside the graph."""
-        schedule = state.begin_step()
-        keys, values = past_keys, past_values
-        extra = schedule.growth(keys.shape[2])
-        if extra:
-            keys, values = grow_cache(keys, extra), grow_cache(values, extra)
-            state.slots = state.slots.grown(extra)
+        schedule, keys, values = begin_step_and_grow(state, past_keys, past_values)
         output = eviction_decode_step(
             query, new_keys, new_values, keys, values, state.slots, scale, self.eviction
         )

@@ -22,6 +22,8 @@ import torch
 from torch import Tensor
 
 from avl_compile.lowering.slot_attention import slot_attention
+from avl_compile.policies.avl_decode import move_last_slot_into
+from avl_compile.policies.budgets import lightest
 
 # what leaves the cache after a decode step
 KEEP_ALL, DROP_OLDEST, DROP_LIGHTEST = "keep all", "drop oldest", "drop lightest"
@@ -126,10 +128,7 @@ def _evict_one_row(
         n_recent = budget - torch.floor(heavy_share * budget)
         over = end > budget.to(end.dtype)
         older = kept & (slots.rank < (n_seen - n_recent).to(torch.long)[:, None, None])
-        score = slots.score.masked_fill(~older, float("inf"))
-        lightest = older & (score == score.amin(dim=-1, keepdim=True))
-        # ties: the higher position goes (the lower one ranks first, as in H2O's sort)
-        victim = slots.position.masked_fill(~lightest, -1).argmax(dim=-1)  # [B, Hkv]
+        victim = lightest(slots.score, older, slots.position)  # [B, Hkv]
     else:  # StreamingLLM: the sink + the most recent
         n_protected = counters[:, N_PROTECTED]
         window = torch.clamp(budget.to(end.dtype) - n_protected, min=0)
@@ -137,12 +136,9 @@ def _evict_one_row(
         others = kept & (slots.rank >= sink.to(torch.long))
         oldest = torch.iinfo(torch.long).max
         victim = slots.position.masked_fill(~others, oldest).argmin(dim=-1)
-    last = (end - 1).unsqueeze(1).expand_as(victim)
-    target = torch.where(over.unsqueeze(1), victim, last)  # last -> last: no move
-    source, destination = (rows, heads, last), (rows, heads, target)
-    for tensor in (keys, values, slots.position, slots.rank, slots.score):
-        tensor.index_put_(destination, tensor[source])
-    freed = over.unsqueeze(1).expand_as(victim)
-    for tensor, empty in ((slots.position, -1), (slots.rank, -1), (slots.score, 0.0)):
-        tensor.index_put_(source, torch.where(freed, empty, tensor[source]))
+    move_last_slot_into(
+        victim, over, end, rows, heads,
+        moved=(keys, values, slots.position, slots.rank, slots.score),
+        emptied=((slots.position, -1), (slots.rank, -1), (slots.score, 0.0)),
+    )  # fmt: skip
     counters[:, END] -= over.to(counters.dtype)
