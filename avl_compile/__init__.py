@@ -9,10 +9,11 @@ from typing import Any
 import torch
 
 from avl_compile.backend import AvlBackend, BackendHandle
+from avl_compile.cache import AvlCache
 from avl_compile.options import AvlOptions
 
 __version__ = "0.1.0"
-__all__ = ["AvlBackend", "AvlOptions", "avl_backend", "compile", "kv_rows_in_use"]
+__all__ = ["AvlBackend", "AvlCache", "AvlOptions", "avl_backend", "compile", "kv_rows_in_use"]
 
 # quiet unless the application configures logging: INFO summarises each compile's rewrites
 logging.getLogger("avl_compile").addHandler(logging.NullHandler())
@@ -21,13 +22,17 @@ _default_backend: AvlBackend | None = None
 
 
 def avl_backend(
-    gm: torch.fx.GraphModule, example_inputs: list, options: Mapping[str, Any] | None = None
+    gm: torch.fx.GraphModule,
+    example_inputs: list,
+    options: Mapping[str, Any] | None = None,
+    mode: str | None = None,
 ):
-    """The function behind ``torch.compile(..., backend="avl", options={...})``."""
+    """The function behind ``torch.compile(..., backend="avl", options={...})`` (or
+    ``mode="reduce-overhead"``, which turns CUDA graphs on)."""
     global _default_backend
     if _default_backend is None:
         _default_backend = AvlBackend()
-    return _default_backend(gm, example_inputs, options=options or {})
+    return _default_backend(gm, example_inputs, options=options or {}, mode=mode)
 
 
 def compile(

@@ -12,7 +12,7 @@ import torch
 from torch import fx
 
 from avl_compile.compiled_decode import CompiledDecode
-from avl_compile.options import AvlOptions, uses_cudagraphs
+from avl_compile.options import AvlOptions, uses_cudagraphs, with_compile_mode
 from avl_compile.passes.find_attention_sites import (
     NOT_DECODER_REASON,
     STATIC_CACHE_REASON,
@@ -72,8 +72,10 @@ class AvlBackend:
         gm: fx.GraphModule,
         example_inputs: list[Any],
         options: Mapping[str, Any] | None = None,
+        mode: str | None = None,
     ) -> Callable:
         opts = AvlOptions.from_mapping(options) if options is not None else self.options
+        opts = with_compile_mode(opts, mode)
         _raise_recompile_limit()
         code_before = gm.code
         sites = find_attention_sites(gm.graph)
@@ -81,9 +83,10 @@ class AvlBackend:
             raise NotImplementedError(
                 "avl backend: this graph updates a static KV cache in place "
                 "(generate(..., cache_implementation='static') or a StaticCache); A-VL evicts "
-                "rows and needs HF's default DynamicCache. Generate without "
-                "cache_implementation='static' / compile_config, and compile the forward "
-                "instead: avl_compile.compile(model, options=...)."
+                "rows, which a static cache cannot. Compile the forward with "
+                "avl_compile.compile(model, options=...) and generate with HF's default cache, "
+                "or, for HF's compile path, with cache=avl_compile.AvlCache() and "
+                "compile_config=CompileConfig(...)."
             )
         scatters = find_image_scatters(gm.graph)
         rewritable = [site for site in sites if site.rewritable]

@@ -109,6 +109,23 @@ class AvlOptions:
         )
 
 
+# torch.compile's modes the backend understands (HF's CompileConfig passes "reduce-overhead"
+# by default): None and "default" change nothing, "reduce-overhead" turns CUDA graphs on
+COMPILE_MODES = (None, "default", "reduce-overhead")
+
+
+def with_compile_mode(options: AvlOptions, mode: str | None) -> AvlOptions:
+    """``options`` as ``torch.compile(..., backend="avl", mode=mode)`` asks for them."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(
+            f"avl backend: mode={mode!r} is not supported; it must be one of "
+            f"{list(COMPILE_MODES)} (CUDA graphs are the option cudagraphs)"
+        )
+    if mode == "reduce-overhead":
+        return dataclasses.replace(options, cudagraphs=True)
+    return options
+
+
 def uses_cudagraphs(options: AvlOptions, device) -> bool:
     """Whether decode graphs on ``device`` run through CUDA-graph trees."""
     wanted = options.cudagraphs is not False

@@ -90,8 +90,13 @@ class ImageMaskRecorder:
 
 # KV-cache keys tensor -> bookkeeping of that layer's compacted cache
 _LAYER_STATES: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
-# KV-cache keys tensors the backend left dense (prompts without images)
+# KV-cache keys tensors whose decode stays dense -> why (None: the backend left the prompt
+# dense, and warned at its prefill)
 _DENSE_CACHES: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+PREFILLED_OUTSIDE_REASON = (
+    "the prompt was prefilled outside the avl backend (HF's compile_config compiles the decode "
+    "steps only): compile the forward first, avl_compile.compile(model, options=...)"
+)
 
 
 class _PrefillSlot:
@@ -152,6 +157,8 @@ class AvlRuntime:
                     "A cache edited between steps (beam search reorders it; use num_beams=1) or "
                     "filled by another model cannot be matched to its compacted rows."
                 )
+            if _DENSE_CACHES[past_keys] is not None:
+                self.warn_once(f"avl: decoding runs dense attention: {_DENSE_CACHES[past_keys]}")
             output, keys, values = self._dense(
                 site, query, past_keys, new_keys, past_values, new_values, attn_mask, scale,
                 is_causal=False,
@@ -220,7 +227,8 @@ class AvlRuntime:
         values = new_values if past_values is None else torch.cat([past_values, new_values], -2)
         # contiguous here, not later: the tensor registered must be the one the cache keeps
         keys, values = keys.contiguous(), values.contiguous()
-        _DENSE_CACHES[keys] = True  # decode steps on this cache stay dense
+        # decode steps on this cache stay dense; one that began outside keeps its reason
+        _DENSE_CACHES[keys] = _DENSE_CACHES.get(past_keys) if past_keys is not None else None
         output = F.scaled_dot_product_attention(
             query,
             keys,
@@ -240,6 +248,12 @@ def layer_state(keys: Tensor):
 
 def set_layer_state(keys: Tensor, state) -> None:
     _LAYER_STATES[keys] = state
+
+
+def mark_prefilled_outside_backend(keys: Tensor) -> None:
+    """``keys`` (a cache layer's) were filled by a prefill that never reached the backend:
+    their decode steps run dense."""
+    _DENSE_CACHES[keys] = PREFILLED_OUTSIDE_REASON
 
 
 def end_prefill() -> None:

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, for a session that is lent one (the device tool runs one
 # command of at most 10 minutes at a time, so each part is its own call):
-#   bash benchmarks/gpu_checks.sh tests      # GPU-only tests: bf16 kernel, Triton in Inductor
+#   bash benchmarks/gpu_checks.sh tests      # GPU-only tests: bf16 kernel, Triton in Inductor,
+#                                            # CUDA-graph decode; HF's compile path and the
+#                                            # in-graph decode on the image's transformers
 #   bash benchmarks/gpu_checks.sh attention  # benchmarks/attention.py default grid (bf16, batch 1/16)
 #   bash benchmarks/gpu_checks.sh e2e        # benchmarks/end_to_end.py --preset llava16, batch 1/16
 #                                            # (dense and avl, with and without CUDA graphs)
@@ -21,7 +23,8 @@ python -c "import torch, transformers, triton; print(torch.__version__, transfor
 case "${1:?tests, attention or e2e}" in
   tests)
     python -m pytest -q tests/test_triton_gathered_attention.py tests/test_gathered_attention.py \
-      tests/test_avl_policy.py 2>&1 | tee "$out/tests.txt" ;;
+      tests/test_avl_policy.py tests/test_hf_compile_path.py \
+      tests/test_decode_in_graph.py 2>&1 | tee "$out/tests.txt" ;;
   attention)
     python benchmarks/attention.py 2>&1 | tee "$out/attention.txt" ;;
   e2e)

@@ -92,6 +92,23 @@ def _is_unsqueeze_index(index) -> bool:
     )
 
 
+def _shape_reads(source: fx.Node, chain: set[fx.Node]) -> list[fx.Node]:
+    """The reads of ``source``'s shape that only size the site's repeat_kv (``keys.size()``
+    and its items, as HF's repeat_kv traces when Dynamo did not fold the length): they go
+    with the chain when the site is rewritten."""
+    reads = []
+    for user in source.users:
+        if not (user.op == "call_method" and user.target == "size"):
+            continue
+        items = list(user.users)
+        if all(
+            item.target is operator.getitem and all(u in chain for u in item.users)
+            for item in items
+        ):
+            reads += [user, *items]
+    return reads
+
+
 def _is_cache_concat(node: fx.Node) -> bool:
     if node.op != "call_function" or node.target is not torch.cat:
         return False
@@ -147,6 +164,9 @@ def find_attention_sites(graph: fx.Graph) -> list[AttentionSite]:
         if key_source not in returned or value_source not in returned:
             site.reason = "the KV-cache concat is not written back by this graph"
             continue
+        chains = {*key_chain, *value_chain}
+        key_chain += _shape_reads(key_source, chains)
+        value_chain += _shape_reads(value_source, chains)
         allowed_users = {node, *key_chain, *value_chain, graph.output_node()}
         if any(u not in allowed_users for u in (*key_source.users, *value_source.users)):
             site.reason = "the KV cache has users other than this attention and the write-back"

@@ -102,6 +102,31 @@ def test_inductor_writes_the_cache_in_place(monkeypatch):
     assert functional_writes == []
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_decode_generates_what_the_plain_graph_does():
+    """The GPU check of CUDA graphs (benchmarks/gpu_checks.sh tests): decode graphs
+    recorded and replayed as CUDA graphs, none skipped, the same tokens."""
+    from torch._dynamo.utils import counters
+
+    def run(cudagraphs: bool):
+        model = avl_compile.compile(
+            tiny_llava().cuda(), options={"refresh_every": 2, "cudagraphs": cudagraphs}
+        )
+        prompt = llava_prompt(model, [PREFIX, [1, 9]], [SUFFIX, [7, 8, 9, 10, 11, 12]])
+        inputs = {k: v.cuda() for k, v in prompt.inputs.items()}
+        out = greedy(model, inputs, new_tokens=24)
+        assert model._avl_backend.runtime.counters["decode_graphs_in_graph"] == 23
+        return out.sequences
+
+    plain = run(cudagraphs=False)
+    counters.clear()
+    replayed = run(cudagraphs=True)
+    assert torch.equal(replayed, plain)
+    inductor = dict(counters["inductor"])
+    assert "cudagraph_recorded_non_static_inputs" in inductor, "no CUDA graph was recorded"
+    assert not inductor.get("cudagraph_skips"), inductor
+
+
 def _graphs_of_one_generate(new_tokens: int) -> int:
     model = avl_compile.compile(tiny_llava(), options={"inner": "eager"})
     greedy(model, llava_prompt(model, [PREFIX], [SUFFIX]).inputs, new_tokens)

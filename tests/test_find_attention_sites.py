@@ -51,3 +51,32 @@ def test_llava_decoder_sites_are_found_by_structure_in_every_graph():
     for sites in per_graph:
         if not any(s.rewritable for s in sites):
             assert all("not a decoder site" in s.reason for s in sites)
+
+
+def _traced_site_reading_the_cache_length(shape_used_elsewhere: bool) -> torch.fx.Graph:
+    """A decode site whose repeat_kv sizes itself by ``keys.size()[2]``, as Dynamo traces
+    HF's repeat_kv when the cache length is symbolic (HF's compile path)."""
+
+    def attend(query, past_keys, new_keys, past_values, new_values):
+        keys = torch.cat([past_keys, new_keys], dim=-2)
+        values = torch.cat([past_values, new_values], dim=-2)
+        length = keys.size()[2]
+        keys_rep = keys[:, :, None, :, :].expand(1, 2, 2, length, 4).reshape(1, 4, length, 4)
+        values_rep = values[:, :, None, :, :].expand(1, 2, 2, length, 4).reshape(1, 4, -1, 4)
+        out = torch.nn.functional.scaled_dot_product_attention(query, keys_rep, values_rep)
+        if shape_used_elsewhere:
+            out = out * length
+        return out, keys, values
+
+    graph = torch.fx.symbolic_trace(attend).graph
+    for node in graph.nodes:
+        node.meta["nn_module_stack"] = {"attn": ("model.layers.0.self_attn", None)}
+    return graph
+
+
+def test_a_read_of_the_cache_length_that_only_sizes_repeat_kv_goes_with_the_site():
+    (site,) = find_attention_sites(_traced_site_reading_the_cache_length(False))
+    assert site.rewritable, site.reason
+    assert any(node.target == "size" for node in site.key_chain)
+    (site,) = find_attention_sites(_traced_site_reading_the_cache_length(True))
+    assert "users other than" in site.reason
