@@ -12,6 +12,7 @@ its decode steps then run dense, with one warning that says why.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -38,3 +39,18 @@ class AvlCache(DynamicCache):
         if prefill and not torch.compiler.is_compiling():  # a forward the backend never saw
             mark_prefilled_outside_backend(keys)
         return keys, values
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name under which ``model.generate`` takes a cache: ``cache`` from transformers
+    5.24 on, ``past_key_values`` before."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def generated_cache(output: Any):
+    """The cache of a ``generate(..., return_dict_in_generate=True)`` output: ``cache``
+    from transformers 5.24 on (``past_key_values`` is then a deprecated alias), else
+    ``past_key_values``."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values

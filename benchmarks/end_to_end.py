@@ -5,6 +5,8 @@
     python benchmarks/end_to_end.py --preset llava16   # LLaVA-1.6-7B shape, bf16 (GPU)
     python benchmarks/end_to_end.py --preset cpu-host --threads 1  # host-bound: 32 thin layers
 
+Rows: dense eager, dense Inductor (the forward compiled), avl, and both through HF's own
+compiled decode loop (``compile_config``: a static cache for dense, ``AvlCache`` for avl).
 Random weights (speed needs no trained weights). Each configuration generates the same
 prompt greedily; a logits processor stamps the time of every new token, and decode time per
 token is (last stamp - first stamp) / (N - 1): the prefill is excluded. Time to first token
@@ -17,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import torch
 from tabulate import tabulate
 from transformers import (
     CLIPVisionConfig,
+    CompileConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -29,6 +33,7 @@ from transformers import (
 )
 
 import avl_compile
+from avl_compile.cache import cache_argument, generated_cache
 
 IMAGE_TOKEN_ID = 32000
 
@@ -109,24 +114,33 @@ class _TokenClock:
         return scores
 
 
-def _generate(model, inputs, new_tokens: int, clock: _TokenClock | None = None):
+def _generate(model, inputs, new_tokens: int, extra: dict, clock: _TokenClock | None = None):
     processors = LogitsProcessorList([clock] if clock else [])
     with torch.no_grad():
         return model.generate(
             **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-            return_dict_in_generate=True, logits_processor=processors,
+            return_dict_in_generate=True, logits_processor=processors, **extra,
         )  # fmt: skip
 
 
-def measure(name: str, model, inputs, preset: dict, device: str, repeats: int) -> dict:
+def _hf_compile_path(config: CompileConfig, cache: Callable[[], dict]) -> Callable[[], dict]:
+    """generate's arguments for HF's compiled decode loop, a fresh cache per call."""
+    config._compile_all_devices = True  # transformers compiles on GPUs only by default
+    return lambda: {"compile_config": config, **cache()}
+
+
+def measure(
+    name: str, model, inputs, preset: dict, device: str, repeats: int,
+    extra: Callable[[], dict] = dict,
+) -> dict:  # fmt: skip
     n = preset["new_tokens"]
-    out = _generate(model, inputs, n)  # warm-up: compiles every graph the run needs
-    kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in out.past_key_values.layers)
+    out = _generate(model, inputs, n, extra())  # warm-up: compiles every graph the run needs
+    kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in generated_cache(out).layers)
     decode, first_token = [], []
     for _ in range(repeats):
         clock = _TokenClock(device)
         start = time.perf_counter()
-        _generate(model, inputs, n, clock)
+        _generate(model, inputs, n, extra(), clock)
         decode.append((clock.stamps[-1] - clock.stamps[0]) / (len(clock.stamps) - 1))
         first_token.append(clock.stamps[0] - start)
     ms = 1e3 * min(decode)  # the machine may be shared: interference only adds time
@@ -156,6 +170,19 @@ def main() -> None:
             "dense inductor": lambda m: setattr(m, "forward", torch.compile(m.forward)) or m,
             "avl (inductor)": lambda m: avl_compile.compile(m),
             "avl (aot_eager)": lambda m: avl_compile.compile(m, options={"inner": "aot_eager"}),
+            # HF's compiled decode loop (compile_config, decode steps only): its static cache
+            # and CUDA graphs for dense; AvlCache on the avl-compiled forward for avl
+            "dense, HF compile_config": lambda m: (
+                m,
+                _hf_compile_path(CompileConfig(), lambda: {"cache_implementation": "static"}),
+            ),
+            "avl, HF compile_config": lambda m: (
+                avl_compile.compile(m),
+                _hf_compile_path(
+                    CompileConfig(backend="avl", mode=None),
+                    lambda: {cache_argument(m): avl_compile.AvlCache()},
+                ),
+            ),
         }
         if args.device == "cuda":  # avl's decode graphs use CUDA graphs by default there
             configs["dense inductor (cudagraphs)"] = lambda m: (
@@ -168,8 +195,10 @@ def main() -> None:
             if name in args.skip:
                 continue
             torch._dynamo.reset()
-            model = prepare(build_model(preset, args.device))
-            rows.append(measure(name, model, inputs, preset, args.device, args.repeats))
+            model, extra = prepare(build_model(preset, args.device)), dict
+            if isinstance(model, tuple):  # (model, generate's extra arguments per call)
+                model, extra = model
+            rows.append(measure(name, model, inputs, preset, args.device, args.repeats, extra))
             print(rows[-1], flush=True)
     dense = {r["batch"]: r for r in rows if r["config"] == "dense eager"}
     inductor = {r["batch"]: r for r in rows if r["config"] == "dense inductor"}

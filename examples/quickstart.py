@@ -12,6 +12,7 @@ import argparse
 import torch
 
 import avl_compile
+from avl_compile.cache import generated_cache
 from avl_compile.tiny_models import llava_prompt, tiny_llava
 
 
@@ -41,8 +42,8 @@ def main() -> None:
     new_dense, new_avl = dense.sequences[0, prompt_len:], compiled.sequences[0, prompt_len:]
     same = (new_dense == new_avl).float().mean().item()
     print(f"new tokens equal to dense: {same:.0%} (random weights: no learned attention to keep)")
-    dense_rows = dense.past_key_values.layers[0].keys.shape[2]
-    for i, rows in enumerate(avl_compile.kv_rows_in_use(compiled.past_key_values)):
+    dense_rows = generated_cache(dense).layers[0].keys.shape[2]
+    for i, rows in enumerate(avl_compile.kv_rows_in_use(generated_cache(compiled))):
         print(f"layer {i}: KV rows kept {rows} of {dense_rows} ({rows / dense_rows:.0%})")
 
 

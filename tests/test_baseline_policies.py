@@ -9,6 +9,7 @@ import torch
 from helpers import NEW_TOKENS, compiled_greedy, greedy, reference_greedy
 
 import avl_compile
+from avl_compile.cache import generated_cache
 from avl_compile.tiny_models import llava_prompt, tiny_llava
 
 PREFIX, SUFFIX = [1, 5, 6], [7, 8, 9, 10]
@@ -74,7 +75,7 @@ def _planned_rows(policy: str, layer: int, n_image: int, kv_budget: float = 0.5)
 def test_cache_holds_the_planned_rows_and_attention_counts_them(policy):
     prompt = llava_prompt(tiny_llava(), [PREFIX], [SUFFIX])
     model, got = compiled_greedy(tiny_llava, prompt.inputs, {"policy": policy, "inner": "eager"})
-    rows = avl_compile.kv_rows_in_use(got.past_key_values)
+    rows = avl_compile.kv_rows_in_use(generated_cache(got))
     planned = [_planned_rows(policy, i, prompt.image_tokens) for i in range(len(rows))]
     counters = model._avl_backend.runtime.counters
     if policy == "fastv" and rows != planned:

@@ -13,6 +13,7 @@ import torch
 from helpers import NEW_TOKENS, compiled_greedy, greedy, reference_greedy, row_alone
 
 from avl_compile import kv_rows_in_use
+from avl_compile.cache import generated_cache
 from avl_compile.policies.avl import spare_slots
 from avl_compile.policies.budgets import fraction_count, text_budget
 from avl_compile.tiny_models import llava_prompt, tiny_llava, tiny_llava_next
@@ -55,8 +56,8 @@ def test_default_options_match_the_reference_and_the_planned_cache_size(family):
     n_image = prompt.image_tokens
     n_text = len(SUFFIX) + NEW_TOKENS - 1  # the last generated token never enters the cache
     planned = len(PREFIX) + fraction_count(0.5, n_image) + min(n_text, text_budget(n_text, 0.6, 20))
-    assert kv_rows_in_use(got.past_key_values) == [planned] * len(got.past_key_values.layers)
-    for layer in got.past_key_values.layers:  # plus free rows for the next tokens
+    assert kv_rows_in_use(generated_cache(got)) == [planned] * len(generated_cache(got).layers)
+    for layer in generated_cache(got).layers:  # plus free rows for the next tokens
         assert (
             planned
             <= layer.keys.shape[2]
@@ -183,4 +184,4 @@ def test_the_readme_pattern_compiles_the_forward_that_generate_calls():
     )  # fmt: skip
     out = greedy(model, prompt.inputs, new_tokens=4)
     prompt_len = prompt.inputs["input_ids"].shape[1]
-    assert all(layer.keys.shape[2] < prompt_len for layer in out.past_key_values.layers)
+    assert all(layer.keys.shape[2] < prompt_len for layer in generated_cache(out).layers)

@@ -22,6 +22,7 @@ from helpers import compiled_greedy, greedy
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from avl_compile import kv_rows_in_use
+from avl_compile.cache import generated_cache
 from avl_compile.options import AvlOptions
 from avl_compile.passes.find_attention_sites import NOT_DECODER_REASON
 from avl_compile.policies.budgets import fraction_count, text_budget
@@ -121,8 +122,8 @@ def _check_policy_ran(model, out, input_ids: torch.Tensor, options: dict) -> Non
     assert counters["decode_sites"] == len(policy_layers) * (NEW_TOKENS - 1)
     dense_rows = input_ids.shape[1] + NEW_TOKENS - 1
     planned = _planned_cache_rows(input_ids, options)
-    in_use = kv_rows_in_use(out.past_key_values)
-    for i, layer in enumerate(out.past_key_values.layers):
+    in_use = kv_rows_in_use(generated_cache(out))
+    for i, layer in enumerate(generated_cache(out).layers):
         if i in policy_layers:
             assert in_use[i] == planned < dense_rows, f"layer {i}"
         else:  # a sliding-window layer: HF's own window cache, untouched

@@ -5,7 +5,6 @@ static cache is refused with an error that says what to use instead; a prompt pr
 outside the backend decodes dense, with one warning."""
 
 import functools
-import inspect
 import warnings
 
 import pytest
@@ -15,21 +14,21 @@ from transformers import CompileConfig
 
 import avl_compile
 from avl_compile import AvlCache
+from avl_compile.cache import cache_argument
 from avl_compile.options import AvlOptions, with_compile_mode
 from avl_compile.tiny_models import llava_prompt, tiny_llava
 
 PREFIX, SUFFIX = [1, 5, 6], [7, 8, 9, 10]
 FULL = {"vision_keep": 1.0, "vision_compute": 1.0, "text_keep": 1.0}
 NEW_TOKENS = 12
-# transformers 5.24 names the cache argument `cache`, 5.17 `past_key_values`
-_FORWARD_ARGUMENTS = inspect.signature(tiny_llava().forward).parameters
-CACHE_ARGUMENT = "cache" if "cache" in _FORWARD_ARGUMENTS else "past_key_values"
 
 
 def _hf_compiled_greedy(model, inputs, **config):
     config = CompileConfig(backend="avl", **config)
     config._compile_all_devices = True  # transformers compiles on GPUs only by default
-    return greedy(model, inputs, NEW_TOKENS, compile_config=config, **{CACHE_ARGUMENT: AvlCache()})
+    return greedy(
+        model, inputs, NEW_TOKENS, compile_config=config, **{cache_argument(model): AvlCache()}
+    )
 
 
 def _padded_prompt(model):

@@ -10,6 +10,7 @@ import torch
 from helpers import compiled_greedy, greedy, reference_greedy
 
 import avl_compile
+from avl_compile.cache import generated_cache
 from avl_compile.runtime import _LAYER_STATES
 from avl_compile.tiny_models import IMAGE_TOKEN_ID, llava_prompt, tiny_llava
 
@@ -68,7 +69,7 @@ def test_an_image_mask_is_used_once_per_layer_then_is_stale():
     got = greedy(model, text_only, new_tokens=4)
     assert torch.equal(got.sequences, expected)
     full_length = text_only["input_ids"].shape[1] + 3
-    assert all(layer.keys.shape[2] == full_length for layer in got.past_key_values.layers)
+    assert all(layer.keys.shape[2] == full_length for layer in generated_cache(got).layers)
 
 
 def test_a_dense_prefill_leaves_no_image_mask_for_the_next_prompt():

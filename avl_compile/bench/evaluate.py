@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 import avl_compile
+from avl_compile.cache import generated_cache
 
 POLICIES = ("full", "avl", "h2o", "streaming", "fastv", "random")
 BUDGETS = (0.1, 0.25, 0.5, 0.75, 1.0)
@@ -191,7 +192,7 @@ def evaluate(
             text = processor.batch_decode(new_tokens, skip_special_tokens=True)[0]
             correct += normalise_answer(text) in expected
             kv_prefill.append(counters["prefill_kv_bytes"] - before.get("prefill_kv_bytes", 0))
-            kv_end.append(_cache_bytes(output.past_key_values))
+            kv_end.append(_cache_bytes(generated_cache(output)))
             decode_sites = counters["decode_sites"] - before.get("decode_sites", 0)
             if decode_sites:
                 rows_attended = counters["attended_rows"] - before.get("attended_rows", 0)
