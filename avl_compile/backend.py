@@ -134,11 +134,14 @@ class AvlBackend:
                 ", decode step inside the graph" if in_graph else "",
                 recorders,
             )
+        dense_by_reason: dict[str, list[str]] = {}
         for site in sites:
             if site.reason == NOT_DECODER_REASON:  # vision encoders and the like: by design
                 log.debug("avl: graph %d: %s left dense: %s", record.index, site.name, site.reason)
             elif site.reason is not None:  # a cached attention of a form the passes do not know
-                self.runtime.warn_once(f"avl: {site.name} runs dense attention: {site.reason}")
+                dense_by_reason.setdefault(site.reason, []).append(site.name)
+        for reason, names in dense_by_reason.items():  # one warning per reason, not per layer
+            self.runtime.warn_once(f"avl: dense attention in {', '.join(names)}: {reason}")
         if not (rewritten or recorders):
             return _inner_backend(opts.inner)(gm, example_inputs)
         fallback = _compile_pieces(gm, example_inputs, opts.inner)

@@ -100,9 +100,12 @@ PREFILLED_OUTSIDE_REASON = (
 
 
 class _PrefillSlot:
-    """The image mask of the prompt being prefilled, from the graph that scattered it."""
+    """The image mask of the prompt being prefilled, from the graph that scattered it, and
+    the layers that ran this prompt dense (one warning per prompt, not per layer)."""
 
-    context: PrefillContext | None = None
+    def __init__(self) -> None:
+        self.context: PrefillContext | None = None
+        self.dense_layers: set[int | None] = set()
 
 
 _PREFILL = _PrefillSlot()
@@ -196,7 +199,7 @@ class AvlRuntime:
         if reason is not None:
             if context is not None:  # spent on this prompt, even though it runs dense
                 context.used_by_layers.add(site.layer_idx)
-            self.warn_once(f"avl: {site.name} runs dense attention: {reason}")
+            self._warn_dense_prompt(site.layer_idx, reason)
             output, keys, values = self._dense(
                 site, query, None, keys, None, values, attn_mask, scale, site.is_causal
             )
@@ -218,6 +221,20 @@ class AvlRuntime:
         self.counters["prefill_kv_bytes"] += kept_keys.nbytes + kept_values.nbytes
         log.debug("%s: prefill kept %d of %d KV rows", site.name, kept_keys.shape[2], q_len)
         return output, kept_keys, kept_values
+
+    @staticmethod
+    def _warn_dense_prompt(layer_idx: int | None, reason: str) -> None:
+        """Warn at the first layer of a prompt that runs dense: a layer already seen
+        means a new prompt."""
+        seen = _PREFILL.dense_layers
+        if layer_idx in seen:
+            seen.clear()
+        if not seen:
+            warnings.warn(
+                f"avl: this prompt runs dense attention in every decoder layer: {reason}",
+                stacklevel=4,
+            )
+        seen.add(layer_idx)
 
     @staticmethod
     def _dense(
@@ -259,6 +276,7 @@ def mark_prefilled_outside_backend(keys: Tensor) -> None:
 def end_prefill() -> None:
     """Decoding has begun: the prompt's image mask is spent."""
     _PREFILL.context = None
+    _PREFILL.dense_layers.clear()
 
 
 def rows_in_use(keys: Tensor) -> int:

@@ -7,6 +7,7 @@ import torch
 from helpers import GraphCapture, capture_generate_graphs
 from toy_decoder import ToyDecoder, toy_inputs
 
+import avl_compile
 from avl_compile import AvlBackend
 from avl_compile.options import AvlOptions
 from avl_compile.passes.find_attention_sites import SDPA_TARGETS, find_attention_sites
@@ -40,7 +41,7 @@ def test_rewrite_replaces_the_decoder_sdpa_and_the_cache_write_back():
     assert not [n for n in gm.graph.nodes if n.target is torch.cat]  # the concat is gone
 
 
-def test_rewritten_toy_without_an_image_runs_dense_with_one_warning():
+def test_rewritten_toy_without_an_image_runs_dense_with_one_warning_per_prompt():
     model = ToyDecoder()
     inputs = toy_inputs(past=0)
     expected = model(*inputs)
@@ -52,8 +53,23 @@ def test_rewritten_toy_without_an_image_runs_dense_with_one_warning():
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e)
     messages = [str(w.message) for w in caught if "avl" in str(w.message)]
-    assert len(messages) == 1
-    assert "layers.0.self_attn" in messages[0] and "no image tokens" in messages[0]
+    assert len(messages) == 2  # two prompts
+    assert all("this prompt runs dense" in m and "no image tokens" in m for m in messages)
+
+
+def test_a_text_only_generate_warns_once_not_once_per_layer():
+    model = avl_compile.compile(tiny_llava(), options={"inner": "eager"})
+    input_ids = torch.tensor([[1, 5, 6, 7, 8]])
+    expected = tiny_llava().generate(input_ids=input_ids, max_new_tokens=4, do_sample=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = model.generate(input_ids=input_ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(got, expected)
+    messages = [str(w.message) for w in caught if str(w.message).startswith("avl")]
+    assert messages == [
+        "avl: this prompt runs dense attention in every decoder layer: no image tokens were "
+        "found for this prompt"
+    ]
 
 
 def test_recorder_is_inserted_after_the_scatter_and_survives_dead_code_elimination():
@@ -158,6 +174,6 @@ def test_unrecognised_cached_site_runs_dense_with_one_warning_naming_it():
         assert torch.equal(g, e)  # exactly as without the backend
     messages = [str(w.message) for w in caught if "avl" in str(w.message)]
     assert messages == [
-        "avl: layers.0.self_attn runs dense attention: the KV cache has users other than "
+        "avl: dense attention in layers.0.self_attn: the KV cache has users other than "
         "this attention and the write-back"
     ]
