@@ -42,10 +42,15 @@ def compile(
 
     ``generate`` calls ``self.forward``, so compiling the forward (not wrapping the module)
     is what makes ``model.generate(...)`` run the compiled graphs. Options are checked here.
+    Compiling a model again replaces the first compile (new options, new backend).
     """
     backend = AvlBackend(options)
+    # compiling again starts from the plain forward: around a compiled one the new compile
+    # would never run (PyTorch runs the innermost compiled function)
+    forward = getattr(model, "_avl_plain_forward", None) or model.forward
     # the model holds its backend; Dynamo, which keeps backends for good, a weak handle
-    model.forward = torch.compile(model.forward, backend=BackendHandle(backend), **compile_kwargs)
+    model.forward = torch.compile(forward, backend=BackendHandle(backend), **compile_kwargs)
+    model._avl_plain_forward = forward
     model._avl_backend = backend
     return model
 

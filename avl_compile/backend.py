@@ -34,7 +34,7 @@ from avl_compile.passes.rewrite_decode_sites import (
     state_examples,
 )
 from avl_compile.passes.split_at_runtime_calls import split_at_runtime_calls
-from avl_compile.policies import POLICY_CLASSES
+from avl_compile.policies import decode_variant
 from avl_compile.runtime import AvlRuntime, SiteCall
 
 log = logging.getLogger("avl_compile")
@@ -52,11 +52,15 @@ class AvlBackend:
         self.runtime = AvlRuntime()
         self.graphs: list[CompiledGraphRecord] = []
         self._sites: weakref.WeakSet[SiteCall] = weakref.WeakSet()  # live graphs' sites
+        self._decodes: weakref.WeakSet[CompiledDecode] = weakref.WeakSet()  # their decodes
 
     def set_options(self, options: Mapping[str, Any] | None) -> None:
-        """Switch the policy and budgets of the graphs already compiled, without recompiling
-        (the graphs do not depend on them: the runtime reads them at each call). Call it
-        between ``generate`` calls; ``inner`` only takes effect at compile time."""
+        """Switch the policy and budgets of the graphs already compiled, without recompiling.
+        Call it between ``generate`` calls; ``inner`` only takes effect at compile time.
+        Prefill graphs read the options at each call; a decode graph holds one policy's
+        decode step, and options that need another (``decode_graphs_serve`` says) decode
+        through the runtime-call graph, which reads them at each call, until the model is
+        compiled again."""
         new = AvlOptions.from_mapping(options)
         if new.inner != self.options.inner:
             raise ValueError(
@@ -66,6 +70,12 @@ class AvlBackend:
         self.options = new
         for site in self._sites:
             site.options = new
+        if not self.decode_graphs_serve(new):
+            log.info(
+                "avl: the compiled decode graphs hold another decode step than policy=%s "
+                "needs: its decode runs through the runtime-call graph until recompiled",
+                new.policy,
+            )
 
     def __call__(
         self,
@@ -94,17 +104,14 @@ class AvlBackend:
         # changes gm, which stays as the fallback for caches the step does not serve
         in_graph = None
         caches = [past_cache_inputs(site) for site in rewritable]  # before erased by the rewrite
+        layers = [site.layer_idx for site in rewritable]
         if not scatters and rewritable and all(is_decode_site(site) for site in rewritable):
-            if opts.policy == "avl":  # a refresh step is a graph of its own
-                steps = {refresh: avl_step(refresh) for refresh in (False, True)}
-            else:
-                steps = {False: eviction_step(POLICY_CLASSES[opts.policy].eviction)}
-            growing = _sites_evicting_nothing(opts, rewritable)
+            kind, growing = decode_variant(opts, layers)
             in_graph = {
-                (refresh, growing): self._compile_decode(
+                (kind, refresh, growing): self._compile_decode(
                     gm, rewritable, step, growing, example_inputs, opts
                 )
-                for refresh, step in steps.items()
+                for refresh, step in _decode_steps(kind).items()
             }
             key_outputs, value_outputs = cache_outputs(gm, rewritable)
         recorders = insert_image_mask_recorders(gm.graph, scatters, self.runtime)
@@ -148,14 +155,25 @@ class AvlBackend:
         if in_graph is None:
             return fallback
         inputs = [node for node in gm.graph.nodes if node.op == "placeholder"]
-        return CompiledDecode(
+        decode = CompiledDecode(
             key_inputs=[inputs.index(keys) for keys, _ in caches],
             key_outputs=key_outputs,
             value_outputs=value_outputs,
             graphs={key: compiled for key, (_, compiled) in in_graph.items()},
             fallback=fallback,
             runtime=self.runtime,
+            layers=layers,
         )
+        self._decodes.add(decode)
+        return decode
+
+    def decode_graphs_serve(self, options: Mapping[str, Any] | AvlOptions) -> bool:
+        """Whether the live decode graphs hold the decode step that ``options`` need (the
+        policy's step, and which layers evict nothing); if not, decoding under them takes
+        the runtime-call graph until the model is compiled again."""
+        if not isinstance(options, AvlOptions):
+            options = AvlOptions.from_mapping(options)
+        return all(decode.serves(options) for decode in self._decodes)
 
     @staticmethod
     def _compile_decode(
@@ -193,23 +211,12 @@ class AvlBackend:
         return graph, compile_fx(graph, inputs, config_patches=patches)
 
 
-def _sites_evicting_nothing(opts: AvlOptions, sites: list[AttentionSite]) -> frozenset[int]:
-    """The sites whose layer keeps every token (their cache grows by one slot per step,
-    inside the graph): all at budgets that evict nothing, FastV's layers before its filter."""
-    if opts.policy == "avl":
-        keeps = opts.vision_keep == 1.0 and opts.text_keep == 1.0
-        keeps = keeps and opts.prefill_filter_keep in (None, 1.0)
-    else:
-        keeps = opts.policy == "full" or opts.kv_budget == 1.0
-    if keeps:
-        return frozenset(range(len(sites)))
-    if opts.policy == "fastv":
-        return frozenset(
-            index
-            for index, site in enumerate(sites)
-            if site.layer_idx is not None and site.layer_idx < opts.prefill_filter_layer
-        )
-    return frozenset()
+def _decode_steps(kind: str) -> dict[bool, DecodeStep]:
+    """The decode step of a ``decode_variant`` kind; A-VL's refresh step is a graph of its
+    own."""
+    if kind == "avl":
+        return {refresh: avl_step(refresh) for refresh in (False, True)}
+    return {False: eviction_step(kind)}
 
 
 class BackendHandle:

@@ -21,6 +21,8 @@ from collections.abc import Callable
 
 import torch
 
+from avl_compile.options import AvlOptions
+from avl_compile.policies import decode_variant
 from avl_compile.policies.avl_decode import grow_cache
 from avl_compile.policies.decode_schedule import LayerState
 from avl_compile.runtime import AvlRuntime, end_prefill, layer_state, set_layer_state
@@ -35,16 +37,18 @@ class CompiledDecode:
         key_inputs: list[int],
         key_outputs: list[int],
         value_outputs: list[int],
-        graphs: dict[tuple[bool, frozenset[int]], Callable],
+        graphs: dict[tuple[str, bool, frozenset[int]], Callable],
         fallback: Callable,
         runtime: AvlRuntime,
+        layers: list[int | None],
     ) -> None:
         self.key_inputs = key_inputs  # Dynamo input index of each site's past keys
         self.key_outputs = key_outputs  # output index of each site's cache write-back
         self.value_outputs = value_outputs
-        # (refresh step?, layers whose cache grows in the step) -> graph taking the state
-        # tensors last
+        # (decode kind, refresh step?, layers whose cache grows in the step) -> graph taking
+        # the state tensors last
         self.graphs = graphs
+        self.layers = layers  # decoder layer of each site
         self.fallback = fallback
         self.runtime = runtime
         # the caches of the last step, weakly (a finished generate's cache must be freed)
@@ -58,8 +62,9 @@ class CompiledDecode:
         graph, growing = None, ()
         if states is not None:
             growing = self._growing_in_step(states, args)
-            if growing is not None:
-                graph = self.graphs.get((states[0].next_refresh, frozenset(growing)))
+            if growing is not None:  # the graph of this cache's decode step, if compiled
+                kind = states[0].schedule.decode_kind
+                graph = self.graphs.get((kind, states[0].next_refresh, frozenset(growing)))
         if graph is None:
             self.runtime.counters["decode_graphs_in_python"] += 1
             return self.fallback(*args)
@@ -82,6 +87,11 @@ class CompiledDecode:
         else:
             counters["attended_rows"] += sum(state.attended_rows for state in states)
         return result
+
+    def serves(self, options: AvlOptions) -> bool:
+        """Whether a graph here holds the decode step that ``options`` need."""
+        kind, growing = decode_variant(options, self.layers)
+        return any(key[0] == kind and key[2] == growing for key in self.graphs)
 
     def _growing_in_step(self, states: list[LayerState], args) -> tuple[int, ...] | None:
         """The layers whose cache must grow by one slot inside this step (those that evict

@@ -90,3 +90,32 @@ def test_cache_holds_the_planned_rows_and_attention_counts_them(policy):
     # the last step attends what the cache holds before eviction: at most one row more
     assert counters["attended_rows"] <= counters["decode_sites"] * (max(rows) + 1)
     assert counters["attended_rows"] > 0
+
+
+def test_switched_options_never_run_another_policys_decode_graph():
+    """A decode graph holds one policy's step: after set_options, a policy whose step it
+    does not hold decodes through the runtime-call graph (and equals its reference), never
+    through the graph of the policy compiled first."""
+    make = functools.partial(tiny_llava, dtype=torch.float64)
+    prompt = llava_prompt(make(), [PREFIX], [SUFFIX])
+    model = avl_compile.compile(make(), options={"policy": "h2o", "inner": "eager"})
+    backend = model._avl_backend
+    greedy(model, prompt.inputs, 6)
+    for options in (
+        {"policy": "streaming", "kv_budget": 0.5},  # same state tensors, another eviction
+        {"policy": "avl"},  # another state
+        {"policy": "avl", "vision_keep": 1.0, "vision_compute": 1.0, "text_keep": 1.0},
+    ):
+        options = {**options, "inner": "eager"}
+        assert not backend.decode_graphs_serve(options)
+        backend.set_options(options)
+        before = backend.runtime.counters["decode_graphs_in_python"]
+        got = greedy(model, prompt.inputs, 12).sequences
+        assert torch.equal(got, reference_greedy(make, prompt.inputs, options, 12)), options
+        assert backend.runtime.counters["decode_graphs_in_python"] == before + 11
+    assert backend.decode_graphs_serve({"policy": "h2o", "kv_budget": 0.3, "inner": "eager"})
+    # compiling again gives the new policy its own decode graph
+    model = avl_compile.compile(model, options={"policy": "streaming", "inner": "eager"})
+    assert model._avl_backend.decode_graphs_serve({"policy": "streaming", "inner": "eager"})
+    greedy(model, prompt.inputs, 6)
+    assert model._avl_backend.runtime.counters["decode_graphs_in_graph"] == 5

@@ -5,6 +5,7 @@ import functools
 
 import pytest
 import torch
+import transformers
 from helpers import greedy
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -15,6 +16,7 @@ from avl_compile.policies.budgets import best_first
 from avl_compile.tiny_models import llava_prompt, tiny_llava
 
 PREFIX, SUFFIX = [1, 5, 6], [7, 8, 9, 10]
+_TRANSFORMERS = tuple(int(part) for part in transformers.__version__.split(".")[:2])
 # ops that read a device value back to the host, or whose output shape depends on data
 SYNCING_OPS = {
     "_local_scalar_dense", "item", "nonzero", "is_nonzero", "equal", "allclose",
@@ -52,6 +54,12 @@ def test_decode_steps_run_in_the_graph_with_no_host_sync(monkeypatch, options):
         with counter:  # the dispatcher's host work and the compiled graph (aot_eager: aten ops)
             return original(self, *args)
 
+    if options["policy"] == "fastv" and _TRANSFORMERS < (5, 23):
+        pytest.xfail(
+            "transformers < 5.23 passes an explicit mask at every prefill, sized from the "
+            "first layer's cache: FastV's layers then grow in lockstep, in the runtime-call "
+            "graph (README)"
+        )
     monkeypatch.setattr(CompiledDecode, "__call__", counted)
     model = avl_compile.compile(tiny_llava(), options={"inner": "aot_eager", **options})
     # a left-padded batch; FastV's layers must then keep the first layer's cache length,

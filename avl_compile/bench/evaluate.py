@@ -1,9 +1,10 @@
 """The evaluation bench: accuracy, resident KV memory, attention work and decode speed of
 each KV policy and budget, on one model and dataset, side by side in one run.
 
-The model is compiled once with the ``avl`` backend; the policies and budgets are switched
-between ``generate`` calls with ``AvlBackend.set_options`` (the graphs do not depend on them),
-so every configuration runs the same compiled code.
+The model is compiled with the ``avl`` backend once per decode step the configurations need
+(a decode graph holds one policy's step, and layers that evict nothing grow in it); between
+``generate`` calls the budgets are switched with ``AvlBackend.set_options``, so every
+configuration runs compiled code (``decode_graphs_in_python`` stays 0).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import torch
 
 import avl_compile
 from avl_compile.cache import generated_cache
+from avl_compile.options import AvlOptions
+from avl_compile.policies import decode_variant
 
 POLICIES = ("full", "avl", "h2o", "streaming", "fastv", "random")
 BUDGETS = (0.1, 0.25, 0.5, 0.75, 1.0)
@@ -164,9 +167,6 @@ def evaluate(
     from tqdm.auto import tqdm
 
     device = str(model.device)
-    avl_compile.compile(model, options={"policy": "full", "inner": inner})
-    backend = model._avl_backend
-    counters = backend.runtime.counters
     n_layers = model.config.get_text_config().num_hidden_layers
     inputs = [prompt_inputs(processor, record, device) for record in records]
     answers = [{normalise_answer(a) for a in record["answers"]} for record in records]
@@ -174,15 +174,27 @@ def evaluate(
     def options(policy: str, budget: float) -> dict[str, Any]:
         return {**policy_options(policy, budget, avl_refresh_every), "inner": inner}
 
-    # compile (and let Dynamo see a few cache lengths) before anything is timed
-    for policy, budget in configs[:2]:
-        backend.set_options(options(policy, budget))
-        _generate(model, inputs[0], max_new_tokens, None)
+    # configurations that share a decode step run one after another: one compile each
+    layers = list(range(n_layers))
 
-    rows = []
+    def decode_step_of(index: int) -> tuple[str, list[int]]:
+        kind, growing = decode_variant(AvlOptions(**options(*configs[index])), layers)
+        return kind, sorted(growing)
+
+    order = sorted(range(len(configs)), key=decode_step_of)
+    backend = None
+    rows: dict[int, BenchRow] = {}
     bar = tqdm(total=len(configs) * len(records), disable=not progress, desc="avl bench")
-    for policy, budget in configs:
+    for index in order:
+        policy, budget = configs[index]
+        if backend is None or not backend.decode_graphs_serve(options(policy, budget)):
+            # a decode graph holds one policy's step: compile for this one, and let Dynamo
+            # see a few cache lengths before anything is timed
+            backend = avl_compile.compile(model, options=options(policy, budget))._avl_backend
+            for prompt in inputs[:2]:
+                _generate(model, prompt, max_new_tokens, None)
         backend.set_options(options(policy, budget))
+        counters = backend.runtime.counters
         correct, kv_prefill, kv_end, attended, ms = 0, [], [], [], []
         for prompt, expected in zip(inputs, answers, strict=True):
             before = dict(counters)
@@ -200,19 +212,17 @@ def evaluate(
             if clock.ms_per_token() is not None:
                 ms.append(clock.ms_per_token())
             bar.update()
-        rows.append(
-            BenchRow(
-                policy=policy,
-                kv_budget=budget,
-                accuracy=correct / len(records),
-                kv_bytes_prefill=statistics.fmean(kv_prefill),
-                kv_bytes_end=statistics.fmean(kv_end),
-                attended_rows_per_step=statistics.fmean(attended) if attended else float("nan"),
-                ms_per_token=statistics.median(ms) if ms else float("nan"),
-            )
+        rows[index] = BenchRow(
+            policy=policy,
+            kv_budget=budget,
+            accuracy=correct / len(records),
+            kv_bytes_prefill=statistics.fmean(kv_prefill),
+            kv_bytes_end=statistics.fmean(kv_end),
+            attended_rows_per_step=statistics.fmean(attended) if attended else float("nan"),
+            ms_per_token=statistics.median(ms) if ms else float("nan"),
         )
     bar.close()
-    return rows
+    return [rows[index] for index in range(len(configs))]
 
 
 def _generate(model, inputs: dict[str, torch.Tensor], max_new_tokens: int, streamer):

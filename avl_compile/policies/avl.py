@@ -63,6 +63,8 @@ class AvlSchedule(DecodeSchedule):
     others: list[int]  # secondary image rows outside the core, attended at refresh steps
     attended_text: list[int] = dataclasses.field(default_factory=list)  # this step's text rows
 
+    decode_kind = "avl"
+
     @property
     def rows_in_use(self) -> int:
         return max(s + k for s, k in zip(self.text_start, self.kept_text, strict=True))

@@ -45,6 +45,12 @@ class DecodeSchedule:
     write_position: int = 0  # position of the current step's token
 
     @property
+    def decode_kind(self) -> str:
+        """Which decode step serves this schedule's cache ("avl" or an eviction rule): a
+        compiled decode graph holds one kind."""
+        raise NotImplementedError
+
+    @property
     def rows_in_use(self) -> int:
         """Occupied slots of the fullest batch row (the cache also has free slots)."""
         raise NotImplementedError

@@ -66,6 +66,11 @@ class EvictionSchedule(DecodeSchedule):
         return super().growth_between_steps(capacity)
 
     @property
+    def decode_kind(self) -> str:
+        # a budget of 100% never evicts: any rule's step is the full cache's
+        return KEEP_ALL if self.kv_budget >= 1.0 else self.eviction
+
+    @property
     def rows_in_use(self) -> int:
         return max(self.end)
 
