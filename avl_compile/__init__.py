@@ -19,6 +19,7 @@ __all__ = ["AvlBackend", "AvlCache", "AvlOptions", "avl_backend", "compile", "kv
 logging.getLogger("avl_compile").addHandler(logging.NullHandler())
 
 _default_backend: AvlBackend | None = None
+DEFAULT_BACKEND_RECORDS = 64  # graph records the shared backend keeps (the latest)
 
 
 def avl_backend(
@@ -30,8 +31,8 @@ def avl_backend(
     """The function behind ``torch.compile(..., backend="avl", options={...})`` (or
     ``mode="reduce-overhead"``, which turns CUDA graphs on)."""
     global _default_backend
-    if _default_backend is None:
-        _default_backend = AvlBackend()
+    if _default_backend is None:  # shared by every model compiled with backend="avl"
+        _default_backend = AvlBackend(max_records=DEFAULT_BACKEND_RECORDS)
     return _default_backend(gm, example_inputs, options=options or {}, mode=mode)
 
 

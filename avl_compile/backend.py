@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import weakref
@@ -47,10 +48,15 @@ class AvlBackend:
     KV cache, so models compiled through it still never share state.
     """
 
-    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, options: Mapping[str, Any] | None = None, max_records: int | None = None
+    ) -> None:
         self.options = AvlOptions.from_mapping(options)
         self.runtime = AvlRuntime()
-        self.graphs: list[CompiledGraphRecord] = []
+        # records of the graphs compiled (the latest ``max_records``: a backend shared by
+        # every model of a process must not keep every graph it ever compiled)
+        self.graphs: collections.deque[CompiledGraphRecord] = collections.deque(maxlen=max_records)
+        self._compiled = 0
         self._sites: weakref.WeakSet[SiteCall] = weakref.WeakSet()  # live graphs' sites
         self._decodes: weakref.WeakSet[CompiledDecode] = weakref.WeakSet()  # their decodes
 
@@ -120,7 +126,7 @@ class AvlBackend:
         rewritten = len(site_calls)
         gm.recompile()
         record = CompiledGraphRecord(
-            index=len(self.graphs),
+            index=self._compiled,
             sites=sites,
             recorders=recorders,
             rewritten=rewritten,
@@ -128,8 +134,10 @@ class AvlBackend:
             code_before=code_before,
             code_after=next(iter(in_graph.values()))[0].code if in_graph else gm.code,
             decode_in_graph=in_graph is not None,
+            modules=modules_run_by(gm.graph),
         )
         self.graphs.append(record)
+        self._compiled += 1
         if rewritten or recorders:
             log.info(
                 "avl: graph %d: rewrote %d of %d attention sites (policy=%s%s), %d image-mask "
@@ -247,6 +255,27 @@ class CompiledGraphRecord:
     code_before: str  # the graph's Python code as Dynamo handed it over
     code_after: str  # after the passes, before the split for the inner compiler
     decode_in_graph: bool = False  # the A-VL decode step runs inside this graph
+    modules: list[str] = dataclasses.field(default_factory=list)  # what the graph runs
+
+
+def modules_run_by(graph: fx.Graph, depth: int = 2) -> list[str]:
+    """The model's parts a graph runs (module paths cut at ``depth`` names or at a layer
+    index: ``model.vision_tower``, ``model.language_model.layers``), in order of first use."""
+    parts: dict[str, None] = {}
+    for node in graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if not stack:
+            continue
+        path = list(stack.values())[-1][0]
+        names = path.removeprefix("L['self'].").split(".")
+        kept = []
+        for name in names:
+            if name.isdigit() or len(kept) == depth:
+                break
+            kept.append(name)
+        parts.setdefault(".".join(kept))
+    # a module's own code beside its children's: its children say more
+    return [p for p in parts if not any(q.startswith(p + ".") for q in parts)]
 
 
 # Dynamo's accumulated_recompile_limit: the most compiles of one frame it allows anyway

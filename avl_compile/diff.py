@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from avl_compile.backend import AvlBackend, CompiledGraphRecord
+from avl_compile.console import hide_library_notices
 from avl_compile.options import AvlOptions
 
 TINY_MODELS = ("tiny-llava", "tiny-llava-next", "reader", "region-reader")
@@ -46,6 +47,7 @@ class GraphReport:
     image_mask_recorders: int
     code_before: str
     code_after: str
+    modules: list[str] = dataclasses.field(default_factory=list)  # the model's parts it runs
 
     @property
     def diff(self) -> str:
@@ -69,9 +71,17 @@ class DiffReport:
         lines = [f"avl-diff: {self.model}, {len(self.graphs)} graph(s) captured"]
         for graph in self.graphs:
             rewritten = sum(site.rewritten for site in graph.sites)
+            runs = ", ".join(graph.modules) or "tensor code between modules (masks, positions)"
+            if not graph.sites:
+                lines.append(
+                    f"\n== graph {graph.index}: no attention site; it runs {runs}"
+                    + (" and merges the image features into the embeddings (image-mask "
+                       "recorder)" if graph.image_mask_recorders else "")
+                )  # fmt: skip
+                continue
             lines.append(
                 f"\n== graph {graph.index}: {rewritten} of {len(graph.sites)} attention site(s) "
-                f"rewritten, {graph.image_mask_recorders} image-mask recorder(s)"
+                f"rewritten, {graph.image_mask_recorders} image-mask recorder(s); it runs {runs}"
             )
             for site in graph.sites:
                 verdict = "rewritten" if site.rewritten else "dense    "
@@ -127,6 +137,7 @@ def _graph_report(record: CompiledGraphRecord) -> GraphReport:
         image_mask_recorders=record.recorders,
         code_before=record.code_before,
         code_after=record.code_after,
+        modules=record.modules,
     )
 
 
@@ -192,6 +203,7 @@ def _parse_option(text: str) -> tuple[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    hide_library_notices()
     parser = argparse.ArgumentParser(
         prog="avl-diff", description="Show what the avl backend rewrote in each graph, and why."
     )

@@ -60,6 +60,11 @@ def test_bench_command_writes_the_csv_and_plot(dataset, tmp_path, capsys):
         assert float(policy["kv_bytes_prefill"]) < 0.5 * float(full["kv_bytes_prefill"])
         assert float(policy["attended_rows_per_step"]) < float(full["attended_rows_per_step"])
     assert float(full["ms_per_token"]) > 0
+    # the full cache attends every row; the attended share of the others says how much less
+    assert float(full["attended_share"]) == pytest.approx(1.0, abs=0.01)
+    assert 0 < float(avl["attended_share"]) < 0.6
+    assert all(row["kv_bytes_end"].isdigit() for row in rows)  # bytes are whole
+    assert "attended share" in printed and "median over the examples" in printed
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -38,6 +38,11 @@ def test_command_prints_and_writes_the_graphs(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "policy=h2o kv_budget=0.3" in printed
     assert "@@" not in printed  # --no-code
+    # every graph says what it runs; one without attention says so, not "0 of 0"
+    headings = [line for line in printed.splitlines() if line.startswith("== graph")]
+    assert headings and all("it runs " in line for line in headings)
+    assert "0 of 0" not in printed
+    assert any("rewritten" in line and "language_model.layers" in line for line in headings)
     written = {p.name for p in out.iterdir()}
     assert "report.txt" in written and "graph_0_before.py" in written
     diffs = [p for p in out.glob("graph_*.diff") if p.read_text()]

@@ -185,3 +185,20 @@ def test_the_readme_pattern_compiles_the_forward_that_generate_calls():
     out = greedy(model, prompt.inputs, new_tokens=4)
     prompt_len = prompt.inputs["input_ids"].shape[1]
     assert all(layer.keys.shape[2] < prompt_len for layer in generated_cache(out).layers)
+
+
+def test_the_module_compile_form_reaches_generate_and_the_wrapping_form_does_not():
+    """``model.compile(backend="avl", options=...)`` (nn.Module.compile) is what generate
+    runs; ``torch.compile(model, backend="avl").generate`` runs the plain model (PyTorch
+    hands ``generate`` to the original module), as the README says."""
+    make = functools.partial(tiny_llava, dtype=torch.float64)
+    prompt = llava_prompt(make(), [PREFIX], [SUFFIX])
+    options = {"inner": "eager"}
+    dense = greedy(make(), prompt.inputs, 12).sequences
+    model = make()
+    model.compile(backend="avl", options=options)
+    got = greedy(model, prompt.inputs, 12).sequences
+    assert torch.equal(got, reference_greedy(make, prompt.inputs, options, 12))
+    assert not torch.equal(got, dense)
+    wrapped = torch.compile(make(), backend="avl", options=options)
+    assert torch.equal(greedy(wrapped, prompt.inputs, 12).sequences, dense)

@@ -26,6 +26,7 @@ from avl_compile.bench.evaluate import (
     plot_accuracy,
     write_csv,
 )
+from avl_compile.console import hide_library_notices
 
 QUICK_LIMIT, QUICK_BUDGETS = 20, (0.1, 0.25, 0.5, 1.0)
 
@@ -136,6 +137,7 @@ def answer_token_budget(processor, records) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.getLogger("avl_compile").setLevel(logging.WARNING)
+    hide_library_notices()
     configs = configurations(args.policies, args.budgets)
     start = time.perf_counter()
     model, processor = load_model(args.model_path, getattr(torch, args.dtype), args.device)
@@ -161,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     out = Path(args.out)
     csv_path = write_csv(rows, out / "results.csv")
-    png_path = plot_accuracy(rows, out / "accuracy.png")
+    png_path = plot_accuracy(
+        rows, out / "accuracy.png", f"{args.model}: {len(records)} examples, {args.device}"
+    )
     print(f"wrote {csv_path} and {png_path} in {time.perf_counter() - start:.0f} s")
     return 0

@@ -33,6 +33,7 @@ CSV_COLUMNS = (
     "kv_bytes_prefill",
     "kv_bytes_end",
     "attended_rows_per_step",
+    "attended_share",
     "ms_per_token",
 )
 AVL_COMPUTE_SHARE = 0.6  # C / S of the paper's setting (0.3 / 0.5)
@@ -48,7 +49,21 @@ class BenchRow:
     kv_bytes_prefill: float
     kv_bytes_end: float
     attended_rows_per_step: float
+    attended_share: float  # of the rows a full cache attends at the same steps
     ms_per_token: float
+
+    def csv_row(self) -> dict[str, Any]:
+        """Rounded to what the numbers mean: bytes whole, ms to 3 significant digits."""
+        return {
+            "policy": self.policy,
+            "kv_budget": self.kv_budget,
+            "accuracy": round(self.accuracy, 4),
+            "kv_bytes_prefill": round(self.kv_bytes_prefill),
+            "kv_bytes_end": round(self.kv_bytes_end),
+            "attended_rows_per_step": round(self.attended_rows_per_step, 1),
+            "attended_share": round(self.attended_share, 3),
+            "ms_per_token": float(f"{self.ms_per_token:.3g}"),
+        }
 
 
 def policy_options(
@@ -195,7 +210,7 @@ def evaluate(
                 _generate(model, prompt, max_new_tokens, None)
         backend.set_options(options(policy, budget))
         counters = backend.runtime.counters
-        correct, kv_prefill, kv_end, attended, ms = 0, [], [], [], []
+        correct, kv_prefill, kv_end, attended, dense_rows, ms = 0, [], [], [], [], []
         for prompt, expected in zip(inputs, answers, strict=True):
             before = dict(counters)
             clock = _TokenClock(device)
@@ -209,6 +224,10 @@ def evaluate(
             if decode_sites:
                 rows_attended = counters["attended_rows"] - before.get("attended_rows", 0)
                 attended.append(rows_attended * n_layers / decode_sites)
+                # a full cache attends the prompt and every token so far, P + t + 1 rows at
+                # step t, in every layer
+                steps = decode_sites / n_layers
+                dense_rows.append(n_layers * (prompt["input_ids"].shape[1] + (steps + 1) / 2))
             if clock.ms_per_token() is not None:
                 ms.append(clock.ms_per_token())
             bar.update()
@@ -219,6 +238,11 @@ def evaluate(
             kv_bytes_prefill=statistics.fmean(kv_prefill),
             kv_bytes_end=statistics.fmean(kv_end),
             attended_rows_per_step=statistics.fmean(attended) if attended else float("nan"),
+            attended_share=(
+                statistics.fmean(attended) / statistics.fmean(dense_rows)
+                if attended
+                else float("nan")
+            ),
             ms_per_token=statistics.median(ms) if ms else float("nan"),
         )
     bar.close()
@@ -251,13 +275,18 @@ def format_table(rows: Sequence[BenchRow]) -> str:
             f"{r.kv_bytes_prefill / 1024:.1f}",
             f"{r.kv_bytes_end / 1024:.1f}",
             f"{r.attended_rows_per_step:.0f}",
-            f"{r.ms_per_token:.2f}",
+            f"{r.attended_share:.0%}",
+            f"{r.ms_per_token:.3g}",
         ]
         for r in rows
     ]
-    headers = ["policy", "budget", "accuracy", "KV KiB prefill", "KV KiB end",
-               "rows attended/step", "ms/token"]  # fmt: skip
-    return tabulate(table, headers=headers, stralign="right")
+    headers = ["policy", "KV budget", "accuracy", "KV KiB prefill", "KV KiB end",
+               "rows attended/step", "attended share", "ms/token"]  # fmt: skip
+    notes = (
+        "attended share: rows attended per decode step over those a full cache attends; "
+        "ms/token: median over the examples' decode times"
+    )
+    return tabulate(table, headers=headers, stralign="right") + "\n" + notes
 
 
 def write_csv(rows: Sequence[BenchRow], path: str | Path) -> Path:
@@ -267,12 +296,14 @@ def write_csv(rows: Sequence[BenchRow], path: str | Path) -> Path:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         for row in rows:
-            writer.writerow(dataclasses.asdict(row))
+            writer.writerow(row.csv_row())
     return path
 
 
-def plot_accuracy(rows: Sequence[BenchRow], path: str | Path) -> Path:
-    """Accuracy against KV budget, one line per policy (the full cache as a reference line)."""
+def plot_accuracy(rows: Sequence[BenchRow], path: str | Path, title: str = "") -> Path:
+    """Accuracy against KV budget, one line per policy (the full cache as a reference line);
+    each policy its own marker and a small sideways offset, so lines that coincide stay
+    visible."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -281,12 +312,22 @@ def plot_accuracy(rows: Sequence[BenchRow], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
+    policies = [p for p in dict.fromkeys(r.policy for r in rows) if p != "full"]
+    markers = "os^DvP*X"
     for policy in dict.fromkeys(r.policy for r in rows):
         points = sorted((r.kv_budget, r.accuracy) for r in rows if r.policy == policy)
         if policy == "full":
             axes.axhline(points[0][1], color="black", linestyle="--", label="full cache")
-        else:
-            axes.plot(*zip(*points, strict=True), marker="o", label=policy)
+            continue
+        index = policies.index(policy)
+        offset = 0.006 * (index - (len(policies) - 1) / 2)  # budgets are shares: 0.6% apart
+        budgets, accuracies = zip(*points, strict=True)
+        axes.plot(
+            [b + offset for b in budgets], accuracies, marker=markers[index % len(markers)],
+            markersize=5, alpha=0.85, label=policy,
+        )  # fmt: skip
+    if title:
+        axes.set_title(title, fontsize=9)
     axes.set_xlabel("KV budget (share kept)")
     axes.set_ylabel("exact-match accuracy")
     axes.set_ylim(-0.02, 1.02)
