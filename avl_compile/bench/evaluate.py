@@ -4,7 +4,8 @@ each KV policy and budget, on one model and dataset, side by side in one run.
 The model is compiled with the ``avl`` backend once per decode step the configurations need
 (a decode graph holds one policy's step, and layers that evict nothing grow in it); between
 ``generate`` calls the budgets are switched with ``AvlBackend.set_options``, so every
-configuration runs compiled code (``decode_graphs_in_python`` stays 0).
+configuration decodes with its own step compiled (except where the backend itself takes the
+runtime-call graph: FastV on transformers before 5.23, see README).
 """
 
 from __future__ import annotations

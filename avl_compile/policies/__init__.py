@@ -31,7 +31,7 @@ def decode_variant(opts: AvlOptions, layers: list[int | None]) -> tuple[str, fro
     rule, as ``DecodeSchedule.decode_kind``) and the sites (by index) that evict nothing."""
     if opts.policy == "avl":
         kind = "avl"
-    elif opts.kv_budget >= 1.0:  # never evicts: as EvictionSchedule.decode_kind
+    elif opts.keeps_everything:  # never evicts: as EvictionSchedule.decode_kind
         kind = KEEP_ALL
     else:
         kind = POLICY_CLASSES[opts.policy].eviction
@@ -46,7 +46,7 @@ def _sites_evicting_nothing(opts: AvlOptions, layers: list[int | None]) -> froze
         keeps = opts.vision_keep == 1.0 and opts.text_keep == 1.0
         keeps = keeps and opts.prefill_filter_keep in (None, 1.0)
     else:
-        keeps = opts.policy == "full" or opts.kv_budget == 1.0
+        keeps = opts.keeps_everything
     if keeps:
         return frozenset(range(len(layers)))
     if opts.policy == "fastv":
