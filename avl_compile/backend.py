@@ -113,13 +113,22 @@ class AvlBackend:
         layers = [site.layer_idx for site in rewritable]
         if not scatters and rewritable and all(is_decode_site(site) for site in rewritable):
             kind, growing = decode_variant(opts, layers)
-            in_graph = {
-                (kind, refresh, growing): self._compile_decode(
-                    gm, rewritable, step, growing, example_inputs, opts
+            try:
+                in_graph = {
+                    (kind, refresh, growing): self._compile_decode(
+                        gm, rewritable, step, growing, example_inputs, opts
+                    )
+                    for refresh, step in _decode_steps(kind).items()
+                }
+                key_outputs, value_outputs = cache_outputs(gm, rewritable)
+            except Exception as error:  # the runtime-call graph below is the same policy
+                log.debug("avl: decode graph compile failed", exc_info=True)
+                self.runtime.warn_once(
+                    f"avl: the decode step could not be compiled into the graph "
+                    f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); decoding "
+                    "through one runtime call per layer instead (same tokens, slower)"
                 )
-                for refresh, step in _decode_steps(kind).items()
-            }
-            key_outputs, value_outputs = cache_outputs(gm, rewritable)
+                in_graph = None
         recorders = insert_image_mask_recorders(gm.graph, scatters, self.runtime)
         site_calls = rewrite_attention_sites(gm.graph, sites, opts, self.runtime)
         self._sites.update(site_calls)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import traceback
 from collections.abc import Callable
 
 import torch
@@ -157,6 +158,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip", nargs="*", default=[], help="configs to leave out")
+    parser.add_argument("--only", nargs="*", help="configs to run, in this order (default: all)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
@@ -191,17 +193,28 @@ def main() -> None:
             configs["avl (inductor, no cudagraphs)"] = lambda m: avl_compile.compile(
                 m, options={"cudagraphs": False}
             )
-        for name, prepare in configs.items():
+        for name in args.only or list(configs):
             if name in args.skip:
                 continue
             torch._dynamo.reset()
-            model, extra = prepare(build_model(preset, args.device)), dict
+            model, extra = configs[name](build_model(preset, args.device)), dict
             if isinstance(model, tuple):  # (model, generate's extra arguments per call)
                 model, extra = model
-            rows.append(measure(name, model, inputs, preset, args.device, args.repeats, extra))
+            try:  # one failing configuration must not cost the others' rows (a GPU lease)
+                rows.append(measure(name, model, inputs, preset, args.device, args.repeats, extra))
+            except Exception:
+                traceback.print_exc()
+                print(f"FAILED: {name} at batch {batch}", flush=True)
+                continue
+            finally:
+                del model
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
             print(rows[-1], flush=True)
     dense = {r["batch"]: r for r in rows if r["config"] == "dense eager"}
     inductor = {r["batch"]: r for r in rows if r["config"] == "dense inductor"}
+    # on a GPU the compiled baseline is dense Inductor with CUDA graphs where it ran
+    inductor.update({r["batch"]: r for r in rows if r["config"] == "dense inductor (cudagraphs)"})
     for row in rows:
         base, compiled = dense.get(row["batch"]), inductor.get(row["batch"])
         if base:

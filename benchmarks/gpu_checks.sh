@@ -7,6 +7,9 @@
 #   bash benchmarks/gpu_checks.sh attention  # benchmarks/attention.py default grid (bf16, batch 1/16)
 #   bash benchmarks/gpu_checks.sh e2e        # benchmarks/end_to_end.py --preset llava16, batch 1/16
 #                                            # (dense and avl, with and without CUDA graphs)
+#   bash benchmarks/gpu_checks.sh lease      # all of it sized for one 10-minute call (a lease is
+#                                            # 15 minutes): GPU-only tests, then dense eager, avl
+#                                            # and dense Inductor + CUDA graphs at batch 1 and 16
 # Output goes to $OUT (the device tool brings it back) or gpu_results/. The device image has
 # torch, transformers and triton but nothing can be downloaded there: carry a folder made here
 # with `pip install --target .gpu_deps tabulate` (git-ignored; name it in carry) if tabulate is
@@ -30,5 +33,16 @@ case "${1:?tests, attention or e2e}" in
   e2e)
     python benchmarks/end_to_end.py --preset llava16 --batch 1 16 --repeats 3 2>&1 \
       | grep -v '^W[0-9]' | tee "$out/end_to_end.txt" ;;
+  lease)
+    export PYTHONUNBUFFERED=1
+    timeout 120 python -m pytest -q tests/test_triton_gathered_attention.py \
+      "tests/test_decode_in_graph.py::test_cuda_graph_decode_generates_what_the_plain_graph_does" \
+      2>&1 | tee "$out/tests.txt" || true
+    for batch in 1 16; do
+      timeout "$([ "$batch" = 1 ] && echo 250 || echo 200)" python benchmarks/end_to_end.py \
+        --preset llava16 --batch "$batch" --repeats 2 \
+        --only "dense eager" "avl (inductor)" "dense inductor (cudagraphs)" 2>&1 \
+        | grep -v '^W[0-9]' | tee "$out/end_to_end_b$batch.txt" || true
+    done ;;
   *) echo "unknown part $1" >&2; exit 2 ;;
 esac

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 # dtypes the Triton kernel handles; float64 stays on the PyTorch implementation
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -155,7 +156,9 @@ def check_gathered_attention_inputs(
             f"{name}: ranges must be an int32/int64 tensor [B, R, 2] of (start, stop) for "
             f"B={query.shape[0]}, got {ranges.dtype} {tuple(ranges.shape)}"
         )
-    if not check_range:
+    # a traced call (Dynamo or Inductor running the op's body on fake tensors) has no values
+    # to read: the check is for eager calls
+    if not check_range or any(is_fake(t) for t in (keys, index, ranges) if t is not None):
         return
     length = keys.shape[2]
     if index is not None and index.numel() and int(index.max()) >= length:

@@ -164,9 +164,7 @@ def gathered_attention_triton(
     ranges: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Same contract as ``avl::gathered_attention``; lse is float32."""
-    check_gathered_attention_inputs(
-        query, keys, values, index, ranges, check_range=not torch.compiler.is_compiling()
-    )
+    check_gathered_attention_inputs(query, keys, values, index, ranges, check_range=True)
     if query.dtype not in TRITON_DTYPES:
         raise TypeError(
             f"avl::gathered_attention_triton supports {TRITON_DTYPES}, got {query.dtype}"

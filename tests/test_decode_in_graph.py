@@ -6,10 +6,11 @@ import functools
 import pytest
 import torch
 import transformers
-from helpers import greedy
+from helpers import compiled_greedy, greedy
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import avl_compile
+from avl_compile.backend import AvlBackend
 from avl_compile.compiled_decode import CompiledDecode
 from avl_compile.policies.avl_decode import CORE, OTHER, TEXT, AvlSlots, avl_decode_step
 from avl_compile.policies.budgets import best_first
@@ -133,6 +134,32 @@ def test_cuda_graph_decode_generates_what_the_plain_graph_does():
     inductor = dict(counters["inductor"])
     assert "cudagraph_recorded_non_static_inputs" in inductor, "no CUDA graph was recorded"
     assert not inductor.get("cudagraph_skips"), inductor
+
+
+def test_a_decode_graph_that_fails_to_compile_decodes_through_runtime_calls(monkeypatch):
+    """A failing decode-graph compile (as the Triton op's range check once did on a GPU)
+    must not fall to Dynamo, which then compiles the layers one by one: the backend decodes
+    through its runtime calls (the same policy), with one warning that says why."""
+    options = {"refresh_every": 2, "inner": "eager"}
+    prompt = llava_prompt(tiny_llava(), [PREFIX], [SUFFIX])
+    expected = compiled_greedy(tiny_llava, prompt.inputs, options, 8)[1].sequences
+    torch._dynamo.reset()
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("planted failure\nsecond line")
+
+    monkeypatch.setattr(AvlBackend, "_compile_decode", staticmethod(fail))
+    with pytest.warns(UserWarning) as caught:
+        model, out = compiled_greedy(tiny_llava, prompt.inputs, options, 8)
+    ours = [str(w.message) for w in caught if str(w.message).startswith("avl:")]
+    assert ours == [
+        "avl: the decode step could not be compiled into the graph (RuntimeError: planted "
+        "failure); decoding through one runtime call per layer instead (same tokens, slower)"
+    ]
+    counters = model._avl_backend.runtime.counters
+    layers = model.config.text_config.num_hidden_layers
+    assert counters["decode_graphs_in_graph"] == 0 and counters["decode_sites"] == 7 * layers
+    assert torch.equal(out.sequences, expected)
 
 
 def _graphs_of_one_generate(new_tokens: int) -> int:

@@ -3,7 +3,11 @@
 import pytest
 import torch
 
-from avl_compile.lowering.gathered_attention import gathered_attention, merge_partial_attention
+from avl_compile.lowering.gathered_attention import (
+    check_gathered_attention_inputs,
+    gathered_attention,
+    merge_partial_attention,
+)
 
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
@@ -150,6 +154,20 @@ def test_empty_selection_and_out_of_range_index_are_clear_errors():
         gathered_attention(query, keys, values, None, 1.0, torch.tensor([[[2, 7]]]))
     with pytest.raises(ValueError, match=r"ranges must be .* \[B, R, 2\]"):
         gathered_attention(query, keys, values, None, 1.0, torch.tensor([[2, 7]]))
+
+
+def test_range_checks_read_no_values_when_traced():
+    """The Triton op's body runs on fake tensors when Dynamo or Inductor trace it (on a GPU):
+    the range check must not read them (it failed there with aten._local_scalar_dense)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    query, keys, values = torch.randn(1, 2, 1, 4), torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4)
+    index, ranges = torch.tensor([[[0, 6]]]), torch.tensor([[[2, 7]]])
+    with pytest.raises(IndexError):  # eager: checked
+        check_gathered_attention_inputs(query, keys, values, index, ranges, check_range=True)
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in (query, keys, values, index, ranges)]
+        check_gathered_attention_inputs(*fake, check_range=True)
 
 
 def test_op_inside_an_inductor_graph():

@@ -127,13 +127,17 @@ def test_the_backend_decodes_through_the_kernel(monkeypatch, options):
 
     from avl_compile.tiny_models import llava_prompt, tiny_llava
 
+    def on_device():  # the kernel runs where the cache is: on a GPU natively
+        return tiny_llava().to(DEVICE)
+
     prompt = llava_prompt(tiny_llava(), [[1, 5, 6]], [[7, 8, 9]])
+    inputs = {name: tensor.to(DEVICE) for name, tensor in prompt.inputs.items()}
     options = {**options, "inner": "eager"}
     if options.get("vision_keep") == 1.0:
-        expected = greedy(tiny_llava(), prompt.inputs, new_tokens=16).sequences
+        expected = greedy(on_device(), inputs, new_tokens=16).sequences
     else:
         monkeypatch.setenv("AVL_GATHERED_ATTENTION", "torch")
-        expected = compiled_greedy(tiny_llava, prompt.inputs, options, 16)[1].sequences
+        expected = compiled_greedy(on_device, inputs, options, 16)[1].sequences
         torch._dynamo.reset()
     calls = []
     import avl_compile.lowering.slot_attention as slot_attention
@@ -143,6 +147,6 @@ def test_the_backend_decodes_through_the_kernel(monkeypatch, options):
         slot_attention, "_slot_attention_triton", lambda *a: calls.append(1) or original(*a)
     )
     monkeypatch.setenv("AVL_GATHERED_ATTENTION", "triton")
-    _, got = compiled_greedy(tiny_llava, prompt.inputs, options, 16)
+    _, got = compiled_greedy(on_device, inputs, options, 16)
     assert calls, "the kernel was not used"
     assert torch.equal(got.sequences, expected)
