@@ -46,6 +46,15 @@ def compile(
     Compiling a model again replaces the first compile (new options, new backend).
     """
     backend = AvlBackend(options)
+    config = getattr(model, "config", None)
+    layers = backend.options.vision_keep_layers
+    if layers is not None and hasattr(config, "get_text_config"):
+        n_layers = config.get_text_config().num_hidden_layers
+        if len(layers) != n_layers:
+            raise ValueError(
+                f"avl backend: option vision_keep_layers has {len(layers)} entries; this "
+                f"model has {n_layers} decoder layers (give one fraction per layer)"
+            )
     # compiling again starts from the plain forward: around a compiled one the new compile
     # would never run (PyTorch runs the innermost compiled function)
     forward = getattr(model, "_avl_plain_forward", None) or model.forward

@@ -28,6 +28,10 @@ class AvlOptions:
     text_keep: float = 0.6  # T: text budget = max(round(T * n_text), text_min_budget)
     text_heavy_share: float = 0.7  # share of the text budget given to heavy hitters
     text_min_budget: int = 20
+    # beyond the paper (off by default): image scores from the last w prompt tokens' attention
+    # (1: the last token, as A-VL), and a per-layer S (C keeps its share C/S in every layer)
+    score_window: int = 1
+    vision_keep_layers: tuple[float, ...] | None = None
     prefill_filter_keep: float | None = None  # P: FastV-style prefill filter, None = off
     prefill_filter_layer: int = 2  # also FastV's layer K
     # baselines (policy != "avl"): the kept share of the cache they evict from
@@ -42,6 +46,8 @@ class AvlOptions:
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any] | None) -> AvlOptions:
         options = dict(options or {})
+        if isinstance(options.get("vision_keep_layers"), list):  # frozen options hash
+            options["vision_keep_layers"] = tuple(options["vision_keep_layers"])
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
@@ -74,6 +80,14 @@ class AvlOptions:
             _fail(
                 "refresh_every", self.refresh_every, "an integer >= 1, or -1 (no core restriction)"
             )
+        if not _is_int(self.score_window) or self.score_window < 1:
+            _fail("score_window", self.score_window, "an integer >= 1 (1: the last prompt token)")
+        if self.vision_keep_layers is not None:
+            layers = self.vision_keep_layers
+            if not isinstance(layers, tuple) or not layers:
+                _fail("vision_keep_layers", layers, "a non-empty list of fractions, one per layer")
+            for keep in layers:
+                _check_fraction("vision_keep_layers", keep)
         if not _is_int(self.text_min_budget) or self.text_min_budget < 0:
             _fail("text_min_budget", self.text_min_budget, "an integer >= 0")
         if not _is_int(self.prefill_filter_layer) or self.prefill_filter_layer < 1:
@@ -86,13 +100,22 @@ class AvlOptions:
             _fail("seed", self.seed, "an integer >= 0")
         if self.prefill_filter_keep is not None:
             _check_fraction("prefill_filter_keep", self.prefill_filter_keep)
-            if self.vision_keep > self.prefill_filter_keep:
+            if max(self.vision_keep_layers or (self.vision_keep,)) > self.prefill_filter_keep:
                 _fail(
                     "vision_keep",
                     self.vision_keep,
                     f"a fraction no larger than prefill_filter_keep={self.prefill_filter_keep}"
                     " when the prefill filter is on (S <= P)",
                 )
+
+    def layer_budgets(self, layer: int) -> tuple[float, float]:
+        """(S, C) of decoder layer ``layer``: ``vision_keep_layers[layer]`` if given, with
+        the core's share of the kept rows (C / S) as in every layer."""
+        layers = self.vision_keep_layers
+        if layers is None or layers[_checked_layer(layers, layer)] == self.vision_keep:
+            return self.vision_keep, self.vision_compute
+        keep = layers[layer]
+        return keep, self.vision_compute * keep / self.vision_keep
 
     @property
     def keeps_everything(self) -> bool:
@@ -104,6 +127,7 @@ class AvlOptions:
         return (
             self.vision_keep == 1.0
             and self.vision_compute == 1.0
+            and all(keep == 1.0 for keep in self.vision_keep_layers or ())
             and self.text_keep == 1.0
             and self.prefill_filter_keep in (None, 1.0)
         )
@@ -130,6 +154,15 @@ def uses_cudagraphs(options: AvlOptions, device) -> bool:
     """Whether decode graphs on ``device`` run through CUDA-graph trees."""
     wanted = options.cudagraphs is not False
     return wanted and options.inner == "inductor" and torch.device(device).type == "cuda"
+
+
+def _checked_layer(layers: tuple[float, ...], layer: int) -> int:
+    if not 0 <= layer < len(layers):
+        raise ValueError(
+            f"avl backend: option vision_keep_layers has {len(layers)} entries, but the model "
+            f"has a decoder layer {layer}; give one fraction per decoder layer"
+        )
+    return layer
 
 
 def _is_int(value: Any) -> bool:

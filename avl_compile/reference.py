@@ -120,7 +120,12 @@ class AvlReference:
         batch, q_heads, length, _ = probs.shape
         kv_heads = q_heads // group
         key_valid = allowed[:, 0, -1, :]  # not padding, not filtered out
-        last_row = probs[:, :, -1, :].mean(dim=1)  # head-averaged last-token attention
+        # head-averaged attention of the last w prompt tokens (w = 1: A-VL's last token)
+        window = min(opts.score_window, length)
+        last_row = probs[:, :, -window:, :]
+        if window > 1:  # summed over the tokens that are not padding
+            last_row = last_row * key_valid[:, None, -window:, None]
+        last_row = last_row.sum(dim=2).mean(dim=1)
         column_sums = (probs * key_valid[:, None, :, None]).sum(dim=2)
         column_sums = column_sums.view(batch, kv_heads, group, length).sum(dim=2)
         memory = _LayerMemory(
@@ -142,9 +147,10 @@ class AvlReference:
                 if key_valid[b, j] and j < first_image:
                     memory.sink[b, j] = True
             candidates = self.filter_keep[b].nonzero().flatten() if filtered else image_pos
+            vision_keep, vision_compute = opts.layer_budgets(layer)
             for fraction, target in (
-                (opts.vision_keep, memory.secondary),
-                (opts.vision_compute, memory.core),
+                (vision_keep, memory.secondary),
+                (vision_compute, memory.core),
             ):
                 count = min(fraction_count(fraction, n_images), candidates.numel())
                 best = best_first(last_row[b, candidates], candidates)[:count]
@@ -155,7 +161,7 @@ class AvlReference:
                 if key_valid[b, j] and not self.image_mask[b, j]
             ]
             memory.n_text.append(len(text))
-            memory.n_core.append(fraction_count(opts.vision_compute, n_images))
+            memory.n_core.append(fraction_count(vision_compute, n_images))
             for h in range(kv_heads):
                 for j in self._h2o_keep(text, column_sums[b, h], len(text)):
                     memory.text_kept[b, h, j] = True

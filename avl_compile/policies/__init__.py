@@ -43,8 +43,14 @@ def _sites_evicting_nothing(opts: AvlOptions, layers: list[int | None]) -> froze
     by one slot per step, inside the graph): all at budgets that evict nothing, FastV's
     layers before its filter."""
     if opts.policy == "avl":
-        keeps = opts.vision_keep == 1.0 and opts.text_keep == 1.0
-        keeps = keeps and opts.prefill_filter_keep in (None, 1.0)
+        keeps = opts.text_keep == 1.0 and opts.prefill_filter_keep in (None, 1.0)
+        if keeps and opts.vision_keep_layers is not None:  # the layers that keep every image
+            return frozenset(
+                index
+                for index, layer in enumerate(layers)
+                if layer is not None and opts.layer_budgets(layer)[0] == 1.0
+            )
+        keeps = keeps and opts.vision_keep == 1.0
     else:
         keeps = opts.keeps_everything
     if keeps:

@@ -138,12 +138,14 @@ class AvlPolicy:
         first_image_pos = image_mask.int().argmax(dim=-1, keepdim=True)  # [B, 1]
         text_mask = key_valid & ~image_mask & (positions >= first_image_pos)  # [B, Lk]
         query_valid = key_valid[:, k_len - q_len :]
+        window = min(opts.score_window, q_len)
+        vision_keep, vision_compute = opts.layer_budgets(self.layer_idx)
 
         with_lse = attention_and_lse(query, keys, values, attn_mask, is_causal, scale, filtered)
         if with_lse is not None:  # the scores from the log-sum-exp: one row, a few columns
             output, lse = with_lse
             mask_args = (attn_mask, is_causal, scale, filtered, lse)
-            image_score = last_row_score(query, keys, *mask_args)
+            image_score = last_row_score(query, keys, *mask_args, window, query_valid)
             columns = torch.nonzero(text_mask.any(dim=0)).flatten()
             text_scores = column_sums_of(query, keys, *mask_args, columns, query_valid)
         else:  # recompute the probabilities block by block
@@ -151,15 +153,19 @@ class AvlPolicy:
             output, bias = prefill_attention(
                 query, keys, values, attn_mask, is_causal, scale, bias, filtered
             )
-            image_score = last_token_score(query, keys, bias, scale)
+            image_score = last_token_score(query, keys, bias, scale, window, query_valid)
             text_scores = column_sums(query, keys, bias, scale, query_valid)
         n_text = text_mask.sum(-1).tolist()
         text_slots = text_mask[:, None, :].expand(batch, kv_heads, k_len)
         kept_text = h2o_text_keep(text_slots, text_scores, n_text, opts)
         kept_text = text_slots if kept_text is None else kept_text
         first_images = first_image_pos[:, 0].tolist()
-        slot_rows: list[list[Tensor]] = []
-        bounds: list[tuple[int, int, int, int]] = []
+        # HF sizes an explicit decode mask (a padded batch) from the first layer's cache: with
+        # per-layer budgets every layer then puts its text where the widest layer's goes
+        widest = max(opts.vision_keep_layers) if opts.vision_keep_layers else vision_keep
+        aligned = attn_mask is not None and widest != vision_keep
+        slot_rows: list[tuple[Tensor, list[Tensor]]] = []
+        bounds: list[tuple[int, int, int, int, int]] = []
         for b in range(batch):
             image_pos = torch.nonzero(image_mask[b]).flatten()
             n_images = image_pos.numel()
@@ -168,37 +174,45 @@ class AvlPolicy:
             if context.filter_keep is not None and self.layer_idx >= opts.prefill_filter_layer:
                 candidates = torch.nonzero(context.filter_keep[b]).flatten()
             secondary = topk_positions(
-                image_score[b], candidates, fraction_count(opts.vision_keep, n_images)
+                image_score[b], candidates, fraction_count(vision_keep, n_images)
             )
             core = topk_positions(
-                image_score[b], secondary, fraction_count(opts.vision_compute, n_images)
+                image_score[b], secondary, fraction_count(vision_compute, n_images)
             )
             others = secondary[~torch.isin(secondary, core)]
             image_rows = torch.cat([others, sink, core])
             texts = [positions[kept_text[b, h]] for h in range(kv_heads)]
-            slot_rows.append([torch.cat([image_rows, t]) for t in texts])
+            slot_rows.append((image_rows, texts))
+            start = image_rows.numel()
+            if aligned:  # free slots up to the widest layer's text
+                start = sink.numel() + fraction_count(widest, n_images)
             bounds.append(
-                (others.numel(), others.numel() + sink.numel(), image_rows.numel(),
-                 image_rows.numel() + texts[0].numel())
+                (others.numel(), others.numel() + sink.numel(), image_rows.numel(), start,
+                 start + texts[0].numel())
             )  # fmt: skip
 
         in_use = max(end for *_, end in bounds)
         capacity = min(in_use + spare_slots(in_use), k_len)
         position = torch.full((batch, kv_heads, capacity), -1, dtype=torch.long, device=device)
-        for b, rows in enumerate(slot_rows):
-            for h, r in enumerate(rows):
-                position[b, h, : r.numel()] = r
+        for b, ((image_rows, texts), (*_, image_end, start, end)) in enumerate(
+            zip(slot_rows, bounds, strict=True)
+        ):
+            position[b, :, :image_end] = image_rows
+            for h, text in enumerate(texts):
+                position[b, h, start:end] = text
         safe = position.clamp(min=0)
-        others_end, core_start, text_start, text_end = (list(x) for x in zip(*bounds, strict=True))
-        n_core = [fraction_count(opts.vision_compute, int(n)) for n in image_mask.sum(-1)]
+        others_end, core_start, _, text_start, text_end = (
+            list(x) for x in zip(*bounds, strict=True)
+        )
+        n_core = [fraction_count(vision_compute, int(n)) for n in image_mask.sum(-1)]
         # with refresh_every = -1 every secondary image row is in the core for good
         other_role = CORE if opts.refresh_every == -1 else OTHER
         role = torch.zeros(batch, capacity, dtype=torch.int8, device=device)
-        for b, (o, c, t, e) in enumerate(bounds):
-            role[b, :o], role[b, o:c], role[b, c:t], role[b, t:e] = other_role, SINK, CORE, TEXT
+        for b, (o, c, i, t, e) in enumerate(bounds):
+            role[b, :o], role[b, o:c], role[b, c:i], role[b, t:e] = other_role, SINK, CORE, TEXT
         is_text = (role == TEXT).unsqueeze(1)
         text_rank = (text_mask.cumsum(-1) - 1)[:, None, :].expand(batch, kv_heads, k_len)
-        secondary = [o + t - c for o, c, t, _ in bounds]
+        secondary = [o + i - c for o, c, i, *_ in bounds]
         n_core = [min(n, s) for n, s in zip(n_core, secondary, strict=True)]
         per_row = zip(text_start, text_end, n_text, n_core, strict=True)
         counters = torch.tensor(
@@ -227,6 +241,13 @@ class AvlPolicy:
             others=[0 if every_step else s - k for s, k in zip(secondary, n_core, strict=True)],
             position=k_len,
         )
+        if opts.vision_keep_layers is not None:  # counts differ by layer: one schedule each
+            return (
+                output,
+                pick_rows(keys, safe),
+                pick_rows(values, safe),
+                LayerState(slots=slots, schedule=schedule),
+            )
         if context.schedule is None:
             context.schedule = schedule  # one schedule for the prompt's layers
         state = LayerState(slots=slots, schedule=context.schedule)

@@ -11,6 +11,24 @@ def fraction_count(fraction: float, total: int) -> int:
     return int(fraction * total)
 
 
+def sloped_layer_budgets(mean: float, num_layers: int, slope: float) -> tuple[float, ...]:
+    """Per-layer image budgets (``vision_keep_layers``) falling linearly from
+    ``mean * (1 + slope)`` in the first layer to ``mean * (1 - slope)`` in the last, so
+    that their mean is ``mean`` (PyramidKV's shape: early layers attend more widely)."""
+    if not 0 <= slope < 1:
+        raise ValueError(f"slope={slope!r} is invalid; it must be in [0, 1)")
+    if not 0 < mean * (1 + slope) <= 1:
+        raise ValueError(
+            f"mean={mean!r} with slope={slope!r} gives the first layer {mean * (1 + slope):.3g}; "
+            "it must be a fraction in (0, 1]"
+        )
+    if num_layers == 1:
+        return (mean,)
+    return tuple(
+        mean * (1 + slope * (1 - 2 * layer / (num_layers - 1))) for layer in range(num_layers)
+    )
+
+
 def text_budget(n_text: int, text_keep: float, min_budget: int) -> int:
     return max(round(text_keep * n_text), min_budget)
 

@@ -89,11 +89,28 @@ def softmax_rows(query: Tensor, keys: Tensor, bias: Tensor, scale: float, acc) -
     return torch.softmax(logits + bias.to(acc), dim=-1).nan_to_num(0.0)
 
 
-def last_token_score(query: Tensor, keys: Tensor, bias: Tensor, scale: float) -> Tensor:
-    """[B, Lk]: the last prompt token's attention over the whole row, head-averaged."""
+def window_sum(probs: Tensor, query_valid: Tensor | None, window: int) -> Tensor:
+    """[B, H, Lk]: probabilities [B, H, window, Lk] of the last prompt rows summed over the
+    valid rows (one row: itself, bit for bit)."""
+    if window == 1:
+        return probs[:, :, 0]
+    weight = query_valid[:, None, -window:, None].to(probs.dtype)
+    return (probs * weight).sum(dim=2)
+
+
+def last_token_score(
+    query: Tensor,
+    keys: Tensor,
+    bias: Tensor,
+    scale: float,
+    window: int = 1,
+    query_valid: Tensor | None = None,
+) -> Tensor:
+    """[B, Lk]: the attention of the last ``window`` prompt tokens over the whole row,
+    summed over the valid tokens, head-averaged (``window=1``: the last token's)."""
     acc = score_dtype(query.dtype)
-    probs = softmax_rows(query[:, :, -1:, :], keys, bias[..., -1:, :], scale, acc)
-    return probs[:, :, 0, :].mean(dim=1)
+    probs = softmax_rows(query[:, :, -window:, :], keys, bias[..., -window:, :], scale, acc)
+    return window_sum(probs, query_valid, window).mean(dim=1)
 
 
 def column_sums(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from avl_compile.policies.common import score_dtype
+from avl_compile.policies.common import score_dtype, window_sum
 
 _QUERY_BLOCK = 1024  # query rows per block of the column sums
 
@@ -95,13 +95,16 @@ def last_row_score(
     scale: float,
     visible: Tensor | None,
     lse: Tensor,
+    window: int = 1,
+    query_valid: Tensor | None = None,
 ) -> Tensor:
-    """[B, Lk]: the last prompt token's attention over the whole row, head-averaged."""
+    """[B, Lk]: the attention of the last ``window`` prompt tokens (the valid ones of
+    ``query_valid`` [B, Lq]) over the whole row, summed over the tokens, head-averaged."""
     q_len, k_len = query.shape[2], keys.shape[2]
-    rows, columns = torch.tensor([q_len - 1]), torch.arange(k_len)
+    rows, columns = torch.arange(q_len - window, q_len), torch.arange(k_len)
     bias = logits_bias(attn_mask, is_causal, visible, rows, columns, q_len, k_len)
-    probs = _probabilities(query[:, :, -1:], keys, bias, lse[:, :, -1:], scale)
-    return probs[:, :, 0].mean(dim=1)
+    probs = _probabilities(query[:, :, rows], keys, bias, lse[:, :, rows], scale)
+    return window_sum(probs, query_valid, window).mean(dim=1)
 
 
 def column_sums_of(

@@ -1,0 +1,119 @@
+"""Options past the paper (issue 16), each off by default: the image scores from a window of
+the last prompt tokens (``score_window``) and per-layer image budgets
+(``vision_keep_layers``). Both oracles hold for each: exact at 100% budgets, and the
+compiled path equals the eager reference (float64, a left-padded batch)."""
+
+import functools
+
+import pytest
+import torch
+from helpers import NEW_TOKENS, compiled_greedy, greedy, reference_greedy
+
+import avl_compile
+from avl_compile import kv_rows_in_use
+from avl_compile.cache import generated_cache
+from avl_compile.options import AvlOptions
+from avl_compile.policies.budgets import fraction_count, sloped_layer_budgets, text_budget
+from avl_compile.reference import AvlReference, reference_attention
+from avl_compile.tiny_models import llava_prompt, tiny_llava
+
+FULL = {"vision_keep": 1.0, "vision_compute": 1.0, "text_keep": 1.0}
+PREFIXES, SUFFIXES = [[1, 5, 6], [1, 9]], [[7, 8, 9, 10], [7, 8, 9, 10, 11, 12, 13]]
+LAYERS = 3  # tiny_llava's decoder
+
+
+def _make():
+    return tiny_llava(dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"score_window": 4},
+        # a layer that keeps every image row grows in the step; the others evict
+        {"vision_keep_layers": [1.0, 0.5, 0.3], "score_window": 3, "refresh_every": 2,
+         "text_keep": 0.3, "text_min_budget": 2},
+    ],
+    ids=["window", "window-layers"],
+)  # fmt: skip
+def test_new_options_match_the_reference_on_a_padded_batch(options):
+    prompt = llava_prompt(_make(), PREFIXES, SUFFIXES)
+    assert (prompt.inputs["attention_mask"] == 0).any(), "the test needs left padding"
+    model, got = compiled_greedy(_make, prompt.inputs, {**options, "inner": "eager"})
+    assert torch.equal(got.sequences, reference_greedy(_make, prompt.inputs, options))
+    counters = model._avl_backend.runtime.counters  # the decode ran in the compiled graph
+    assert counters["decode_graphs_in_graph"] == NEW_TOKENS - 1
+    assert counters["decode_graphs_in_python"] == 0
+
+
+def test_full_budgets_with_the_new_options_generate_the_uncompiled_tokens():
+    make = functools.partial(tiny_llava, dtype=torch.float32)
+    prompt = llava_prompt(make(), PREFIXES[:1], SUFFIXES[:1])
+    options = {**FULL, "score_window": 5, "vision_keep_layers": [1.0] * LAYERS}
+    _, got = compiled_greedy(make, prompt.inputs, {**options, "inner": "eager"})
+    assert torch.equal(got.sequences, greedy(make(), prompt.inputs).sequences)
+
+
+def test_each_layer_keeps_its_own_share_of_the_image():
+    keeps = [0.9, 0.5, 0.2]
+    prompt = llava_prompt(_make(), PREFIXES[:1], SUFFIXES[:1])
+    _, got = compiled_greedy(
+        _make, prompt.inputs, {"vision_keep_layers": keeps, "text_keep": 1.0, "inner": "eager"}
+    )
+    n_text = len(SUFFIXES[0]) + NEW_TOKENS - 1
+    planned = [
+        len(PREFIXES[0]) + fraction_count(keep, prompt.image_tokens) + text_budget(n_text, 1, 20)
+        for keep in keeps
+    ]
+    assert kv_rows_in_use(generated_cache(got)) == planned
+
+
+def _secondary_sets(options: dict) -> list[torch.Tensor]:
+    """The image rows each layer keeps after the prefill under the reference."""
+    model = _make()
+    prompt = llava_prompt(model, PREFIXES[:1], SUFFIXES[:1])
+    opts = AvlOptions.from_mapping(options)
+    reference = AvlReference(opts, prompt.inputs["input_ids"] == model.config.image_token_id)
+    with reference_attention(model, reference):
+        greedy(model, prompt.inputs, new_tokens=1)
+    return [reference.layers[layer].secondary for layer in range(LAYERS)]
+
+
+def test_a_wider_score_window_changes_which_image_rows_stay():
+    last_token = _secondary_sets({})
+    window = _secondary_sets({"score_window": 6})
+    assert any(not torch.equal(a, b) for a, b in zip(last_token, window, strict=True))
+
+
+def test_sloped_layer_budgets_keep_the_mean():
+    budgets = sloped_layer_budgets(0.5, 4, 0.6)
+    assert budgets[0] == pytest.approx(0.8) and budgets[-1] == pytest.approx(0.2)
+    assert sum(budgets) / 4 == pytest.approx(0.5)
+    assert list(budgets) == sorted(budgets, reverse=True)
+    assert sloped_layer_budgets(0.5, 1, 0.6) == (0.5,)
+    with pytest.raises(ValueError, match=r"slope=1.0 .* \[0, 1\)"):
+        sloped_layer_budgets(0.5, 4, 1.0)
+    with pytest.raises(ValueError, match="first layer 1.2"):
+        sloped_layer_budgets(0.8, 4, 0.5)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"score_window": 0}, r"score_window=0 .* integer >= 1"),
+        ({"score_window": 2.0}, r"score_window=2.0"),
+        ({"vision_keep_layers": []}, r"vision_keep_layers=\(\) .* one per layer"),
+        ({"vision_keep_layers": [0.5, 1.5, 0.5]}, r"vision_keep_layers=1.5 .* \(0, 1\]"),
+        ({"vision_keep_layers": [0.5, 0.6], "prefill_filter_keep": 0.55}, "S <= P"),
+    ],
+)
+def test_bad_values_are_clear_errors(options, message):
+    with pytest.raises(ValueError, match=message):
+        AvlOptions.from_mapping(options)
+
+
+def test_a_layer_list_of_the_wrong_length_is_refused_at_compile():
+    with pytest.raises(ValueError, match="2 entries; this model has 3 decoder layers"):
+        avl_compile.compile(tiny_llava(), options={"vision_keep_layers": [0.5, 0.5]})
+    with pytest.raises(ValueError, match="2 entries, but the model has a decoder layer 2"):
+        AvlOptions(vision_keep_layers=(0.5, 0.5)).layer_budgets(2)
