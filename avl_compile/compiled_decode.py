@@ -84,8 +84,10 @@ class CompiledDecode:
         counters["decode_sites"] += len(states)
         if self._shared_schedule:
             counters["attended_rows"] += states[0].attended_rows * len(states)
+            counters["refresh_sites"] += states[0].schedule.refresh * len(states)
         else:
             counters["attended_rows"] += sum(state.attended_rows for state in states)
+            counters["refresh_sites"] += sum(state.schedule.refresh for state in states)
         return result
 
     def serves(self, options: AvlOptions) -> bool:

@@ -181,6 +181,7 @@ class AvlRuntime:
         _LAYER_STATES[keys] = state
         self.counters["decode_sites"] += 1
         self.counters["attended_rows"] += state.attended_rows
+        self.counters["refresh_sites"] += state.schedule.refresh
         return output, keys, values
 
     def _prefill(self, site, query, keys, values, attn_mask, scale):

@@ -63,6 +63,9 @@ def test_bench_command_writes_the_csv_and_plot(dataset, tmp_path, capsys):
     # the full cache attends every row; the attended share of the others says how much less
     assert float(full["attended_share"]) == pytest.approx(1.0, abs=0.01)
     assert 0 < float(avl["attended_share"]) < 0.6
+    # A-VL re-picks its core every third decode step (K = 3); the others never
+    assert 0.2 < float(avl["refreshes_per_token"]) <= 1 / 3
+    assert float(full["refreshes_per_token"]) == float(h2o["refreshes_per_token"]) == 0
     assert all(row["kv_bytes_end"].isdigit() for row in rows)  # bytes are whole
     assert "attended share" in printed and "median over the examples" in printed
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

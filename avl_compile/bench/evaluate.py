@@ -35,6 +35,7 @@ CSV_COLUMNS = (
     "kv_bytes_end",
     "attended_rows_per_step",
     "attended_share",
+    "refreshes_per_token",
     "ms_per_token",
 )
 AVL_COMPUTE_SHARE = 0.6  # C / S of the paper's setting (0.3 / 0.5)
@@ -51,6 +52,7 @@ class BenchRow:
     kv_bytes_end: float
     attended_rows_per_step: float
     attended_share: float  # of the rows a full cache attends at the same steps
+    refreshes_per_token: float  # decode steps that re-pick A-VL's core (per layer and token)
     ms_per_token: float
 
     def csv_row(self) -> dict[str, Any]:
@@ -63,6 +65,7 @@ class BenchRow:
             "kv_bytes_end": round(self.kv_bytes_end),
             "attended_rows_per_step": round(self.attended_rows_per_step, 1),
             "attended_share": round(self.attended_share, 3),
+            "refreshes_per_token": round(self.refreshes_per_token, 3),
             "ms_per_token": float(f"{self.ms_per_token:.3g}"),
         }
 
@@ -212,6 +215,7 @@ def evaluate(
         backend.set_options(options(policy, budget))
         counters = backend.runtime.counters
         correct, kv_prefill, kv_end, attended, dense_rows, ms = 0, [], [], [], [], []
+        refreshes, decode_steps = 0, 0
         for prompt, expected in zip(inputs, answers, strict=True):
             before = dict(counters)
             clock = _TokenClock(device)
@@ -222,6 +226,8 @@ def evaluate(
             kv_prefill.append(counters["prefill_kv_bytes"] - before.get("prefill_kv_bytes", 0))
             kv_end.append(_cache_bytes(generated_cache(output)))
             decode_sites = counters["decode_sites"] - before.get("decode_sites", 0)
+            refreshes += counters["refresh_sites"] - before.get("refresh_sites", 0)
+            decode_steps += decode_sites
             if decode_sites:
                 rows_attended = counters["attended_rows"] - before.get("attended_rows", 0)
                 attended.append(rows_attended * n_layers / decode_sites)
@@ -244,6 +250,7 @@ def evaluate(
                 if attended
                 else float("nan")
             ),
+            refreshes_per_token=refreshes / decode_steps if decode_steps else float("nan"),
             ms_per_token=statistics.median(ms) if ms else float("nan"),
         )
     bar.close()
@@ -277,14 +284,17 @@ def format_table(rows: Sequence[BenchRow]) -> str:
             f"{r.kv_bytes_end / 1024:.1f}",
             f"{r.attended_rows_per_step:.0f}",
             f"{r.attended_share:.0%}",
+            f"{r.refreshes_per_token:.2f}",
             f"{r.ms_per_token:.3g}",
         ]
         for r in rows
     ]
     headers = ["policy", "KV budget", "accuracy", "KV KiB prefill", "KV KiB end",
-               "rows attended/step", "attended share", "ms/token"]  # fmt: skip
+               "rows attended/step", "attended share", "refreshes/token",
+               "ms/token"]  # fmt: skip
     notes = (
         "attended share: rows attended per decode step over those a full cache attends; "
+        "refreshes/token: share of decode steps that re-pick A-VL's core; "
         "ms/token: median over the examples' decode times"
     )
     return tabulate(table, headers=headers, stralign="right") + "\n" + notes
@@ -302,9 +312,10 @@ def write_csv(rows: Sequence[BenchRow], path: str | Path) -> Path:
 
 
 def plot_accuracy(rows: Sequence[BenchRow], path: str | Path, title: str = "") -> Path:
-    """Accuracy against KV budget, one line per policy (the full cache as a reference line);
-    each policy its own marker and a small sideways offset, so lines that coincide stay
-    visible."""
+    """Accuracy against resident KV (the cache's bytes at the end of generate, as a share of
+    the full cache's when it ran, else the budget), one line per policy (the full cache as a
+    reference line); each policy its own marker and a small sideways offset, so lines that
+    coincide stay visible."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -315,8 +326,13 @@ def plot_accuracy(rows: Sequence[BenchRow], path: str | Path, title: str = "") -
     figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
     policies = [p for p in dict.fromkeys(r.policy for r in rows) if p != "full"]
     markers = "os^DvP*X"
+    full_bytes = next((r.kv_bytes_end for r in rows if r.policy == "full"), None)
+
+    def resident(row: BenchRow) -> float:
+        return row.kv_bytes_end / full_bytes if full_bytes else row.kv_budget
+
     for policy in dict.fromkeys(r.policy for r in rows):
-        points = sorted((r.kv_budget, r.accuracy) for r in rows if r.policy == policy)
+        points = sorted((resident(r), r.accuracy) for r in rows if r.policy == policy)
         if policy == "full":
             axes.axhline(points[0][1], color="black", linestyle="--", label="full cache")
             continue
@@ -329,7 +345,9 @@ def plot_accuracy(rows: Sequence[BenchRow], path: str | Path, title: str = "") -
         )  # fmt: skip
     if title:
         axes.set_title(title, fontsize=9)
-    axes.set_xlabel("KV budget (share kept)")
+    axes.set_xlabel(
+        "resident KV (share of the full cache's bytes)" if full_bytes else "KV budget (share kept)"
+    )
     axes.set_ylabel("exact-match accuracy")
     axes.set_ylim(-0.02, 1.02)
     axes.grid(alpha=0.3)
