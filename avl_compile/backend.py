@@ -51,7 +51,7 @@ class AvlBackend:
     def __init__(
         self, options: Mapping[str, Any] | None = None, max_records: int | None = None
     ) -> None:
-        self.options = AvlOptions.from_mapping(options)
+        self.options = _compiled_support(AvlOptions.from_mapping(options))
         self.runtime = AvlRuntime()
         # records of the graphs compiled (the latest ``max_records``: a backend shared by
         # every model of a process must not keep every graph it ever compiled)
@@ -67,7 +67,7 @@ class AvlBackend:
         decode step, and options that need another (``decode_graphs_serve`` says) decode
         through the runtime-call graph, which reads them at each call, until the model is
         compiled again."""
-        new = AvlOptions.from_mapping(options)
+        new = _compiled_support(AvlOptions.from_mapping(options))
         if new.inner != self.options.inner:
             raise ValueError(
                 f"avl backend: option inner={new.inner!r} cannot change after compiling with "
@@ -91,7 +91,7 @@ class AvlBackend:
         mode: str | None = None,
     ) -> Callable:
         opts = AvlOptions.from_mapping(options) if options is not None else self.options
-        opts = with_compile_mode(opts, mode)
+        opts = with_compile_mode(_compiled_support(opts), mode)
         _raise_recompile_limit()
         code_before = gm.code
         sites = find_attention_sites(gm.graph)
@@ -226,6 +226,17 @@ class AvlBackend:
             mark_state_inputs_static(graph)
             patches["triton.cudagraphs"] = True
         return graph, compile_fx(graph, inputs, config_patches=patches)
+
+
+def _compiled_support(options: AvlOptions) -> AvlOptions:
+    """``options``, if the compiled path implements every one of them."""
+    if options.recall_pages:
+        raise NotImplementedError(
+            f"avl backend: option recall_pages={options.recall_pages} is not built into the "
+            "compiled path yet; its eager reference runs it "
+            "(avl_compile.reference.reference_generate); use recall_pages=0 here"
+        )
+    return options
 
 
 def _decode_steps(kind: str) -> dict[bool, DecodeStep]:

@@ -32,6 +32,10 @@ class AvlOptions:
     # (1: the last token, as A-VL), and a per-layer S (C keeps its share C/S in every layer)
     score_window: int = 1
     vision_keep_layers: tuple[float, ...] | None = None
+    # recall (eager reference only, for now): evicted image rows kept in host pages of
+    # recall_page_size rows; before each refresh step up to recall_pages pages come back
+    recall_pages: int = 0
+    recall_page_size: int = 16
     prefill_filter_keep: float | None = None  # P: FastV-style prefill filter, None = off
     prefill_filter_layer: int = 2  # also FastV's layer K
     # baselines (policy != "avl"): the kept share of the cache they evict from
@@ -88,6 +92,10 @@ class AvlOptions:
                 _fail("vision_keep_layers", layers, "a non-empty list of fractions, one per layer")
             for keep in layers:
                 _check_fraction("vision_keep_layers", keep)
+        if not _is_int(self.recall_pages) or self.recall_pages < 0:
+            _fail("recall_pages", self.recall_pages, "an integer >= 0 (0: no recall)")
+        if not _is_int(self.recall_page_size) or self.recall_page_size < 1:
+            _fail("recall_page_size", self.recall_page_size, "an integer >= 1")
         if not _is_int(self.text_min_budget) or self.text_min_budget < 0:
             _fail("text_min_budget", self.text_min_budget, "an integer >= 0")
         if not _is_int(self.prefill_filter_layer) or self.prefill_filter_layer < 1:

@@ -45,6 +45,8 @@ class _LayerMemory:
     n_text: list[int]
     n_core: list[int]
     step: int = 0
+    # recall: per batch row, the host pages (lists of evicted image positions)
+    pages: list[list[list[int]]] = dataclasses.field(default_factory=list)
 
     def grow(self) -> None:
         """Append the new decode token: a text token, kept, with no attention yet."""
@@ -88,6 +90,8 @@ class AvlReference:
             self._after_prefill(module.layer_idx, probs, allowed, group)
         else:
             self._after_decode(module.layer_idx, probs, group)
+        if self.options.recall_pages:
+            self._recall(module.layer_idx, query[:, :, -1], key)
         return output.transpose(1, 2).contiguous(), None
 
     # -- prefill
@@ -165,6 +169,9 @@ class AvlReference:
             for h in range(kv_heads):
                 for j in self._h2o_keep(text, column_sums[b, h], len(text)):
                     memory.text_kept[b, h, j] = True
+            evicted = (self.image_mask[b] & ~memory.secondary[b]).nonzero().flatten().tolist()
+            size = opts.recall_page_size
+            memory.pages.append([evicted[i : i + size] for i in range(0, len(evicted), size)])
         self.layers[layer] = memory
 
     # -- decode
@@ -201,6 +208,48 @@ class AvlReference:
                 keep = set(self._h2o_keep(kept, memory.text_score[b, h], memory.n_text[b]))
                 for j in kept:
                     memory.text_kept[b, h, j] = j in keep
+
+    def _recall(self, layer: int, query: Tensor, keys: Tensor) -> None:
+        """Before a refresh step, bring host pages back, decided on the query of the token
+        just run (the next step's is not known yet: one device-to-host read per refresh on
+        a GPU). A page's digest is the element-wise min and max of its keys per kv head; its
+        bound is the largest q.k a key inside that box can give, summed over the head
+        dimension and averaged over query heads (as A-VL's score). The ``recall_pages``
+        pages of the highest bound (ties: the earlier page) come back; then the resident
+        image rows (secondary set, core included) and the recalled rows are ranked by their
+        head-averaged q.k (the tie rule: the lower position first) and the best keep the
+        resident places; the others become those pages. Resident rows never grow."""
+        opts = self.options
+        memory = self.layers[layer]
+        if opts.refresh_every == -1 or not is_refresh_step(memory.step + 1, opts.refresh_every):
+            return
+        acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+        q, k = query.to(acc), keys.to(acc)  # [B, Hq, D], [B, Hq, L, D] (repeated per q head)
+        exact = torch.einsum("bhd,bhld->bhl", q, k).mean(dim=1)  # [B, L]
+        for b, pages in enumerate(memory.pages):
+            if not pages:
+                continue
+            bounds = []
+            for rows in pages:
+                page = k[b][:, rows]  # [Hq, n, D]
+                low, high = page.amin(dim=1), page.amax(dim=1)
+                bounds.append(float(torch.maximum(q[b] * low, q[b] * high).sum(-1).mean()))
+            chosen = sorted(
+                sorted(range(len(pages)), key=lambda p: (-bounds[p], p))[: opts.recall_pages]
+            )
+            resident = memory.secondary[b].nonzero().flatten().tolist()
+            candidates = torch.tensor(resident + [j for p in chosen for j in pages[p]])
+            # float64: best_first's one-key sort is for non-negative float32 scores only
+            order = best_first(exact[b, candidates].double(), candidates)
+            stay = set(candidates[order[: len(resident)]].tolist())
+            leave = sorted(set(candidates.tolist()) - stay)
+            for j in resident:
+                if j not in stay:
+                    memory.secondary[b, j] = memory.core[b, j] = False
+            for j in stay:
+                memory.secondary[b, j] = True
+            for p in chosen:  # the rows that leave fill the recalled pages, in order
+                pages[p], leave = leave[: len(pages[p])], leave[len(pages[p]) :]
 
     def _h2o_keep(self, kept: list[int], score: Tensor, n_text: int) -> list[int]:
         """Text positions to keep: the most recent ones plus the heaviest of the older ones."""

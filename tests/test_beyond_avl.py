@@ -117,3 +117,80 @@ def test_a_layer_list_of_the_wrong_length_is_refused_at_compile():
         avl_compile.compile(tiny_llava(), options={"vision_keep_layers": [0.5, 0.5]})
     with pytest.raises(ValueError, match="2 entries, but the model has a decoder layer 2"):
         AvlOptions(vision_keep_layers=(0.5, 0.5)).layer_budgets(2)
+
+
+# -- recall (eager reference only, for now)
+
+
+def test_recall_swaps_the_best_rows_back_and_the_rest_out():
+    """One layer, one batch row, 8 image tokens: 4 resident (secondary), two host pages.
+    The page of the higher bound comes back; the 4 best of the 6 rows by q.k stay."""
+    opts = AvlOptions(recall_pages=1, recall_page_size=2, refresh_every=1)
+    reference = AvlReference(opts, torch.ones(1, 8, dtype=torch.bool))
+    secondary = torch.tensor([[True] * 4 + [False] * 4])
+    reference.layers[0] = _memory(secondary, core=torch.tensor([[True, True] + [False] * 6]))
+    reference.layers[0].pages = [[[4, 5], [6, 7]]]
+    query = torch.tensor([[[1.0, 0.0]]], dtype=torch.float64)  # [B, Hq, D]: scores = k[0]
+    first = torch.tensor([0.5, 0.4, 0.3, 0.2, 0.1, 0.0, 0.9, 0.25], dtype=torch.float64)
+    keys = torch.stack([first, torch.zeros(8, dtype=torch.float64)], -1)[None, None]
+    reference._recall(0, query, keys)
+    memory = reference.layers[0]
+    # page [6, 7] (bound 0.9) came back; of {0, 1, 2, 3, 6, 7}, 7 (0.25) and 3 (0.2) left
+    assert memory.secondary[0].nonzero().flatten().tolist() == [0, 1, 2, 6]
+    assert memory.pages == [[[4, 5], [3, 7]]]
+    assert memory.core[0].nonzero().flatten().tolist() == [0, 1]  # core rows that stayed
+
+
+def _memory(secondary, core):
+    from avl_compile.reference import _LayerMemory
+
+    length = secondary.shape[-1]
+    return _LayerMemory(
+        sink=torch.zeros_like(secondary), image=torch.ones_like(secondary), secondary=secondary,
+        core=core, text_kept=torch.zeros(1, 1, length, dtype=torch.bool),
+        text_score=torch.zeros(1, 1, length), n_text=[0], n_core=[2],
+    )  # fmt: skip
+
+
+def test_recall_keeps_the_resident_count_and_every_image_row_somewhere(monkeypatch):
+    checked = []
+    original = AvlReference._recall
+
+    def checked_recall(self, layer, query, keys):
+        original(self, layer, query, keys)
+        memory = self.layers[layer]
+        for b, pages in enumerate(memory.pages):
+            resident = set(memory.secondary[b].nonzero().flatten().tolist())
+            on_host = [j for page in pages for j in page]
+            image = set(self.image_mask[b].nonzero().flatten().tolist())
+            assert len(resident) == fraction_count(0.3, len(image))
+            assert resident.isdisjoint(on_host) and len(set(on_host)) == len(on_host)
+            assert resident | set(on_host) == image
+            assert set(memory.core[b].nonzero().flatten().tolist()) <= resident
+            checked.append(resident)
+
+    monkeypatch.setattr(AvlReference, "_recall", checked_recall)
+    prompt = llava_prompt(_make(), PREFIXES, SUFFIXES)
+    options = {"vision_keep": 0.3, "vision_compute": 0.2, "refresh_every": 1, "recall_pages": 2,
+               "recall_page_size": 4}  # fmt: skip
+    with_recall = reference_greedy(_make, prompt.inputs, options)
+    assert len(checked) >= LAYERS * 2 * NEW_TOKENS - LAYERS * 2  # every layer, row and step
+    assert len({frozenset(r) for r in checked}) > 2 * LAYERS, "recall never moved a row"
+    without = reference_greedy(_make, prompt.inputs, {**options, "recall_pages": 0})
+    assert with_recall.shape == without.shape
+
+
+def test_recall_at_full_budgets_generates_the_uncompiled_tokens():
+    prompt = llava_prompt(_make(), PREFIXES[:1], SUFFIXES[:1])
+    options = {**FULL, "refresh_every": 1, "recall_pages": 3}
+    expected = greedy(_make(), prompt.inputs).sequences
+    assert torch.equal(reference_greedy(_make, prompt.inputs, options), expected)
+
+
+def test_recall_options_are_checked_and_the_compiled_path_refuses_recall():
+    with pytest.raises(ValueError, match=r"recall_pages=-1 .* integer >= 0"):
+        AvlOptions.from_mapping({"recall_pages": -1})
+    with pytest.raises(ValueError, match=r"recall_page_size=0 .* integer >= 1"):
+        AvlOptions.from_mapping({"recall_page_size": 0})
+    with pytest.raises(NotImplementedError, match="recall_pages=2 is not built into"):
+        avl_compile.compile(tiny_llava(), options={"recall_pages": 2})
