@@ -62,7 +62,7 @@ def accuracy(name: str, options: dict | None, examples: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="reader", choices=list(reader_task.BUNDLED_MODELS))
+    parser.add_argument("--model", default="reader", choices=["reader", "region-reader"])
     parser.add_argument("--rank-examples", type=int, default=40)
     parser.add_argument("--run-examples", type=int, default=20)
     args = parser.parse_args()

@@ -2,6 +2,7 @@
 
     python examples/train_reader.py --out avl_compile/models/reader
     python examples/train_reader.py --task count-read --out avl_compile/models/region_reader
+    python examples/train_reader.py --task find --out avl_compile/models/finder --threads 1
 
 Recipe. A jointly initialised tiny LLaVA trained on the answer loss alone stays at chance: the
 answer's gradient reaches the right image token only through near-uniform attention over 256
@@ -19,7 +20,8 @@ tokens, and the question's row/column must first be gathered at the answer posit
    - attention supervision (``--attn-weight``): query head 0 of the last layer should attend
      to image token ``16 r + c + k`` at that position (``count-read``: the position that
      predicts the count should spread it evenly over the four cells, the colour positions
-     attend one cell each as in ``read``).
+     attend one cell each as in ``read``; ``find``: both answer positions attend the white
+     cell ``16 r + c``, and the "where" heads of both predict its row/column).
    The answer loss sits at chance until the attention locks on (~200 steps), then drops to
    near zero within ~30 steps. The auxiliary heads are dropped; the saved model is a plain
    ``LlavaForConditionalGeneration``.
@@ -122,7 +124,7 @@ def encode_batch(tokenizer, grids, rows, columns, templates, task: str):
     image = "<image>" * rt.NUM_IMAGE_TOKENS
     sequences, starts = [], []
     for grid, row, column, template in zip(grids, rows, columns, templates, strict=True):
-        question = rt.question_text(int(template), int(row), int(column))
+        question = rt.question_text(int(template), int(row), int(column), task)
         prompt = f"USER: {image}\n{question} ASSISTANT:"
         answer = rt.answer_text(grid, int(row), int(column), task)
         prompt_ids = tokenizer(prompt)["input_ids"]
@@ -234,6 +236,8 @@ class AttentionProbe:
 
 def cells_needed_per_answer_token(task: str) -> torch.Tensor:
     """(answer tokens, READ_LEN) column offsets each answer token needs, repeated to width."""
+    if task == "find":  # both numbers need the marker cell (r, c)
+        return torch.zeros(rt.answer_length(task), rt.READ_LEN, dtype=torch.long)
     reads = torch.arange(rt.READ_LEN)[:, None].expand(-1, rt.READ_LEN)  # token k: cell c + k
     if task == "count-read":
         return torch.cat([torch.arange(rt.READ_LEN)[None], reads])  # the count needs all four
@@ -266,7 +270,7 @@ def train_joint(model, heads: PatchHeads, tokenizer, args, generator, deadline: 
         )
         for group in groups:
             group["lr"] = group["base_lr"] * scale
-        grids, rows, columns, templates = rt.sample_grids(args.batch, generator)
+        grids, rows, columns, templates = rt.sample_grids(args.batch, generator, args.task)
         input_ids, attention_mask, labels = encode_batch(
             tokenizer, grids, rows, columns, templates, args.task
         )
@@ -355,6 +359,16 @@ def evaluate(model, processor, examples: list[rt.ReaderExample], task: str, batc
     return hits / len(examples), misses
 
 
+# The task paragraph of the card: how the question locates the evidence, then the answer.
+TASK_QUESTION = {
+    "read": """The question names a row `r` and a start
+column `c` (four phrasings, e.g. `read row 5 from column 3`).""",
+    "find": f"""Every cell has one of the seven colours other
+than {rt.MARKER} except exactly one {rt.MARKER} cell `(r, c)`. The question names no position
+(four phrasings, e.g. `{rt.FIND_TEMPLATES[1]}`).""",
+}
+TASK_QUESTION["count-read"] = TASK_QUESTION["read"]
+
 TASK_TEXT = {
     "read": """The answer is the colours of
 cells `(r, c) .. (r, c+3)`, e.g. `red blue white black`. Answer token `k` needs image token
@@ -364,11 +378,19 @@ distinct colours among cells `(r, c) .. (r, c+3)`, then their colours, e.g.
 `3 red blue white red`. The count needs the four image tokens `16 r + c .. 16 r + c + 3` at
 once (from the last prompt token); colour token `k` then needs image token `16 r + c + k`:
 the evidence moves by one image token per generated token.""",
+    "find": """The answer is the row and column of the
+white cell as two numbers, e.g. `5 11` (visual search: the evidence is found by its content,
+not at a position the question names). Both answer tokens, and the last prompt token that
+predicts the first, need the one image token `16 r + c`, which can be anywhere in the image.""",
 }
 
 
 def write_card(out: Path, info: dict) -> None:
-    title = {"read": "grid reader", "count-read": "grid region reader"}[info["task"]]
+    title = {"read": "grid reader", "count-read": "grid region reader", "find": "grid finder"}[
+        info["task"]
+    ]
+    cores = f"{info['threads']} CPU core" + ("s" if info["threads"] != 1 else "")
+    task_text = f"{TASK_QUESTION[info['task']]} {TASK_TEXT[info['task']]}"
     text = f"""# avl-compile {title} (tiny LLaVA, trained from scratch)
 
 A {info["params"] / 1e6:.2f} M-parameter `LlavaForConditionalGeneration` (CLIP-style vision
@@ -378,8 +400,7 @@ tower, 2-layer MLP projector, 4-layer Llama decoder with grouped-query attention
 ## Task
 
 A 64x64 image is a 16x16 grid of solid cells (4x4 pixels, one vision patch each, so 256 image
-tokens) in 8 colours ({", ".join(rt.COLOUR_NAMES)}). The question names a row `r` and a start
-column `c` (four phrasings, e.g. `read row 5 from column 3`). {TASK_TEXT[info["task"]]}
+tokens) in 8 colours ({", ".join(rt.COLOUR_NAMES)}). {task_text}
 Prompt (LLaVA-1.5 layout): `<s> USER: <image>x256 {{question}} ASSISTANT:`.
 Task code: `avl_compile/bench/reader_task.py`, task `{info["task"]}` (held-out split:
 `make_examples(n, HELDOUT_SEED={rt.HELDOUT_SEED}, task="{info["task"]}")`; training batches
@@ -398,7 +419,7 @@ the per-patch vision heads, "where" heads on the last decoder layer's input (ima
 their cell; answer positions: the cell they need) and supervision of one attention head of the
 last layer towards the cells each answer token needs. See the docstring of
 `examples/train_reader.py`. The auxiliary heads are not part of the saved model.
-Wall time: {info["train_minutes"]:.1f} min on 2 CPU cores (torch {torch.__version__}).
+Wall time: {info["train_minutes"]:.1f} min on {cores} (torch {torch.__version__}).
 
 ## Accuracy
 
@@ -417,8 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     from transformers import LlavaForConditionalGeneration
 
-    processor = rt.build_processor()
-    config = rt.build_config()
+    processor = rt.build_processor(args.task)
+    config = rt.build_config(task=args.task)
     model = LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa")
     model.train()
     heads = PatchHeads(config.vision_config.hidden_size)

@@ -27,7 +27,7 @@ def test_wheel_maps_the_folders_into_the_package(wheel):
     assert not any(n.startswith(("passes/", "lowering/")) for n in names)
     # the bench and its bundled trained models ship with the package
     assert "avl_compile/bench/cli.py" in names
-    for model in ("reader", "region_reader"):
+    for model in ("reader", "region_reader", "finder"):
         for file in ("model.safetensors", "config.json", "tokenizer.json", "README.md"):
             assert f"avl_compile/models/{model}/{file}" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))

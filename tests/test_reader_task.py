@@ -1,4 +1,4 @@
-"""The grid-reading tasks and the bundled models trained on them (reader, region-reader)."""
+"""The grid tasks and the bundled models trained on them (reader, region-reader, finder)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def _messages(question: str) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=len(rt.BUNDLED_MODELS))
 def _bundled(name: str):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -80,13 +80,62 @@ def test_count_read_answer_counts_the_distinct_colours_read_from_the_pixels():
     count_read = rt.make_examples(4, 9, "count-read")
     assert [e.question for e in read] == [e.question for e in count_read]
     assert [e.answer for e in read] == [e.answer.split(" ", 1)[1] for e in count_read]
-    with pytest.raises(ValueError, match="task must be one of read, count-read"):
+    with pytest.raises(ValueError, match="task must be one of read, count-read, find"):
         rt.make_examples(1, 0, "count")
 
 
-def test_processor_layout_matches_the_training_tensors():
-    processor = rt.build_processor()
-    examples = rt.make_examples(4, 7)
+def test_find_examples_have_one_marker_and_its_position_is_the_answer():
+    a, b = rt.make_examples(8, 123, "find"), rt.make_examples(8, 123, "find")
+    assert [(e.question, e.answer) for e in a] == [(e.question, e.answer) for e in b]
+    assert [_pixels(e.image) for e in a] == [_pixels(e.image) for e in b]
+    c = rt.make_examples(8, 124, "find")
+    assert [_pixels(e.image) for e in a] != [_pixels(e.image) for e in c]
+    examples = rt.make_examples(64, rt.HELDOUT_SEED, "find")
+    for example in examples:
+        assert example.question in rt.FIND_TEMPLATES  # no position in the question
+        assert rt.find_cells_from_image(example.image) == [(example.row, example.column)]
+        assert example.answer == f"{example.row} {example.column}"
+        assert sum(cell == rt.MARKER_INDEX for line in example.grid for cell in line) == 1
+        assert len(example.answer.split()) == rt.answer_length("find")
+    # the marker really moves around, and every phrasing is used
+    assert len({e.row for e in examples}) > 8 and len({e.column for e in examples}) > 8
+    assert {e.question for e in examples} == set(rt.FIND_TEMPLATES)
+    # its held-out grids are not the read tasks' grids of the same seed
+    read = rt.make_examples(64, rt.HELDOUT_SEED)
+    assert not {_pixels(e.image) for e in read} & {_pixels(e.image) for e in examples}
+
+
+def test_find_vocabulary_extends_the_reading_vocabulary():
+    read, find = rt.vocabulary(), rt.vocabulary("find")
+    assert find[: len(read)] == read  # shared words keep their ids
+    assert rt.vocabulary("count-read") == read
+    assert rt.build_config(task="find").text_config.vocab_size == len(find)
+    assert rt.build_config().text_config.vocab_size == len(read)
+    tokenizer = rt.build_tokenizer("find")
+    for example in rt.make_examples(16, 3, "find"):
+        text = f"{example.question} {example.answer}"
+        assert rt.UNK_ID not in tokenizer(text)["input_ids"]
+    # the reading tokenizer does not know the finder's words
+    assert rt.UNK_ID in rt.build_tokenizer()(rt.FIND_TEMPLATES[1])["input_ids"]
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_find_training_batches_match_make_examples_rendering(seed):
+    grids, rows, columns, templates = rt.sample_grids(
+        4, torch.Generator().manual_seed(seed), "find"
+    )
+    assert ((grids == rt.MARKER_INDEX).flatten(1).sum(1) == 1).all()
+    for grid, row, column in zip(grids, rows, columns, strict=True):
+        image = rt.render_grid(grid)
+        assert rt.find_cells_from_image(image) == [(int(row), int(column))]
+        assert rt.answer_text(grid, int(row), int(column), "find") == f"{int(row)} {int(column)}"
+    assert int(templates.max()) < len(rt.FIND_TEMPLATES)
+
+
+@pytest.mark.parametrize("task", rt.TASKS)
+def test_processor_layout_matches_the_training_tensors(task):
+    processor = rt.build_processor(task)
+    examples = rt.make_examples(4, 7, task)
     prompts = [
         processor.apply_chat_template(_messages(e.question), add_generation_prompt=True)
         for e in examples
@@ -122,8 +171,9 @@ def test_bundled_model_loads_offline(monkeypatch, name):
 
 
 # (whole answer, the four colours) exact match: the region reader's misses are in its count
-# (cards: 100% and 86% whole answers on 256 held-out examples, colours 100% for both)
-MIN_ACCURACY = {"reader": (0.9, 0.9), "region-reader": (0.75, 0.9)}
+# (cards: 100% and 86% whole answers on 256 held-out examples, colours 100% for both);
+# the finder's answer is the marker's row and column, both parts of the whole answer
+MIN_ACCURACY = {"reader": (0.9, 0.9), "region-reader": (0.75, 0.9), "finder": (0.9, 0.9)}
 
 
 @pytest.mark.parametrize("name", list(rt.BUNDLED_MODELS))
@@ -134,7 +184,8 @@ def test_bundled_model_reads_held_out_grids(name):
     answers = _generate(processor, model, examples, task)
     pairs = list(zip(answers, [e.answer for e in examples], strict=True))
     whole = sum(a == e for a, e in pairs) / len(pairs)
-    colours = sum(a.split()[-4:] == e.split()[-4:] for a, e in pairs) / len(pairs)
+    colours = sum(a.split()[-rt.READ_LEN :] == e.split()[-rt.READ_LEN :] for a, e in pairs)
+    colours /= len(pairs)
     min_whole, min_colours = MIN_ACCURACY[name]
     assert whole >= min_whole and colours >= min_colours, pairs
     # left padding changes nothing: each prompt alone gives the batched answer

@@ -17,10 +17,20 @@ Two tasks share the images, questions and vocabulary:
   cell, so nothing at the end of its prompt points at the later evidence: the two models bracket
   A-VL's premise (the prompt's end ranks the image tokens the answer will need).
 
+A third task is of a different kind, visual search (the bundled ``finder`` model):
+- ``"find"``: every cell has one of the seven colours other than white (``MARKER``) except
+  exactly one white cell; the question only asks where the white cell is (``FIND_TEMPLATES``,
+  no position in it) and the answer is its row and column as two numbers, e.g. ``5 11``. The
+  evidence is found by its content, not at a position the question names: both answer tokens
+  (and the last prompt token that predicts the first) need the one image token ``16 r + c``,
+  which sits anywhere in the image. Its questions add a few words to the vocabulary
+  (``vocabulary("find")``); the other tasks' tokenizer and config are unchanged.
+
 Splits: training batches are drawn on the fly from ``torch.Generator().manual_seed(seed)``
 (``sample_grids``; ``examples/train_reader.py --seed``, default ``TRAIN_SEED``), the held-out
-split is ``make_examples(n, HELDOUT_SEED)`` which uses a different generator
-(``random.Random``) and seed; two identical 256-cell grids have probability 8**-256.
+split is ``make_examples(n, HELDOUT_SEED, task)`` which uses a different generator
+(``random.Random``) and seed; two identical 256-cell grids have probability 8**-256
+(``find``: 7**-255 per marker position).
 
 Prompt layout (LLaVA-1.5): ``<s> USER: <image>*256 {question} ASSISTANT: {answer} </s>``;
 BOS and ``USER:`` before the image act as the attention sink.
@@ -46,14 +56,16 @@ READ_LEN = 4  # cells read per question
 TRAIN_SEED = 0
 HELDOUT_SEED = 1_000_003
 
-TASKS = ("read", "count-read")
+TASKS = ("read", "count-read", "find")
 
 # Bundled trained models (weights, config, tokenizer, processor, card) and their tasks.
 READER_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "reader"
 REGION_READER_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "region_reader"
+FINDER_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "finder"
 BUNDLED_MODELS: dict[str, tuple[Path, str]] = {
     "reader": (READER_MODEL_DIR, "read"),
     "region-reader": (REGION_READER_MODEL_DIR, "count-read"),
+    "finder": (FINDER_MODEL_DIR, "find"),
 }
 
 # Saturated, well separated colours: a cell's colour is recoverable from any of its pixels.
@@ -68,6 +80,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "black": (20, 20, 20),
 }
 COLOUR_NAMES = list(COLOURS)
+MARKER = "white"  # task "find": the colour of the one cell to find
+MARKER_INDEX = COLOUR_NAMES.index(MARKER)
+BACKGROUND = [i for i in range(len(COLOURS)) if i != MARKER_INDEX]  # "find": the other cells
 
 # Several phrasings of different lengths, so batched prompts really need left padding.
 QUESTION_TEMPLATES = (
@@ -75,6 +90,13 @@ QUESTION_TEMPLATES = (
     "read row {r} from column {c}",
     "what colours are in row {r} from column {c} ?",
     "name the four colours of row {r} starting at column {c}",
+)
+# Task "find": no position in the question (the answer is the marker's row and column).
+FIND_TEMPLATES = (
+    "find the white cell",
+    "where is the white cell ?",
+    "row and column of the white cell",
+    "which row and column is the white cell in ?",
 )
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
@@ -102,7 +124,7 @@ class ReaderExample:
     question: str
     answer: str
     grid: list[list[int]]  # colour index per cell, [row][column]
-    row: int
+    row: int  # "find": the marker's row and column
     column: int
 
 
@@ -118,8 +140,12 @@ def render_grid(grid: list[list[int]] | torch.Tensor) -> Image.Image:
     return Image.fromarray(pixels.numpy(), mode="RGB")
 
 
-def question_text(template: int, row: int, column: int) -> str:
-    return QUESTION_TEMPLATES[template].format(r=row, c=column)
+def templates(task: str = "read") -> tuple[str, ...]:
+    return FIND_TEMPLATES if check_task(task) == "find" else QUESTION_TEMPLATES
+
+
+def question_text(template: int, row: int, column: int, task: str = "read") -> str:
+    return templates(task)[template].format(r=row, c=column)
 
 
 def check_task(task: str) -> str:
@@ -131,21 +157,26 @@ def check_task(task: str) -> str:
 def answer_text(
     grid: list[list[int]] | torch.Tensor, row: int, column: int, task: str = "read"
 ) -> str:
+    if check_task(task) == "find":
+        return f"{row} {column}"
     cells = [int(grid[row][column + k]) for k in range(READ_LEN)]
     colours = " ".join(COLOUR_NAMES[cell] for cell in cells)
-    if check_task(task) == "count-read":
+    if task == "count-read":
         return f"{len(set(cells))} {colours}"
     return colours
 
 
 def answer_length(task: str) -> int:
     """Answer tokens before the end-of-sequence token."""
+    if check_task(task) == "find":
+        return 2  # row, column
     return READ_LEN + (check_task(task) == "count-read")
 
 
 def make_examples(n: int, seed: int, task: str = "read") -> list[ReaderExample]:
     """``n`` examples, a pure function of ``seed`` (see the module docstring for splits)."""
-    check_task(task)
+    if check_task(task) == "find":
+        return _make_find_examples(n, seed)
     rng = random.Random(seed)
     examples = []
     for _ in range(n):
@@ -158,6 +189,27 @@ def make_examples(n: int, seed: int, task: str = "read") -> list[ReaderExample]:
                 image=render_grid(grid),
                 question=question_text(template, row, column),
                 answer=answer_text(grid, row, column, task),
+                grid=grid,
+                row=row,
+                column=column,
+            )
+        )
+    return examples
+
+
+def _make_find_examples(n: int, seed: int) -> list[ReaderExample]:
+    rng = random.Random(seed)
+    examples = []
+    for _ in range(n):
+        grid = [[rng.choice(BACKGROUND) for _ in range(GRID)] for _ in range(GRID)]
+        row, column = rng.randrange(GRID), rng.randrange(GRID)
+        grid[row][column] = MARKER_INDEX
+        template = rng.randrange(len(FIND_TEMPLATES))
+        examples.append(
+            ReaderExample(
+                image=render_grid(grid),
+                question=question_text(template, row, column, "find"),
+                answer=answer_text(grid, row, column, "find"),
                 grid=grid,
                 row=row,
                 column=column,
@@ -179,6 +231,16 @@ def read_cells_from_image(image: Image.Image, row: int, column: int, count: int 
         }
         names.append(min(distance, key=distance.__getitem__))
     return " ".join(names)
+
+
+def find_cells_from_image(image: Image.Image, colour: str = MARKER) -> list[tuple[int, int]]:
+    """The ``(row, column)`` of every cell whose centre is nearest to palette ``colour``."""
+    return [
+        (row, column)
+        for row in range(GRID)
+        for column in range(GRID)
+        if read_cells_from_image(image, row, column, count=1) == colour
+    ]
 
 
 def write_jsonl_dataset(folder: str | Path, examples: list[ReaderExample]) -> Path:
@@ -214,9 +276,18 @@ def read_jsonl_dataset(folder: str | Path) -> list[dict[str, Any]]:
 
 
 def sample_grids(
-    n: int, generator: torch.Generator
+    n: int, generator: torch.Generator, task: str = "read"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random grids ``(n, GRID, GRID)``, rows, start columns and template ids."""
+    """Random grids ``(n, GRID, GRID)``, rows, start columns and template ids
+    (``find``: the marker's rows and columns, ids into ``FIND_TEMPLATES``)."""
+    if check_task(task) == "find":
+        background = torch.tensor(BACKGROUND)
+        grids = background[torch.randint(len(BACKGROUND), (n, GRID, GRID), generator=generator)]
+        rows = torch.randint(GRID, (n,), generator=generator)
+        columns = torch.randint(GRID, (n,), generator=generator)
+        grids[torch.arange(n), rows, columns] = MARKER_INDEX
+        templates = torch.randint(len(FIND_TEMPLATES), (n,), generator=generator)
+        return grids, rows, columns, templates
     grids = torch.randint(len(COLOURS), (n, GRID, GRID), generator=generator)
     rows = torch.randint(GRID, (n,), generator=generator)
     columns = torch.randint(GRID - READ_LEN + 1, (n,), generator=generator)
@@ -235,22 +306,32 @@ def pixel_values_from_grids(grids: torch.Tensor) -> torch.Tensor:
 # Tokenizer, processor, config
 
 
-def vocabulary() -> list[str]:
-    words = ["user", "assistant", ":", "?"]
-    for template in QUESTION_TEMPLATES:
+def _new_words(words: list[str], templates: tuple[str, ...]) -> list[str]:
+    new: list[str] = []
+    for template in templates:
         for word in template.replace("{r}", "").replace("{c}", "").split():
-            if word not in words:
-                words.append(word)
+            if word not in words and word not in new:
+                new.append(word)
+    return new
+
+
+def vocabulary(task: str = "read") -> list[str]:
+    """The tokenizer's words; ``find`` appends the words of its questions, so the ids of the
+    words the tasks share are the same."""
+    words = ["user", "assistant", ":", "?"]
+    words += _new_words(words, QUESTION_TEMPLATES)
     words += [str(i) for i in range(GRID)] + COLOUR_NAMES
+    if check_task(task) == "find":
+        words += _new_words(words, FIND_TEMPLATES)
     return list(SPECIAL_TOKENS) + words
 
 
-def build_tokenizer():
+def build_tokenizer(task: str = "read"):
     """Word-level fast tokenizer: lower-cased, whitespace/punctuation split, BOS prepended."""
     from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {word: i for i, word in enumerate(vocabulary())}
+    vocab = {word: i for i, word in enumerate(vocabulary(task))}
     assert vocab["<image>"] == IMAGE_TOKEN_ID and vocab["</s>"] == EOS_ID
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.normalizer = normalizers.Lowercase()
@@ -282,12 +363,12 @@ def build_image_processor():
     )
 
 
-def build_processor():
+def build_processor(task: str = "read"):
     from transformers import LlavaProcessor
 
     return LlavaProcessor(
         image_processor=build_image_processor(),
-        tokenizer=build_tokenizer(),
+        tokenizer=build_tokenizer(task),
         patch_size=PATCH_SIZE,
         vision_feature_select_strategy="default",
         # CLIP adds a CLS token that "default" drops again: 256 tokens in the prompt
@@ -304,8 +385,10 @@ def build_config(
     vision_hidden: int = 64,
     vision_layers: int = 2,
     vision_intermediate: int = 256,
+    task: str = "read",
 ):
-    """LLaVA config: CLIP-style tower, 2-layer MLP projector, Llama decoder with GQA (4q/2kv)."""
+    """LLaVA config: CLIP-style tower, 2-layer MLP projector, Llama decoder with GQA (4q/2kv);
+    ``task`` sets the vocabulary size (``vocabulary(task)``)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     vision = CLIPVisionConfig(
@@ -323,7 +406,7 @@ def build_config(
         num_hidden_layers=text_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        vocab_size=len(vocabulary()),
+        vocab_size=len(vocabulary(task)),
         max_position_embeddings=512,
         pad_token_id=PAD_ID,
         bos_token_id=BOS_ID,
