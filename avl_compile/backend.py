@@ -51,7 +51,7 @@ class AvlBackend:
     def __init__(
         self, options: Mapping[str, Any] | None = None, max_records: int | None = None
     ) -> None:
-        self.options = _compiled_support(AvlOptions.from_mapping(options))
+        self.options = AvlOptions.from_mapping(options)
         self.runtime = AvlRuntime()
         # records of the graphs compiled (the latest ``max_records``: a backend shared by
         # every model of a process must not keep every graph it ever compiled)
@@ -67,7 +67,7 @@ class AvlBackend:
         decode step, and options that need another (``decode_graphs_serve`` says) decode
         through the runtime-call graph, which reads them at each call, until the model is
         compiled again."""
-        new = _compiled_support(AvlOptions.from_mapping(options))
+        new = AvlOptions.from_mapping(options)
         if new.inner != self.options.inner:
             raise ValueError(
                 f"avl backend: option inner={new.inner!r} cannot change after compiling with "
@@ -91,7 +91,7 @@ class AvlBackend:
         mode: str | None = None,
     ) -> Callable:
         opts = AvlOptions.from_mapping(options) if options is not None else self.options
-        opts = with_compile_mode(_compiled_support(opts), mode)
+        opts = with_compile_mode(opts, mode)
         _raise_recompile_limit()
         code_before = gm.code
         sites = find_attention_sites(gm.graph)
@@ -111,8 +111,13 @@ class AvlBackend:
         in_graph = None
         caches = [past_cache_inputs(site) for site in rewritable]  # before erased by the rewrite
         layers = [site.layer_idx for site in rewritable]
-        if not scatters and rewritable and all(is_decode_site(site) for site in rewritable):
-            kind, growing = decode_variant(opts, layers)
+        kind, growing = decode_variant(opts, layers)
+        if (
+            not scatters
+            and rewritable
+            and _decode_steps(kind)
+            and all(is_decode_site(site) for site in rewritable)
+        ):
             try:
                 in_graph = {
                     (kind, refresh, growing): self._compile_decode(
@@ -228,22 +233,13 @@ class AvlBackend:
         return graph, compile_fx(graph, inputs, config_patches=patches)
 
 
-def _compiled_support(options: AvlOptions) -> AvlOptions:
-    """``options``, if the compiled path implements every one of them."""
-    if options.recall_pages:
-        raise NotImplementedError(
-            f"avl backend: option recall_pages={options.recall_pages} is not built into the "
-            "compiled path yet; its eager reference runs it "
-            "(avl_compile.reference.reference_generate); use recall_pages=0 here"
-        )
-    return options
-
-
 def _decode_steps(kind: str) -> dict[bool, DecodeStep]:
     """The decode step of a ``decode_variant`` kind; A-VL's refresh step is a graph of its
     own."""
     if kind == "avl":
         return {refresh: avl_step(refresh) for refresh in (False, True)}
+    if kind == "avl-recall":  # swaps rows on the host between steps: the runtime-call graph
+        return {}
     return {False: eviction_step(kind)}
 
 

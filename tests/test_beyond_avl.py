@@ -187,10 +187,21 @@ def test_recall_at_full_budgets_generates_the_uncompiled_tokens():
     assert torch.equal(reference_greedy(_make, prompt.inputs, options), expected)
 
 
-def test_recall_options_are_checked_and_the_compiled_path_refuses_recall():
+def test_recall_options_are_checked():
     with pytest.raises(ValueError, match=r"recall_pages=-1 .* integer >= 0"):
         AvlOptions.from_mapping({"recall_pages": -1})
     with pytest.raises(ValueError, match=r"recall_page_size=0 .* integer >= 1"):
         AvlOptions.from_mapping({"recall_page_size": 0})
-    with pytest.raises(NotImplementedError, match="recall_pages=2 is not built into"):
-        avl_compile.compile(tiny_llava(), options={"recall_pages": 2})
+
+
+def test_recall_through_the_backend_matches_the_reference_on_a_padded_batch():
+    prompt = llava_prompt(_make(), PREFIXES, SUFFIXES)
+    options = {"vision_keep": 0.3, "vision_compute": 0.2, "refresh_every": 1, "recall_pages": 2,
+               "recall_page_size": 4, "score_window": 2}  # fmt: skip
+    model, got = compiled_greedy(_make, prompt.inputs, {**options, "inner": "eager"})
+    assert torch.equal(got.sequences, reference_greedy(_make, prompt.inputs, options))
+    counters = model._avl_backend.runtime.counters
+    image_rows = prompt.image_tokens - fraction_count(0.3, prompt.image_tokens)
+    assert counters["prefill_host_kv_bytes"] == LAYERS * 2 * image_rows * 2 * 2 * 16 * 8
+    # recall swaps rows on the host between steps: the decode takes the runtime-call graph
+    assert counters["decode_graphs_in_graph"] == 0

@@ -48,6 +48,7 @@ from avl_compile.policies.decode_schedule import (
     spare_slots,
 )
 from avl_compile.policies.prefill_scores import attention_and_lse, column_sums_of, last_row_score
+from avl_compile.policies.recall import build_pages, recall_before_step
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -63,7 +64,10 @@ class AvlSchedule(DecodeSchedule):
     others: list[int]  # secondary image rows outside the core, attended at refresh steps
     attended_text: list[int] = dataclasses.field(default_factory=list)  # this step's text rows
 
-    decode_kind = "avl"
+    @property
+    def decode_kind(self) -> str:
+        # recall swaps rows on the host between steps: no compiled decode step holds it yet
+        return "avl-recall" if self.options.recall_pages else "avl"
 
     @property
     def rows_in_use(self) -> int:
@@ -165,6 +169,7 @@ class AvlPolicy:
         widest = max(opts.vision_keep_layers) if opts.vision_keep_layers else vision_keep
         aligned = attn_mask is not None and widest != vision_keep
         slot_rows: list[tuple[Tensor, list[Tensor]]] = []
+        evicted: list[Tensor] = []  # image rows that leave the cache (recall keeps them)
         bounds: list[tuple[int, int, int, int, int]] = []
         for b in range(batch):
             image_pos = torch.nonzero(image_mask[b]).flatten()
@@ -180,6 +185,7 @@ class AvlPolicy:
                 image_score[b], secondary, fraction_count(vision_compute, n_images)
             )
             others = secondary[~torch.isin(secondary, core)]
+            evicted.append(image_pos[~torch.isin(image_pos, secondary)])
             image_rows = torch.cat([others, sink, core])
             texts = [positions[kept_text[b, h]] for h in range(kv_heads)]
             slot_rows.append((image_rows, texts))
@@ -241,16 +247,14 @@ class AvlPolicy:
             others=[0 if every_step else s - k for s, k in zip(secondary, n_core, strict=True)],
             position=k_len,
         )
-        if opts.vision_keep_layers is not None:  # counts differ by layer: one schedule each
-            return (
-                output,
-                pick_rows(keys, safe),
-                pick_rows(values, safe),
-                LayerState(slots=slots, schedule=schedule),
-            )
-        if context.schedule is None:
-            context.schedule = schedule  # one schedule for the prompt's layers
-        state = LayerState(slots=slots, schedule=context.schedule)
+        if opts.vision_keep_layers is None:  # else counts differ by layer: one schedule each
+            if context.schedule is None:
+                context.schedule = schedule  # one schedule for the prompt's layers
+            schedule = context.schedule
+        state = LayerState(slots=slots, schedule=schedule)
+        if opts.recall_pages:
+            state.pages = build_pages(keys, values, evicted, opts.recall_page_size)
+            state.last_query = query[:, :, -1]
         # free slots hold copies of row 0; they are never attended
         return output, pick_rows(keys, safe), pick_rows(values, safe), state
 
@@ -289,7 +293,14 @@ class AvlPolicy:
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One decode step called from Python (the runtime-call wiring); a compiled decode
         graph runs the same ``avl_decode_step`` inside the graph."""
+        if self.options.recall_pages and state.next_refresh:
+            recall_before_step(
+                state.last_query, past_keys, past_values, state.slots, state.pages,
+                self.options.recall_pages,
+            )  # fmt: skip
         schedule, keys, values = begin_step_and_grow(state, past_keys, past_values)
+        if self.options.recall_pages:
+            state.last_query = query[:, :, -1]
         output = avl_decode_step(
             query, new_keys, new_values, keys, values, state.slots, scale, schedule.refresh
         )

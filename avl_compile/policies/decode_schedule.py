@@ -10,7 +10,7 @@ re-allocate without reading anything back from the device.
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol
+from typing import Any, Protocol
 
 from torch import Tensor
 
@@ -109,6 +109,9 @@ class LayerState:
     slots: SlotTensors
     schedule: DecodeSchedule
     step: int = 0  # decode steps this layer has run
+    # recall (A-VL's option): the evicted rows' host pages and the last token's query [B, Hq, D]
+    pages: Any = None
+    last_query: Tensor | None = None
 
     @property
     def rows_in_use(self) -> int:
