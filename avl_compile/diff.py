@@ -29,7 +29,7 @@ from avl_compile.backend import AvlBackend, CompiledGraphRecord
 from avl_compile.console import hide_library_notices
 from avl_compile.options import AvlOptions
 
-TINY_MODELS = ("tiny-llava", "tiny-llava-next", "reader", "region-reader")
+TINY_MODELS = ("tiny-llava", "tiny-llava-next", "reader", "region-reader", "finder")
 
 
 @dataclasses.dataclass
