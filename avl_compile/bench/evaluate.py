@@ -27,8 +27,8 @@ from avl_compile.policies import decode_variant
 
 POLICIES = ("full", "avl", "avl-recall", "h2o", "streaming", "fastv", "random")
 # the recommended option set past the paper (README): A-VL's budgets, a core re-picked at
-# every step, and 4 pages of evicted image rows recalled from host memory before each step
-AVL_RECALL = {"refresh_every": 1, "recall_pages": 4}
+# every step, and 8 pages of 8 evicted image rows recalled from host memory before each step
+AVL_RECALL = {"refresh_every": 1, "recall_pages": 8, "recall_page_size": 8}
 BUDGETS = (0.1, 0.25, 0.5, 0.75, 1.0)
 CSV_COLUMNS = (
     "policy",
