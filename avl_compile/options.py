@@ -96,6 +96,8 @@ class AvlOptions:
             _fail("recall_pages", self.recall_pages, "an integer >= 0 (0: no recall)")
         if not _is_int(self.recall_page_size) or self.recall_page_size < 1:
             _fail("recall_page_size", self.recall_page_size, "an integer >= 1")
+        if self.recall_pages and self.refresh_every == -1:  # recall acts before refreshes
+            _fail("recall_pages", self.recall_pages, "0 with refresh_every=-1 (no refresh steps)")
         if not _is_int(self.text_min_budget) or self.text_min_budget < 0:
             _fail("text_min_budget", self.text_min_budget, "an integer >= 0")
         if not _is_int(self.prefill_filter_layer) or self.prefill_filter_layer < 1:

@@ -192,16 +192,33 @@ def test_recall_options_are_checked():
         AvlOptions.from_mapping({"recall_pages": -1})
     with pytest.raises(ValueError, match=r"recall_page_size=0 .* integer >= 1"):
         AvlOptions.from_mapping({"recall_page_size": 0})
+    with pytest.raises(ValueError, match=r"recall_pages=2 .* refresh_every=-1"):
+        AvlOptions.from_mapping({"recall_pages": 2, "refresh_every": -1})
 
 
-def test_recall_through_the_backend_matches_the_reference_on_a_padded_batch():
-    prompt = llava_prompt(_make(), PREFIXES, SUFFIXES)
-    options = {"vision_keep": 0.3, "vision_compute": 0.2, "refresh_every": 1, "recall_pages": 2,
-               "recall_page_size": 4, "score_window": 2}  # fmt: skip
-    model, got = compiled_greedy(_make, prompt.inputs, {**options, "inner": "eager"})
-    assert torch.equal(got.sequences, reference_greedy(_make, prompt.inputs, options))
-    counters = model._avl_backend.runtime.counters
-    image_rows = prompt.image_tokens - fraction_count(0.3, prompt.image_tokens)
-    assert counters["prefill_host_kv_bytes"] == LAYERS * 2 * image_rows * 2 * 2 * 16 * 8
-    # recall swaps rows on the host between steps: the decode takes the runtime-call graph
-    assert counters["decode_graphs_in_graph"] == 0
+def test_recall_reads_the_device_only_before_refresh_steps(monkeypatch):
+    """The swap reads page bounds back to the host (a sync on a GPU) before a refresh step
+    and at no other step (counted per layer step, where the policy's decode runs)."""
+    from test_decode_in_graph import SYNCING_OPS, _OpCounter
+
+    from avl_compile.policies.avl import AvlPolicy
+
+    syncs: list[tuple[bool, int]] = []  # (refresh step?, syncing ops) per layer and step
+    original = AvlPolicy.decode
+
+    def counted(self, query, past_keys, new_keys, past_values, new_values, scale, state):
+        refresh, counter = state.next_refresh, _OpCounter()
+        with counter:
+            result = original(self, query, past_keys, new_keys, past_values, new_values,
+                              scale, state)  # fmt: skip
+        syncs.append((refresh, sum(op in SYNCING_OPS for op in counter.ops)))
+        return result
+
+    monkeypatch.setattr(AvlPolicy, "decode", counted)
+    prompt = llava_prompt(_make(), PREFIXES[:1], SUFFIXES[:1])
+    options = {"vision_keep": 0.3, "vision_compute": 0.2, "refresh_every": 3, "recall_pages": 2,
+               "recall_page_size": 4, "inner": "eager"}  # fmt: skip
+    compiled_greedy(_make, prompt.inputs, options, new_tokens=10)
+    assert len(syncs) == 9 * LAYERS
+    assert [n for refresh, n in syncs if not refresh] == [0] * 6 * LAYERS
+    assert all(n > 0 for refresh, n in syncs if refresh) and sum(r for r, _ in syncs) == 9

@@ -6,9 +6,10 @@ run come back, the resident image rows and the recalled rows are ranked by their
 best keep the resident slots and the others become those pages: the rows resident on the
 accelerator never grow.
 
-It runs on the host between decode steps, reading the bounds back (one device-to-host read
-per layer at a refresh step; none on other steps), so a decode with recall runs through the
-runtime-call graph for now.
+It runs on the host between decode steps, reading the page bounds, the resident slots and
+the rows that leave back (three device-to-host reads per layer and batch row at a refresh
+step, none at other steps: ``tests/test_beyond_avl.py`` counts them), so a decode with
+recall runs through the runtime-call graph for now.
 """
 
 from __future__ import annotations
@@ -76,15 +77,9 @@ def recall_before_step(
         if not pages.positions[b]:
             continue
         q = query[b].to(acc)  # [Hq, D]
-        bounds = [
-            float(
-                torch.maximum(
-                    q * low.repeat_interleave(group, 0).to(acc),
-                    q * high.repeat_interleave(group, 0).to(acc),
-                ).sum(-1).mean()
-            )
-            for low, high in zip(pages.low[b], pages.high[b], strict=True)
-        ]  # fmt: skip
+        low = torch.stack(pages.low[b]).repeat_interleave(group, 1).to(acc)  # [P, Hq, D]
+        high = torch.stack(pages.high[b]).repeat_interleave(group, 1).to(acc)
+        bounds = torch.maximum(q * low, q * high).sum(-1).mean(-1).tolist()  # one read
         ranked = sorted(range(len(bounds)), key=lambda p: (-bounds[p], p))
         chosen = sorted(ranked[:recall_pages])
         resident_slots = torch.nonzero((slots.role[b] == OTHER) | (slots.role[b] == CORE))
