@@ -222,3 +222,18 @@ def test_recall_reads_the_device_only_before_refresh_steps(monkeypatch):
     assert len(syncs) == 9 * LAYERS
     assert [n for refresh, n in syncs if not refresh] == [0] * 6 * LAYERS
     assert all(n > 0 for refresh, n in syncs if refresh) and sum(r for r, _ in syncs) == 9
+
+
+def test_recall_on_hfs_compile_path_matches_the_reference():
+    from test_hf_compile_path import NEW_TOKENS as HF_TOKENS
+    from test_hf_compile_path import _hf_compiled_greedy
+
+    prompt = llava_prompt(_make(), PREFIXES, SUFFIXES)
+    options = {"inner": "aot_eager", "refresh_every": 1, "recall_pages": 2,
+               "recall_page_size": 4, "vision_keep": 0.3, "vision_compute": 0.2}  # fmt: skip
+    model = avl_compile.compile(_make(), options=options)
+    got = _hf_compiled_greedy(model, prompt.inputs, mode=None, options=options)
+    expected = reference_greedy(_make, prompt.inputs, options, HF_TOKENS)
+    assert torch.equal(got.sequences, expected)
+    assert hasattr(model, "_compiled_call"), "generate did not take HF's compile path"
+    assert model._avl_backend.runtime.counters["refresh_sites"] == LAYERS * (HF_TOKENS - 1)
