@@ -32,8 +32,8 @@ class AvlOptions:
     # (1: the last token, as A-VL), and a per-layer S (C keeps its share C/S in every layer)
     score_window: int = 1
     vision_keep_layers: tuple[float, ...] | None = None
-    # recall (eager reference only, for now): evicted image rows kept in host pages of
-    # recall_page_size rows; before each refresh step up to recall_pages pages come back
+    # recall: evicted image rows kept in host pages of recall_page_size rows; before each
+    # refresh step up to recall_pages pages come back (0: off)
     recall_pages: int = 0
     recall_page_size: int = 16
     prefill_filter_keep: float | None = None  # P: FastV-style prefill filter, None = off

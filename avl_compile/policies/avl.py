@@ -185,7 +185,8 @@ class AvlPolicy:
                 image_score[b], secondary, fraction_count(vision_compute, n_images)
             )
             others = secondary[~torch.isin(secondary, core)]
-            evicted.append(image_pos[~torch.isin(image_pos, secondary)])
+            if opts.recall_pages:  # only recall keeps them
+                evicted.append(image_pos[~torch.isin(image_pos, secondary)])
             image_rows = torch.cat([others, sink, core])
             texts = [positions[kept_text[b, h]] for h in range(kv_heads)]
             slot_rows.append((image_rows, texts))

@@ -10,11 +10,14 @@ re-allocate without reading anything back from the device.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from torch import Tensor
 
 from avl_compile.policies.avl_decode import grow_cache
+
+if TYPE_CHECKING:
+    from avl_compile.policies.recall import HostPages
 
 
 class SlotTensors(Protocol):
@@ -110,7 +113,7 @@ class LayerState:
     schedule: DecodeSchedule
     step: int = 0  # decode steps this layer has run
     # recall (A-VL's option): the evicted rows' host pages and the last token's query [B, Hq, D]
-    pages: Any = None
+    pages: HostPages | None = None
     last_query: Tensor | None = None
 
     @property

@@ -52,11 +52,12 @@ def build_pages(keys: Tensor, values: Tensor, evicted: list[Tensor], page_size: 
     pages = HostPages([], [], [], [], [])
     for b, rows in enumerate(evicted):
         chunks = [rows[i : i + page_size] for i in range(0, rows.numel(), page_size)]
+        page_keys = [keys[b][:, chunk] for chunk in chunks]  # gathered once, on the device
         pages.positions.append([chunk.tolist() for chunk in chunks])
-        pages.keys.append([_to_host(keys[b][:, chunk]) for chunk in chunks])
+        pages.keys.append([_to_host(page) for page in page_keys])
         pages.values.append([_to_host(values[b][:, chunk]) for chunk in chunks])
-        pages.low.append([keys[b][:, chunk].amin(dim=1) for chunk in chunks])
-        pages.high.append([keys[b][:, chunk].amax(dim=1) for chunk in chunks])
+        pages.low.append([page.amin(dim=1) for page in page_keys])
+        pages.high.append([page.amax(dim=1) for page in page_keys])
     return pages
 
 
