@@ -11,7 +11,9 @@ Random weights (speed needs no trained weights). Each configuration generates th
 prompt greedily; a logits processor stamps the time of every new token, and decode time per
 token is (last stamp - first stamp) / (N - 1): the prefill is excluded. Time to first token
 (prefill, vision tower included) is from the call of generate to the first stamp. Best of
-the repeats (on a shared machine interference only adds time). Resident KV is the bytes of
+the repeats (on a shared machine interference only adds time); every configuration is compiled
+and warmed up first, then the repeats run interleaved (A B, B A, ...), since whichever runs
+first in a process is slower. Resident KV is the bytes of
 the cache tensors after generate.
 """
 
@@ -130,25 +132,36 @@ def _hf_compile_path(config: CompileConfig, cache: Callable[[], dict]) -> Callab
     return lambda: {"compile_config": config, **cache()}
 
 
-def measure(
-    name: str, model, inputs, preset: dict, device: str, repeats: int,
-    extra: Callable[[], dict] = dict,
-) -> dict:  # fmt: skip
-    n = preset["new_tokens"]
-    out = _generate(model, inputs, n, extra())  # warm-up: compiles every graph the run needs
-    kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in generated_cache(out).layers)
-    decode, first_token = [], []
-    for _ in range(repeats):
-        clock = _TokenClock(device)
+class Prepared:
+    """One configuration, compiled and warmed up, with its timed runs so far."""
+
+    def __init__(self, name: str, model, extra: Callable[[], dict], inputs, preset, device):
+        self.name, self.model, self.extra = name, model, extra
+        self.inputs, self.preset, self.device = inputs, preset, device
+        out = self._run(None)  # warm-up: compiles every graph the run needs
+        self.kv_bytes = sum(
+            layer.keys.nbytes + layer.values.nbytes for layer in generated_cache(out).layers
+        )
+        self.decode: list[float] = []
+        self.first_token: list[float] = []
+
+    def _run(self, clock: _TokenClock | None):
+        return _generate(self.model, self.inputs, self.preset["new_tokens"], self.extra(), clock)
+
+    def time_once(self) -> None:
+        clock = _TokenClock(self.device)
         start = time.perf_counter()
-        _generate(model, inputs, n, extra(), clock)
-        decode.append((clock.stamps[-1] - clock.stamps[0]) / (len(clock.stamps) - 1))
-        first_token.append(clock.stamps[0] - start)
-    ms = 1e3 * min(decode)  # the machine may be shared: interference only adds time
-    batch = inputs["input_ids"].shape[0]
-    return {"config": name, "batch": batch, "ms/token": ms, "tokens/s": 1e3 * batch / ms,
-            "first token ms": 1e3 * min(first_token),
-            "resident KV MB": kv_bytes / 2**20}  # fmt: skip
+        self._run(clock)
+        self.decode.append((clock.stamps[-1] - clock.stamps[0]) / (len(clock.stamps) - 1))
+        self.first_token.append(clock.stamps[0] - start)
+
+    def row(self) -> dict:
+        ms = 1e3 * min(self.decode)  # the machine may be shared: interference only adds time
+        batch = self.inputs["input_ids"].shape[0]
+        return {"config": self.name, "batch": batch, "ms/token": ms,
+                "tokens/s": 1e3 * batch / ms,
+                "first token ms": 1e3 * min(self.first_token),
+                "resident KV MB": self.kv_bytes / 2**20}  # fmt: skip
 
 
 def main() -> None:
@@ -163,6 +176,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    # the configurations live side by side (interleaved repeats), each with its own graphs
+    torch._dynamo.config.recompile_limit = 64
     preset = PRESETS[args.preset]
     rows = []
     for batch in args.batch:
@@ -193,24 +208,35 @@ def main() -> None:
             configs["avl (inductor, no cudagraphs)"] = lambda m: avl_compile.compile(
                 m, options={"cudagraphs": False}
             )
+        torch._dynamo.reset()
+        prepared = []
         for name in args.only or list(configs):
             if name in args.skip:
                 continue
-            torch._dynamo.reset()
             model, extra = configs[name](build_model(preset, args.device)), dict
             if isinstance(model, tuple):  # (model, generate's extra arguments per call)
                 model, extra = model
             try:  # one failing configuration must not cost the others' rows (a GPU lease)
-                rows.append(measure(name, model, inputs, preset, args.device, args.repeats, extra))
+                prepared.append(Prepared(name, model, extra, inputs, preset, args.device))
             except Exception:
                 traceback.print_exc()
                 print(f"FAILED: {name} at batch {batch}", flush=True)
-                continue
-            finally:
                 del model
                 if args.device == "cuda":
                     torch.cuda.empty_cache()
-            print(rows[-1], flush=True)
+            else:
+                print(f"compiled and warmed up: {name} at batch {batch}", flush=True)
+        # interleaved, each repeat starting one configuration later: whichever runs first in
+        # a process is slower, so a block per configuration would favour the later ones
+        for repeat in range(args.repeats):
+            for i in range(len(prepared)):
+                prepared[(i + repeat) % len(prepared)].time_once()
+        rows.extend(p.row() for p in prepared)
+        for p in prepared:
+            print(p.row(), flush=True)
+        del prepared
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
     dense = {r["batch"]: r for r in rows if r["config"] == "dense eager"}
     inductor = {r["batch"]: r for r in rows if r["config"] == "dense inductor"}
     # on a GPU the compiled baseline is dense Inductor with CUDA graphs where it ran
