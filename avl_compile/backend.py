@@ -238,7 +238,7 @@ def _decode_steps(kind: str) -> dict[bool, DecodeStep]:
     own."""
     if kind == "avl":
         return {refresh: avl_step(refresh) for refresh in (False, True)}
-    if kind == "avl-recall":  # swaps rows on the host between steps: the runtime-call graph
+    if kind == "avl-python":  # recall, the query-aware core: the runtime-call graph
         return {}
     return {False: eviction_step(kind)}
 

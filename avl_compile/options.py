@@ -36,6 +36,10 @@ class AvlOptions:
     # refresh step up to recall_pages pages come back (0: off)
     recall_pages: int = 0
     recall_page_size: int = 16
+    # query-aware core (0: off): at every decode step the core is chosen from the step's own
+    # query, by a min/max key digest per page of core_page_size image tokens (no step
+    # attends the whole secondary set; refresh_every then only paces recall)
+    core_page_size: int = 0
     prefill_filter_keep: float | None = None  # P: FastV-style prefill filter, None = off
     prefill_filter_layer: int = 2  # also FastV's layer K
     # baselines (policy != "avl"): the kept share of the cache they evict from
@@ -98,6 +102,10 @@ class AvlOptions:
             _fail("recall_page_size", self.recall_page_size, "an integer >= 1")
         if self.recall_pages and self.refresh_every == -1:  # recall acts before refreshes
             _fail("recall_pages", self.recall_pages, "0 with refresh_every=-1 (no refresh steps)")
+        if not _is_int(self.core_page_size) or self.core_page_size < 0:
+            _fail("core_page_size", self.core_page_size, "an integer >= 0 (0: A-VL's core)")
+        if self.core_page_size and self.refresh_every == -1:  # -1: no core at all
+            _fail("core_page_size", self.core_page_size, "0 with refresh_every=-1 (no core)")
         if not _is_int(self.text_min_budget) or self.text_min_budget < 0:
             _fail("text_min_budget", self.text_min_budget, "an integer >= 0")
         if not _is_int(self.prefill_filter_layer) or self.prefill_filter_layer < 1:
@@ -126,6 +134,12 @@ class AvlOptions:
             return self.vision_keep, self.vision_compute
         keep = layers[layer]
         return keep, self.vision_compute * keep / self.vision_keep
+
+    @property
+    def needs_python_decode_step(self) -> bool:
+        """Whether A-VL's decode runs through the runtime-call graph: recall swaps rows on
+        the host; the query-aware core has no compiled step yet."""
+        return bool(self.recall_pages or self.core_page_size)
 
     @property
     def keeps_everything(self) -> bool:

@@ -79,7 +79,7 @@ class AvlReference:
         if query.shape[2] > 1:
             policy_mask = self._prefill_mask(module.layer_idx, query, key, allowed, scale)
         else:
-            policy_mask = self._decode_mask(module.layer_idx, key.shape[2], group)
+            policy_mask = self._decode_mask(module.layer_idx, query[:, :, -1], key, group)
         allowed = allowed & policy_mask
         acc = torch.float64 if query.dtype == torch.float64 else torch.float32
         logits = torch.matmul(query.to(acc), key.to(acc).transpose(-1, -2)) * scale
@@ -175,13 +175,16 @@ class AvlReference:
         self.layers[layer] = memory
 
     # -- decode
-    def _decode_mask(self, layer: int, length: int, group: int) -> Tensor:
+    def _decode_mask(self, layer: int, query: Tensor, key: Tensor, group: int) -> Tensor:
         memory = self.layers[layer]
         memory.grow()
         memory.step += 1
-        assert memory.sink.shape[-1] == length, "reference: cache and memory disagree"
+        assert memory.sink.shape[-1] == key.shape[2], "reference: cache and memory disagree"
         refresh = is_refresh_step(memory.step, self.options.refresh_every)
         image_rows = memory.secondary if refresh else memory.core
+        if self.options.core_page_size:
+            self._pick_core_by_pages(memory, query, key)
+            image_rows = memory.core
         shared = (memory.sink | image_rows)[:, None, :] | memory.text_kept
         return shared.repeat_interleave(group, dim=1)[:, :, None, :]  # [B, Hq, 1, L]
 
@@ -193,7 +196,8 @@ class AvlReference:
         row = probs[:, :, 0, :]
         per_kv_head = row.view(batch, kv_heads, group, length).sum(dim=2)
         memory.text_score += per_kv_head * memory.text_kept
-        if opts.refresh_every != -1 and is_refresh_step(memory.step, opts.refresh_every):
+        repick = not opts.core_page_size  # the query-aware core is chosen before attention
+        if repick and opts.refresh_every != -1 and is_refresh_step(memory.step, opts.refresh_every):
             head_mean = row.mean(dim=1)
             previous_core, memory.core = memory.core, torch.zeros_like(memory.core)
             for b in range(batch):
@@ -208,6 +212,30 @@ class AvlReference:
                 keep = set(self._h2o_keep(kept, memory.text_score[b, h], memory.n_text[b]))
                 for j in kept:
                     memory.text_kept[b, h, j] = j in keep
+
+    def _pick_core_by_pages(self, memory: _LayerMemory, query: Tensor, keys: Tensor) -> None:
+        """The query-aware core, from this step's query [B, Hq, D] and the keys [B, Hq, L, D]
+        (repeated per query head): page j holds the prompt's image tokens j*P ... (j+1)*P - 1
+        (P = core_page_size); its digest is the element-wise min and max of the keys of its
+        secondary rows, its bound the largest q.k inside that box summed over the head
+        dimension and averaged over query heads. Each secondary row scores its page's bound;
+        the best n_core rows are the core (ties: rows in the core stay, then lower position)."""
+        size = self.options.core_page_size
+        acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+        q, k = query.to(acc), keys.to(acc)
+        previous, memory.core = memory.core, torch.zeros_like(memory.core)
+        for b in range(q.shape[0]):
+            image_pos = self.image_mask[b].nonzero().flatten()
+            secondary = memory.secondary[b].nonzero().flatten()
+            page = torch.searchsorted(image_pos, secondary) // size
+            score = torch.empty(secondary.numel(), dtype=torch.float64)
+            for p in page.unique().tolist():
+                box = k[b][:, secondary[page == p]]  # [Hq, rows, D]
+                low, high = box.amin(dim=1), box.amax(dim=1)
+                score[page == p] = float(torch.maximum(q[b] * low, q[b] * high).sum(-1).mean())
+            count = min(memory.n_core[b], secondary.numel())
+            best = best_first(score, secondary, previous[b, secondary])[:count]
+            memory.core[b, secondary[best]] = True
 
     def _recall(self, layer: int, query: Tensor, keys: Tensor) -> None:
         """Before a refresh step, bring host pages back, decided on the query of the token

@@ -65,10 +65,10 @@ class BaselineReference(AvlReference):
         self._evict(memory)
         self.layers[layer] = memory
 
-    def _decode_mask(self, layer: int, length: int, group: int) -> Tensor:
+    def _decode_mask(self, layer: int, query: Tensor, key: Tensor, group: int) -> Tensor:
         memory = self.layers[layer]
         memory.grow()
-        assert memory.kept.shape[-1] == length, "reference: cache and memory disagree"
+        assert memory.kept.shape[-1] == key.shape[2], "reference: cache and memory disagree"
         return memory.kept.repeat_interleave(group, dim=1)[:, :, None, :]
 
     def _after_decode(self, layer: int, probs: Tensor, group: int) -> None:

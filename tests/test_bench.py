@@ -35,7 +35,7 @@ def _dense_accuracy(folder) -> float:
 def test_bench_command_writes_the_csv_and_plot(dataset, tmp_path, capsys):
     out = tmp_path / "results"
     argv = ["--data", str(dataset), "--policies", "full", "avl", "h2o", "avl-recall",
-            "--budgets", "0.25",
+            "avl-pages", "--budgets", "0.25",
             "--out", str(out), "--no-progress"]  # fmt: skip
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
@@ -46,7 +46,7 @@ def test_bench_command_writes_the_csv_and_plot(dataset, tmp_path, capsys):
     assert tuple(rows[0]) == evaluate.CSV_COLUMNS
     by_policy = {row["policy"]: row for row in rows}
     assert [(r["policy"], float(r["kv_budget"])) for r in rows] == [
-        ("full", 1.0), ("avl", 0.25), ("h2o", 0.25), ("avl-recall", 0.25)
+        ("full", 1.0), ("avl", 0.25), ("h2o", 0.25), ("avl-recall", 0.25), ("avl-pages", 0.25)
     ]  # fmt: skip
     full, avl, h2o = by_policy["full"], by_policy["avl"], by_policy["h2o"]
     # the full cache through the backend is the uncompiled model
@@ -74,6 +74,12 @@ def test_bench_command_writes_the_csv_and_plot(dataset, tmp_path, capsys):
     evicted_rows = reader_task.NUM_IMAGE_TOKENS - int(0.25 * reader_task.NUM_IMAGE_TOKENS)
     assert float(recall["kv_bytes_host"]) == evicted_rows * row_bytes * text.num_hidden_layers
     assert float(avl["kv_bytes_host"]) == float(full["kv_bytes_host"]) == 0
+    # the query-aware core: as much on the device, recall every step, yet it attends only
+    # sink + core + text (fewer rows than A-VL's, which attends every kept row at refreshes)
+    pages = by_policy["avl-pages"]
+    assert float(pages["kv_bytes_prefill"]) == float(avl["kv_bytes_prefill"])
+    assert float(pages["refreshes_per_token"]) == 1.0
+    assert float(pages["attended_rows_per_step"]) < float(avl["attended_rows_per_step"])
     assert all(row["kv_bytes_end"].isdigit() for row in rows)  # bytes are whole
     assert "attended share" in printed and "median over the examples" in printed
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,7 +1,8 @@
 """Options past the paper (issue 16), each off by default: the image scores from a window of
-the last prompt tokens (``score_window``) and per-layer image budgets
-(``vision_keep_layers``). Both oracles hold for each: exact at 100% budgets, and the
-compiled path equals the eager reference (float64, a left-padded batch)."""
+the last prompt tokens (``score_window``), per-layer image budgets (``vision_keep_layers``),
+recall of evicted image rows from host pages (``recall_pages``) and the query-aware core
+(``core_page_size``). Both oracles hold for each: exact at 100% budgets, and the compiled
+path equals the eager reference (float64, a left-padded batch)."""
 
 import functools
 
@@ -237,3 +238,99 @@ def test_recall_on_hfs_compile_path_matches_the_reference():
     assert torch.equal(got.sequences, expected)
     assert hasattr(model, "_compiled_call"), "generate did not take HF's compile path"
     assert model._avl_backend.runtime.counters["refresh_sites"] == LAYERS * (HF_TOKENS - 1)
+
+
+# -- the query-aware core (core_page_size)
+
+PAGE_CORE = {"core_page_size": 3, "vision_keep": 0.5, "vision_compute": 0.3, "refresh_every": 4,
+             "text_keep": 0.5, "text_min_budget": 2}  # fmt: skip
+PAGE_CORE_RECALL = {"core_page_size": 2, "vision_keep": 0.3, "vision_compute": 0.2,
+                    "refresh_every": 1, "recall_pages": 2, "recall_page_size": 4}  # fmt: skip
+
+
+@pytest.mark.parametrize("options", [PAGE_CORE, PAGE_CORE_RECALL], ids=["pages", "pages-recall"])
+def test_query_aware_core_matches_the_reference_on_a_padded_batch(options):
+    prompt = llava_prompt(_make(), PREFIXES, SUFFIXES)
+    model, got = compiled_greedy(_make, prompt.inputs, {**options, "inner": "eager"})
+    assert torch.equal(got.sequences, reference_greedy(_make, prompt.inputs, options))
+    counters = model._avl_backend.runtime.counters
+    # sink + core + text at every step, never the whole secondary set
+    n_image = prompt.image_tokens
+    core = fraction_count(options["vision_compute"], n_image)
+    steps = counters["decode_sites"]
+    assert counters["attended_rows"] / steps < len(PREFIXES[0]) + core + len(SUFFIXES[1]) + 12
+
+
+def test_query_aware_core_at_full_budgets_generates_the_uncompiled_tokens():
+    prompt = llava_prompt(_make(), PREFIXES[:1], SUFFIXES[:1])
+    options = {**FULL, "core_page_size": 2, "inner": "eager"}
+    _, got = compiled_greedy(_make, prompt.inputs, options)
+    assert torch.equal(got.sequences, greedy(_make(), prompt.inputs).sequences)
+
+
+def test_query_aware_core_moves_between_refresh_steps(monkeypatch):
+    """With no refresh in sight (K = 100) A-VL's core never changes; the query-aware core
+    is chosen again at every step."""
+    cores: list[frozenset] = []
+    original = AvlReference._pick_core_by_pages
+
+    def recorded(self, memory, query, keys):
+        original(self, memory, query, keys)
+        if memory is self.layers[LAYERS - 1]:
+            cores.append(frozenset(memory.core[0].nonzero().flatten().tolist()))
+
+    monkeypatch.setattr(AvlReference, "_pick_core_by_pages", recorded)
+    prompt = llava_prompt(_make(), PREFIXES[:1], SUFFIXES[:1])
+    reference_greedy(_make, prompt.inputs, {**PAGE_CORE, "refresh_every": 100})
+    assert len(cores) == NEW_TOKENS - 1 and len(set(cores)) > 1
+
+
+def test_page_bound_is_an_upper_bound_and_exact_for_one_row_pages():
+    from avl_compile.policies.page_core import page_bound_per_slot
+
+    torch.manual_seed(0)
+    batch, q_heads, kv_heads, capacity, dim = 2, 4, 2, 12, 8
+    query = torch.randn(batch, q_heads, dim, dtype=torch.float64)
+    keys = torch.randn(batch, kv_heads, capacity, dim, dtype=torch.float64)
+    positions = torch.arange(capacity).expand(batch, capacity)
+    image_positions = torch.arange(2, 10).expand(batch, 8)  # slots 2..9 are image tokens
+    candidate = (positions >= 2) & (positions < 10)
+    grouped = query.view(batch, kv_heads, q_heads // kv_heads, dim)
+    exact = torch.einsum("bhgd,bhcd->bhgc", grouped, keys).reshape(batch, q_heads, -1).mean(1)
+    for size in (1, 3):
+        bound = page_bound_per_slot(query, keys, candidate, positions, image_positions, size)
+        assert torch.isinf(bound[~candidate]).all()
+        assert (bound[candidate] >= exact[candidate] - 1e-12).all()
+        if size == 1:
+            torch.testing.assert_close(bound[candidate], exact[candidate])
+        else:  # rows of one page share its bound
+            assert torch.equal(bound[:, 2], bound[:, 3]) and torch.equal(bound[:, 2], bound[:, 4])
+
+
+def test_query_aware_core_options_are_checked():
+    with pytest.raises(ValueError, match=r"core_page_size=-1 .* integer >= 0"):
+        AvlOptions.from_mapping({"core_page_size": -1})
+    with pytest.raises(ValueError, match=r"core_page_size=4 .* refresh_every=-1"):
+        AvlOptions.from_mapping({"core_page_size": 4, "refresh_every": -1})
+
+
+def test_query_aware_core_never_reads_the_device_at_decode(monkeypatch):
+    from test_decode_in_graph import SYNCING_OPS, _OpCounter
+
+    from avl_compile.policies.avl import AvlPolicy
+
+    syncs: list[int] = []
+    original = AvlPolicy.decode
+
+    def counted(self, query, past_keys, new_keys, past_values, new_values, scale, state):
+        counter = _OpCounter()
+        with counter:
+            result = original(self, query, past_keys, new_keys, past_values, new_values,
+                              scale, state)  # fmt: skip
+        syncs.append(sum(op in SYNCING_OPS for op in counter.ops))
+        return result
+
+    monkeypatch.setattr(AvlPolicy, "decode", counted)
+    prompt = llava_prompt(_make(), PREFIXES[:1], SUFFIXES[:1])
+    compiled_greedy(_make, prompt.inputs, {**PAGE_CORE, "inner": "eager"}, new_tokens=8)
+    assert syncs == [0] * 7 * LAYERS

@@ -30,7 +30,7 @@ def decode_variant(opts: AvlOptions, layers: list[int | None]) -> tuple[str, fro
     """What a decode graph for ``opts`` holds: the kind of its step ("avl" or an eviction
     rule, as ``DecodeSchedule.decode_kind``) and the sites (by index) that evict nothing."""
     if opts.policy == "avl":
-        kind = "avl-recall" if opts.recall_pages else "avl"
+        kind = "avl-python" if opts.needs_python_decode_step else "avl"
     elif opts.keeps_everything:  # never evicts: as EvictionSchedule.decode_kind
         kind = KEEP_ALL
     else:

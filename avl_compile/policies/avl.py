@@ -66,8 +66,9 @@ class AvlSchedule(DecodeSchedule):
 
     @property
     def decode_kind(self) -> str:
-        # recall swaps rows on the host between steps: no compiled decode step holds it yet
-        return "avl-recall" if self.options.recall_pages else "avl"
+        # recall swaps rows on the host between steps, and no compiled decode step holds the
+        # query-aware core yet: both decode through the runtime-call graph
+        return "avl-python" if self.options.needs_python_decode_step else "avl"
 
     @property
     def rows_in_use(self) -> int:
@@ -87,7 +88,7 @@ class AvlSchedule(DecodeSchedule):
 
     @property
     def attended_rows(self) -> float:
-        refresh = self.refresh
+        refresh = self.refresh and not self.options.core_page_size  # never all secondary
         rows = [
             base + text + (other if refresh else 0)
             for base, text, other in zip(
@@ -256,6 +257,8 @@ class AvlPolicy:
         if opts.recall_pages:
             state.pages = build_pages(keys, values, evicted, opts.recall_page_size)
             state.last_query = query[:, :, -1]
+        if opts.core_page_size:
+            state.image_positions = image_positions_of(image_mask)
         # free slots hold copies of row 0; they are never attended
         return output, pick_rows(keys, safe), pick_rows(values, safe), state
 
@@ -302,7 +305,20 @@ class AvlPolicy:
         schedule, keys, values = begin_step_and_grow(state, past_keys, past_values)
         if self.options.recall_pages:
             state.last_query = query[:, :, -1]
+        page_core = None
+        if self.options.core_page_size:
+            page_core = (state.image_positions, self.options.core_page_size)
         output = avl_decode_step(
-            query, new_keys, new_values, keys, values, state.slots, scale, schedule.refresh
-        )
+            query, new_keys, new_values, keys, values, state.slots, scale, schedule.refresh,
+            page_core,
+        )  # fmt: skip
         return output, keys, values
+
+
+def image_positions_of(image_mask: Tensor) -> Tensor:
+    """Each row's image positions [B, N] ascending, padded at the end past every position."""
+    length = image_mask.shape[-1]
+    positions = torch.arange(length, device=image_mask.device).expand_as(image_mask)
+    marked = torch.where(image_mask, positions, length + positions)  # non-image rows last
+    width = int(image_mask.sum(-1).max())
+    return marked.sort(dim=-1).values[:, :width].contiguous()

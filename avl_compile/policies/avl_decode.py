@@ -25,6 +25,7 @@ from torch import Tensor
 
 from avl_compile.lowering.slot_attention import slot_attention
 from avl_compile.policies.budgets import best_first, lightest
+from avl_compile.policies.page_core import page_bound_per_slot
 
 FREE, OTHER, SINK, CORE, TEXT = 0, 1, 2, 3, 4  # slot roles; attended: role >= SINK
 # columns of the per-row counters
@@ -115,11 +116,14 @@ def avl_decode_step(
     slots: AvlSlots,
     scale: float,
     refresh: bool,
+    page_core: tuple[Tensor, int] | None = None,
 ) -> Tensor:
     """Write the token into slot ``text_end``, attend sink + core + text (every secondary
     image row too at a refresh step), add the text rows' attention to their scores, re-pick
     the core at a refresh step, then evict at most one text row per head (H2O).
-    ``refresh`` is known on the host (the step counter), so it selects code, not data."""
+    ``refresh`` is known on the host (the step counter), so it selects code, not data.
+    ``page_core`` (the prompt's image positions [B, N], the page size): the query-aware
+    core, chosen before attention at every step; no step attends the whole secondary set."""
     batch, kv_heads = keys.shape[:2]
     counters = slots.counters
     rows = torch.arange(batch, device=keys.device).unsqueeze(1)  # [B, 1]
@@ -137,6 +141,14 @@ def avl_decode_step(
     counters.add_(step)
 
     role = slots.role
+    if page_core is not None:
+        image_positions, page_size = page_core
+        candidate = (role == OTHER) | (role == CORE)
+        score = page_bound_per_slot(
+            query[:, :, -1], keys, candidate, slots.position[:, 0], image_positions, page_size
+        )
+        _repick_core(slots, score)
+        refresh = False
     attend = role != FREE if refresh else role >= SINK
     output, probs = slot_attention(query, keys, values, attend, scale)
     grouped = probs.view(batch, kv_heads, -1, probs.shape[-1]).sum(dim=2)

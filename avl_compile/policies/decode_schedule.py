@@ -115,6 +115,8 @@ class LayerState:
     # recall (A-VL's option): the evicted rows' host pages and the last token's query [B, Hq, D]
     pages: HostPages | None = None
     last_query: Tensor | None = None
+    # the query-aware core (A-VL's option): each row's image positions [B, N], ascending
+    image_positions: Tensor | None = None
 
     @property
     def rows_in_use(self) -> int:
