@@ -136,12 +136,6 @@ class AvlOptions:
         return keep, self.vision_compute * keep / self.vision_keep
 
     @property
-    def needs_python_decode_step(self) -> bool:
-        """Whether A-VL's decode runs through the runtime-call graph: recall swaps rows on
-        the host; the query-aware core has no compiled step yet."""
-        return bool(self.recall_pages or self.core_page_size)
-
-    @property
     def keeps_everything(self) -> bool:
         """True when every budget is 100%: the policy must then reproduce dense attention."""
         if self.policy == "full":

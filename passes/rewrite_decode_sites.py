@@ -25,7 +25,7 @@ from torch import Tensor, fx
 from avl_compile.lowering.slot_attention import score_dtype
 from avl_compile.passes.find_attention_sites import AttentionSite
 from avl_compile.passes.rewrite_attention_sites import erase_unused
-from avl_compile.policies.avl_decode import AvlSlots, avl_decode_step
+from avl_compile.policies.avl_decode import AvlSlots, PagedAvlSlots, avl_decode_step
 from avl_compile.policies.eviction_decode import EvictionSlots, eviction_decode_step
 
 
@@ -38,10 +38,12 @@ def avl_decode_site(
     *state: Tensor,
     scale: float | None,
     refresh: bool,
+    paged: bool = False,
 ) -> Tensor:
-    """The graph's entry to one A-VL site's decode step (flat tensors, as FX passes them)."""
+    """The graph's entry to one A-VL site's decode step (flat tensors, as FX passes them;
+    ``paged``: the query-aware core, whose state has the page buckets last)."""
     scale = scale if scale is not None else query.shape[-1] ** -0.5
-    slots = AvlSlots(*state)
+    slots = PagedAvlSlots(*state[:-1], page_bucket=state[-1]) if paged else AvlSlots(*state)
     return avl_decode_step(query, new_keys, new_values, keys, values, slots, scale, refresh)
 
 
@@ -75,8 +77,11 @@ class DecodeStep:
         return [field.name for field in dataclasses.fields(self.state)]
 
 
-def avl_step(refresh: bool) -> DecodeStep:
-    """A-VL's decode step (``refresh``: a step that attends every kept image row)."""
+def avl_step(refresh: bool, paged: bool = False) -> DecodeStep:
+    """A-VL's decode step (``refresh``: a step that attends every kept image row;
+    ``paged``: the query-aware core, chosen at every step)."""
+    if paged:
+        return DecodeStep(avl_decode_site, {"refresh": False, "paged": True}, PagedAvlSlots)
     return DecodeStep(avl_decode_site, {"refresh": refresh}, AvlSlots)
 
 

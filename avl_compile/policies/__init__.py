@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from avl_compile.options import AvlOptions
-from avl_compile.policies.avl import AvlPolicy
+from avl_compile.policies.avl import AvlPolicy, decode_kind_of
 from avl_compile.policies.eviction import EvictionPolicy
 from avl_compile.policies.eviction_decode import KEEP_ALL
 from avl_compile.policies.fastv import FastVPolicy
@@ -30,7 +30,7 @@ def decode_variant(opts: AvlOptions, layers: list[int | None]) -> tuple[str, fro
     """What a decode graph for ``opts`` holds: the kind of its step ("avl" or an eviction
     rule, as ``DecodeSchedule.decode_kind``) and the sites (by index) that evict nothing."""
     if opts.policy == "avl":
-        kind = "avl-python" if opts.needs_python_decode_step else "avl"
+        kind = decode_kind_of(opts)
     elif opts.keeps_everything:  # never evicts: as EvictionSchedule.decode_kind
         kind = KEEP_ALL
     else:

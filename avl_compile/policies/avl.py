@@ -27,6 +27,7 @@ from avl_compile.policies.avl_decode import (
     SINK,
     TEXT,
     AvlSlots,
+    PagedAvlSlots,
     avl_decode_step,
 )
 from avl_compile.policies.budgets import fraction_count, is_refresh_step, text_budget
@@ -47,6 +48,7 @@ from avl_compile.policies.decode_schedule import (
     begin_step_and_grow,
     spare_slots,
 )
+from avl_compile.policies.page_core import page_buckets
 from avl_compile.policies.prefill_scores import attention_and_lse, column_sums_of, last_row_score
 from avl_compile.policies.recall import build_pages, recall_before_step
 
@@ -66,9 +68,8 @@ class AvlSchedule(DecodeSchedule):
 
     @property
     def decode_kind(self) -> str:
-        # recall swaps rows on the host between steps, and no compiled decode step holds the
-        # query-aware core yet: both decode through the runtime-call graph
-        return "avl-python" if self.options.needs_python_decode_step else "avl"
+        # recall swaps rows on the host between steps: the runtime-call graph
+        return decode_kind_of(self.options)
 
     @property
     def rows_in_use(self) -> int:
@@ -78,6 +79,8 @@ class AvlSchedule(DecodeSchedule):
         """Whether ``step`` attends every secondary image row and re-picks the core (with
         refresh_every = -1 the core is the whole secondary set: never)."""
         k = self.options.refresh_every
+        if self.options.core_page_size and not self.options.recall_pages:
+            return False  # the core is chosen at every step; nothing else refreshes
         return k != -1 and is_refresh_step(step, k)
 
     def advance(self) -> None:
@@ -96,6 +99,15 @@ class AvlSchedule(DecodeSchedule):
             )
         ]
         return sum(rows) / len(rows)
+
+
+def decode_kind_of(options: AvlOptions) -> str:
+    """The decode step an A-VL option set needs: "avl-python" (recall swaps rows on the
+    host between steps: the runtime-call graph), "avl-pages" (the query-aware core) or
+    "avl"."""
+    if options.recall_pages:
+        return "avl-python"
+    return "avl-pages" if options.core_page_size else "avl"
 
 
 def text_budgets(n_text: list[int], options: AvlOptions) -> list[int]:
@@ -226,7 +238,7 @@ class AvlPolicy:
         counters = torch.tensor(
             [[e, n, k_len, k, t] for t, e, n, k in per_row], dtype=torch.long, device=device
         )
-        slots = AvlSlots(
+        slots = (PagedAvlSlots if opts.core_page_size else AvlSlots)(
             role=role,
             position=position,
             text_rank=text_rank.gather(2, safe).masked_fill(~is_text, -1),
@@ -236,6 +248,7 @@ class AvlPolicy:
                 [opts.text_keep, opts.text_heavy_share, opts.text_min_budget],
                 dtype=torch.float64, device=device,
             ),
+            **self._page_buckets(position, role, image_mask),
         )  # fmt: skip
         every_step = opts.refresh_every == -1
         core_rows = secondary if every_step else n_core
@@ -261,6 +274,16 @@ class AvlPolicy:
             state.image_positions = image_positions_of(image_mask)
         # free slots hold copies of row 0; they are never attended
         return output, pick_rows(keys, safe), pick_rows(values, safe), state
+
+    def _page_buckets(self, position: Tensor, role: Tensor, image_mask: Tensor) -> dict:
+        """The query-aware core's page bucket per slot (``PagedAvlSlots``), if it is on."""
+        if not self.options.core_page_size:
+            return {}
+        image = (role == OTHER) | (role == CORE)
+        buckets = page_buckets(
+            position[:, 0], image, image_positions_of(image_mask), self.options.core_page_size
+        )
+        return {"page_bucket": buckets}
 
     def _filtered_keys(self, context: PrefillContext) -> Tensor | None:
         if context.filter_keep is None or self.layer_idx < self.options.prefill_filter_layer:
@@ -300,18 +323,14 @@ class AvlPolicy:
         if self.options.recall_pages and state.next_refresh:
             recall_before_step(
                 state.last_query, past_keys, past_values, state.slots, state.pages,
-                self.options.recall_pages,
+                self.options.recall_pages, state.image_positions, self.options.core_page_size,
             )  # fmt: skip
         schedule, keys, values = begin_step_and_grow(state, past_keys, past_values)
         if self.options.recall_pages:
             state.last_query = query[:, :, -1]
-        page_core = None
-        if self.options.core_page_size:
-            page_core = (state.image_positions, self.options.core_page_size)
         output = avl_decode_step(
-            query, new_keys, new_values, keys, values, state.slots, scale, schedule.refresh,
-            page_core,
-        )  # fmt: skip
+            query, new_keys, new_values, keys, values, state.slots, scale, schedule.refresh
+        )
         return output, keys, values
 
 

@@ -78,6 +78,27 @@ class AvlSlots:
         )
 
 
+@dataclasses.dataclass
+class PagedAvlSlots(AvlSlots):
+    """A-VL's state with the query-aware core: each image slot's page bucket (below C;
+    ``page_core.page_buckets``), -1 for slots in no page."""
+
+    page_bucket: Tensor = dataclasses.field(kw_only=True)  # [B, C] int64
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return (*super().tensors(), self.page_bucket)
+
+    @classmethod
+    def empty(cls, batch: int, kv_heads: int, capacity: int, scores, device) -> PagedAvlSlots:
+        plain = AvlSlots.empty(batch, kv_heads, capacity, scores, device)
+        bucket = torch.empty(batch, capacity, dtype=torch.long, device=device)
+        return cls(*plain.tensors(), page_bucket=bucket)
+
+    def grown(self, extra: int) -> PagedAvlSlots:
+        bucket = torch.nn.functional.pad(self.page_bucket, (0, extra), value=-1)
+        return PagedAvlSlots(*AvlSlots.grown(self, extra).tensors(), page_bucket=bucket)
+
+
 def grow_cache(cache: Tensor, extra: int) -> Tensor:
     """``cache`` [B, H, C, D] with ``extra`` more slots (zeros; free slots are never read)."""
     return torch.cat([cache, cache.new_zeros((*cache.shape[:2], extra, cache.shape[3]))], -2)
@@ -116,14 +137,13 @@ def avl_decode_step(
     slots: AvlSlots,
     scale: float,
     refresh: bool,
-    page_core: tuple[Tensor, int] | None = None,
 ) -> Tensor:
     """Write the token into slot ``text_end``, attend sink + core + text (every secondary
     image row too at a refresh step), add the text rows' attention to their scores, re-pick
     the core at a refresh step, then evict at most one text row per head (H2O).
     ``refresh`` is known on the host (the step counter), so it selects code, not data.
-    ``page_core`` (the prompt's image positions [B, N], the page size): the query-aware
-    core, chosen before attention at every step; no step attends the whole secondary set."""
+    With ``PagedAvlSlots`` the core is the query-aware one, chosen before attention at
+    every step (``page_core.py``); no step attends the whole secondary set."""
     batch, kv_heads = keys.shape[:2]
     counters = slots.counters
     rows = torch.arange(batch, device=keys.device).unsqueeze(1)  # [B, 1]
@@ -141,12 +161,9 @@ def avl_decode_step(
     counters.add_(step)
 
     role = slots.role
-    if page_core is not None:
-        image_positions, page_size = page_core
+    if isinstance(slots, PagedAvlSlots):
         candidate = (role == OTHER) | (role == CORE)
-        score = page_bound_per_slot(
-            query[:, :, -1], keys, candidate, slots.position[:, 0], image_positions, page_size
-        )
+        score = page_bound_per_slot(query[:, :, -1], keys, candidate, slots.page_bucket)
         _repick_core(slots, score)
         refresh = False
     attend = role != FREE if refresh else role >= SINK

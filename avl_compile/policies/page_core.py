@@ -21,32 +21,39 @@ from torch import Tensor
 from avl_compile.lowering.slot_attention import score_dtype
 
 
-def page_bound_per_slot(
-    query: Tensor,
-    keys: Tensor,
-    candidate: Tensor,
-    positions: Tensor,
-    image_positions: Tensor,
-    page_size: int,
-) -> Tensor:
+def page_bound_per_slot(query: Tensor, keys: Tensor, candidate: Tensor, bucket: Tensor) -> Tensor:
     """For every ``candidate`` slot [B, C] (bool), the digest bound of its page given
-    ``query`` [B, Hq, D]; -inf elsewhere. ``keys`` [B, Hkv, C, D]; ``positions`` [B, C] the
-    slots' token positions; ``image_positions`` [B, N] each row's image positions, ascending
-    (padded at the end with larger values). Returns float64 [B, C]."""
+    ``query`` [B, Hq, D]; -inf elsewhere. ``keys`` [B, Hkv, C, D]; ``bucket`` [B, C] the
+    slot's page as an index below C (slots of one page share it; ``page_buckets``).
+    Returns float64 [B, C]."""
     batch, q_heads, head_dim = query.shape
-    kv_heads = keys.shape[1]
-    n_pages = math.ceil(image_positions.shape[1] / page_size)
-    ordinal = torch.searchsorted(image_positions.contiguous(), positions.contiguous())
-    page = torch.where(candidate, ordinal // page_size, n_pages)  # n_pages: not in a page
+    kv_heads, capacity = keys.shape[1], keys.shape[2]
+    bucket = torch.where(candidate, bucket, capacity)  # capacity: in no page
     acc = score_dtype(query.dtype)
     k = keys.to(acc)
-    index = page[:, None, :, None].expand(k.shape)
-    shape = (batch, kv_heads, n_pages + 1, head_dim)
+    index = bucket[:, None, :, None].expand(k.shape)
+    shape = (batch, kv_heads, capacity + 1, head_dim)
     low = k.new_full(shape, math.inf).scatter_reduce(2, index, k, "amin")
     high = k.new_full(shape, -math.inf).scatter_reduce(2, index, k, "amax")
     q = query.reshape(batch, kv_heads, q_heads // kv_heads, 1, head_dim).to(acc)
-    bound = torch.maximum(q * low[:, :, None], q * high[:, :, None]).sum(-1)  # [B, Hkv, G, P]
-    bound = bound.reshape(batch, q_heads, n_pages + 1).mean(dim=1)
-    # empty pages hold inf/nan, but no candidate reads them
-    score = bound.gather(1, page).to(torch.float64)
+    bound = torch.maximum(q * low[:, :, None], q * high[:, :, None]).sum(-1)  # [B, Hkv, G, C+1]
+    bound = bound.reshape(batch, q_heads, capacity + 1).mean(dim=1)
+    # empty buckets hold inf/nan, but no candidate reads them
+    score = bound.gather(1, bucket).to(torch.float64)
     return score.masked_fill(~candidate, -math.inf)
+
+
+def page_buckets(
+    positions: Tensor, image: Tensor, image_positions: Tensor, page_size: int
+) -> Tensor:
+    """The page bucket [B, C] of every slot flagged ``image`` [B, C] (-1 elsewhere): the
+    rank of its page (image token index // ``page_size``, from the row's ascending
+    ``image_positions`` [B, N]) among the pages present in the row, so below C. Computed
+    on the host side of the policy (prefill, a recall swap), not in a decode graph."""
+    ordinal = torch.searchsorted(image_positions.contiguous(), positions.contiguous())
+    page = torch.where(image, ordinal // page_size, -1)
+    buckets = torch.full_like(page, -1)
+    for b in range(page.shape[0]):
+        present, rank = torch.unique(page[b][image[b]], return_inverse=True)
+        buckets[b][image[b]] = rank
+    return buckets

@@ -19,8 +19,9 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from avl_compile.policies.avl_decode import CORE, OTHER, AvlSlots
+from avl_compile.policies.avl_decode import CORE, OTHER, AvlSlots, PagedAvlSlots
 from avl_compile.policies.budgets import best_first
+from avl_compile.policies.page_core import page_buckets
 
 
 @dataclasses.dataclass
@@ -68,9 +69,13 @@ def recall_before_step(
     slots: AvlSlots,
     pages: HostPages,
     recall_pages: int,
+    image_positions: Tensor | None = None,
+    core_page_size: int = 0,
 ) -> None:
     """Swap pages in for the step about to run, decided on ``query`` [B, Hq, D] (the last
-    token's); writes ``keys``/``values`` [B, Hkv, C, D] and ``slots`` in place."""
+    token's); writes ``keys``/``values`` [B, Hkv, C, D] and ``slots`` in place. With the
+    query-aware core (``PagedAvlSlots``) the slots' page buckets follow the rows that moved
+    (``image_positions`` [B, N] and ``core_page_size`` define the pages)."""
     batch, kv_heads = keys.shape[0], keys.shape[1]
     group = query.shape[1] // kv_heads
     acc = torch.float64 if query.dtype == torch.float64 else torch.float32
@@ -125,3 +130,7 @@ def recall_before_step(
             pages.values[b][p] = _to_host(leaving_values[:, start:stop])
             pages.low[b][p], pages.high[b][p] = page_keys.amin(dim=1), page_keys.amax(dim=1)
             start = stop
+    if isinstance(slots, PagedAvlSlots):
+        image = (slots.role == OTHER) | (slots.role == CORE)
+        buckets = page_buckets(slots.position[:, 0], image, image_positions, core_page_size)
+        slots.page_bucket.copy_(buckets)
