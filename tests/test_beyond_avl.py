@@ -320,3 +320,18 @@ def test_query_aware_core_options_are_checked():
         AvlOptions.from_mapping({"core_page_size": -1})
     with pytest.raises(ValueError, match=r"core_page_size=4 .* refresh_every=-1"):
         AvlOptions.from_mapping({"core_page_size": 4, "refresh_every": -1})
+
+
+def test_query_aware_core_on_hfs_compile_path_matches_the_reference():
+    from test_hf_compile_path import NEW_TOKENS as HF_TOKENS
+    from test_hf_compile_path import _hf_compiled_greedy
+
+    prompt = llava_prompt(_make(), PREFIXES, SUFFIXES)
+    options = {**PAGE_CORE, "inner": "aot_eager"}
+    model = avl_compile.compile(_make(), options=options)
+    got = _hf_compiled_greedy(model, prompt.inputs, mode=None, options=options)
+    expected = reference_greedy(_make, prompt.inputs, options, HF_TOKENS)
+    assert torch.equal(got.sequences, expected)
+    assert hasattr(model, "_compiled_call"), "generate did not take HF's compile path"
+    counters = model._avl_backend.runtime.counters  # every decode step in the avl graph
+    assert counters["decode_graphs_in_graph"] == HF_TOKENS - 1

@@ -47,7 +47,9 @@ POLICIES = [
 ]
 
 
-@pytest.mark.parametrize("options", POLICIES, ids=lambda o: "-".join(map(str, o.values())))
+@pytest.mark.parametrize(
+    "options", POLICIES, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items())
+)
 def test_decode_steps_run_in_the_graph_with_no_host_sync(monkeypatch, options):
     counter = _OpCounter()
     original = CompiledDecode.__call__
