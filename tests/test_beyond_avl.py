@@ -8,6 +8,7 @@ import functools
 
 import pytest
 import torch
+import transformers
 from helpers import NEW_TOKENS, compiled_greedy, greedy, reference_greedy
 
 import avl_compile
@@ -21,6 +22,7 @@ from avl_compile.tiny_models import llava_prompt, tiny_llava
 FULL = {"vision_keep": 1.0, "vision_compute": 1.0, "text_keep": 1.0}
 PREFIXES, SUFFIXES = [[1, 5, 6], [1, 9]], [[7, 8, 9, 10], [7, 8, 9, 10, 11, 12, 13]]
 LAYERS = 3  # tiny_llava's decoder
+_TRANSFORMERS = tuple(int(part) for part in transformers.__version__.split(".")[:2])
 
 
 def _make():
@@ -66,6 +68,8 @@ def test_each_layer_keeps_its_own_share_of_the_image():
         len(PREFIXES[0]) + fraction_count(keep, prompt.image_tokens) + text_budget(n_text, 1, 20)
         for keep in keeps
     ]
+    if _TRANSFORMERS < (5, 23):  # an explicit mask at every prefill: text at the widest
+        planned = [max(planned)] * len(keeps)  # layer's place, as in a padded batch (README)
     assert kv_rows_in_use(generated_cache(got)) == planned
 
 
