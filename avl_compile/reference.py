@@ -231,8 +231,7 @@ class AvlReference:
             score = torch.empty(secondary.numel(), dtype=torch.float64)
             for p in page.unique().tolist():
                 box = k[b][:, secondary[page == p]]  # [Hq, rows, D]
-                low, high = box.amin(dim=1), box.amax(dim=1)
-                score[page == p] = float(torch.maximum(q[b] * low, q[b] * high).sum(-1).mean())
+                score[page == p] = _box_bound(q[b], box)
             count = min(memory.n_core[b], secondary.numel())
             best = best_first(score, secondary, previous[b, secondary])[:count]
             memory.core[b, secondary[best]] = True
@@ -257,11 +256,7 @@ class AvlReference:
         for b, pages in enumerate(memory.pages):
             if not pages:
                 continue
-            bounds = []
-            for rows in pages:
-                page = k[b][:, rows]  # [Hq, n, D]
-                low, high = page.amin(dim=1), page.amax(dim=1)
-                bounds.append(float(torch.maximum(q[b] * low, q[b] * high).sum(-1).mean()))
+            bounds = [_box_bound(q[b], k[b][:, rows]) for rows in pages]  # rows: [Hq, n, D]
             chosen = sorted(
                 sorted(range(len(pages)), key=lambda p: (-bounds[p], p))[: opts.recall_pages]
             )
@@ -292,6 +287,13 @@ class AvlReference:
         # the tie rule: among equal scores the lower position stays
         heavy = sorted(older, key=lambda j: float(score[j]), reverse=True)[:n_heavy]
         return sorted(heavy) + recent
+
+
+def _box_bound(query: Tensor, keys: Tensor) -> float:
+    """The largest q.k a key inside the element-wise min/max box of ``keys`` [Hq, n, D] can
+    give, summed over the head dimension and averaged over query heads (``query`` [Hq, D])."""
+    low, high = keys.amin(dim=1), keys.amax(dim=1)
+    return float(torch.maximum(query * low, query * high).sum(-1).mean())
 
 
 def _bool_mask(*args, **kwargs):

@@ -238,6 +238,8 @@ class AvlPolicy:
         counters = torch.tensor(
             [[e, n, k_len, k, t] for t, e, n, k in per_row], dtype=torch.long, device=device
         )
+        # the query-aware core's pages are of the prompt's image tokens
+        image_positions = image_positions_of(image_mask) if opts.core_page_size else None
         slots = (PagedAvlSlots if opts.core_page_size else AvlSlots)(
             role=role,
             position=position,
@@ -248,7 +250,7 @@ class AvlPolicy:
                 [opts.text_keep, opts.text_heavy_share, opts.text_min_budget],
                 dtype=torch.float64, device=device,
             ),
-            **self._page_buckets(position, role, image_mask),
+            **self._page_buckets(position, role, image_positions),
         )  # fmt: skip
         every_step = opts.refresh_every == -1
         core_rows = secondary if every_step else n_core
@@ -270,20 +272,18 @@ class AvlPolicy:
         if opts.recall_pages:
             state.pages = build_pages(keys, values, evicted, opts.recall_page_size)
             state.last_query = query[:, :, -1]
-        if opts.core_page_size:
-            state.image_positions = image_positions_of(image_mask)
+        if opts.core_page_size and opts.recall_pages:  # a swap re-derives the page buckets
+            state.image_positions = image_positions
         # free slots hold copies of row 0; they are never attended
         return output, pick_rows(keys, safe), pick_rows(values, safe), state
 
-    def _page_buckets(self, position: Tensor, role: Tensor, image_mask: Tensor) -> dict:
+    def _page_buckets(self, position: Tensor, role: Tensor, image_positions: Tensor | None) -> dict:
         """The query-aware core's page bucket per slot (``PagedAvlSlots``), if it is on."""
-        if not self.options.core_page_size:
+        if image_positions is None:
             return {}
         image = (role == OTHER) | (role == CORE)
-        buckets = page_buckets(
-            position[:, 0], image, image_positions_of(image_mask), self.options.core_page_size
-        )
-        return {"page_bucket": buckets}
+        size = self.options.core_page_size
+        return {"page_bucket": page_buckets(position[:, 0], image, image_positions, size)}
 
     def _filtered_keys(self, context: PrefillContext) -> Tensor | None:
         if context.filter_keep is None or self.layer_idx < self.options.prefill_filter_layer:

@@ -21,6 +21,12 @@ from torch import Tensor
 from avl_compile.lowering.slot_attention import score_dtype
 
 
+def digest_bound(query: Tensor, low: Tensor, high: Tensor) -> Tensor:
+    """The largest q.k a key inside the box [``low``, ``high``] can give, per query head
+    (the head dimension summed; broadcasting shapes)."""
+    return torch.maximum(query * low, query * high).sum(-1)
+
+
 def page_bound_per_slot(query: Tensor, keys: Tensor, candidate: Tensor, bucket: Tensor) -> Tensor:
     """For every ``candidate`` slot [B, C] (bool), the digest bound of its page given
     ``query`` [B, Hq, D]; -inf elsewhere. ``keys`` [B, Hkv, C, D]; ``bucket`` [B, C] the
@@ -36,7 +42,7 @@ def page_bound_per_slot(query: Tensor, keys: Tensor, candidate: Tensor, bucket: 
     low = k.new_full(shape, math.inf).scatter_reduce(2, index, k, "amin")
     high = k.new_full(shape, -math.inf).scatter_reduce(2, index, k, "amax")
     q = query.reshape(batch, kv_heads, q_heads // kv_heads, 1, head_dim).to(acc)
-    bound = torch.maximum(q * low[:, :, None], q * high[:, :, None]).sum(-1)  # [B, Hkv, G, C+1]
+    bound = digest_bound(q, low[:, :, None], high[:, :, None])  # [B, Hkv, G, C + 1]
     bound = bound.reshape(batch, q_heads, capacity + 1).mean(dim=1)
     # empty buckets hold inf/nan, but no candidate reads them
     score = bound.gather(1, bucket).to(torch.float64)
@@ -54,6 +60,6 @@ def page_buckets(
     page = torch.where(image, ordinal // page_size, -1)
     buckets = torch.full_like(page, -1)
     for b in range(page.shape[0]):
-        present, rank = torch.unique(page[b][image[b]], return_inverse=True)
+        _, rank = torch.unique(page[b][image[b]], return_inverse=True)
         buckets[b][image[b]] = rank
     return buckets

@@ -8,8 +8,9 @@ accelerator never grow.
 
 It runs on the host between decode steps, reading the page bounds, the resident slots and
 the rows that leave back (three device-to-host reads per layer and batch row at a refresh
-step, none at other steps: ``tests/test_beyond_avl.py`` counts them), so a decode with
-recall runs through the runtime-call graph for now.
+step, none at other steps: ``tests/test_beyond_avl.py`` counts them; with the query-aware
+core the swapped rows' page buckets are re-derived there too, one more read per batch row),
+so a decode with recall runs through the runtime-call graph for now.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import Tensor
 
 from avl_compile.policies.avl_decode import CORE, OTHER, AvlSlots, PagedAvlSlots
 from avl_compile.policies.budgets import best_first
-from avl_compile.policies.page_core import page_buckets
+from avl_compile.policies.page_core import digest_bound, page_buckets
 
 
 @dataclasses.dataclass
@@ -85,7 +86,7 @@ def recall_before_step(
         q = query[b].to(acc)  # [Hq, D]
         low = torch.stack(pages.low[b]).repeat_interleave(group, 1).to(acc)  # [P, Hq, D]
         high = torch.stack(pages.high[b]).repeat_interleave(group, 1).to(acc)
-        bounds = torch.maximum(q * low, q * high).sum(-1).mean(-1).tolist()  # one read
+        bounds = digest_bound(q, low, high).mean(-1).tolist()  # one read
         ranked = sorted(range(len(bounds)), key=lambda p: (-bounds[p], p))
         chosen = sorted(ranked[:recall_pages])
         resident_slots = torch.nonzero((slots.role[b] == OTHER) | (slots.role[b] == CORE))
