@@ -238,6 +238,8 @@ def _decode_steps(kind: str) -> dict[bool, DecodeStep]:
     own."""
     if kind == "avl":
         return {refresh: avl_step(refresh) for refresh in (False, True)}
+    if kind == "avl-adaptive":  # a scheduled refresh step is a graph of its own too
+        return {refresh: avl_step(refresh, adaptive=True) for refresh in (False, True)}
     if kind == "avl-pages":  # the core is chosen at every step: no refresh step
         return {False: avl_step(False, paged=True)}
     if kind == "avl-python":  # recall swaps rows on the host: the runtime-call graph

@@ -40,6 +40,10 @@ class AvlOptions:
     # query, by a min/max key digest per page of core_page_size image tokens (no step
     # attends the whole secondary set; refresh_every then only paces recall)
     core_page_size: int = 0
+    # adaptive refresh (None: off): a step also refreshes, in each batch row apart, when the
+    # core's log-sum-exp (head-averaged) falls more than this many nats below its value at
+    # the last refresh, besides every refresh_every-th step (a large K: instead of them)
+    refresh_lse_drop: float | None = None
     prefill_filter_keep: float | None = None  # P: FastV-style prefill filter, None = off
     prefill_filter_layer: int = 2  # also FastV's layer K
     # baselines (policy != "avl"): the kept share of the cache they evict from
@@ -106,6 +110,8 @@ class AvlOptions:
             _fail("core_page_size", self.core_page_size, "an integer >= 0 (0: A-VL's core)")
         if self.core_page_size and self.refresh_every == -1:  # -1: no core at all
             _fail("core_page_size", self.core_page_size, "0 with refresh_every=-1 (no core)")
+        if self.refresh_lse_drop is not None:
+            self._check_adaptive_refresh()
         if not _is_int(self.text_min_budget) or self.text_min_budget < 0:
             _fail("text_min_budget", self.text_min_budget, "an integer >= 0")
         if not _is_int(self.prefill_filter_layer) or self.prefill_filter_layer < 1:
@@ -125,6 +131,18 @@ class AvlOptions:
                     f"a fraction no larger than prefill_filter_keep={self.prefill_filter_keep}"
                     " when the prefill filter is on (S <= P)",
                 )
+
+    def _check_adaptive_refresh(self) -> None:
+        drop = self.refresh_lse_drop
+        is_number = isinstance(drop, (int, float)) and not isinstance(drop, bool)
+        if not (is_number and math.isfinite(drop) and drop >= 0):
+            _fail("refresh_lse_drop", drop, "a number of nats >= 0, or None (off)")
+        if self.refresh_every == -1:
+            _fail("refresh_lse_drop", drop, "None with refresh_every=-1 (no core to watch)")
+        if self.core_page_size:
+            _fail("refresh_lse_drop", drop, "None with core_page_size > 0 (no refresh steps)")
+        if self.recall_pages:  # recall is decided on the host before scheduled refreshes
+            _fail("refresh_lse_drop", drop, "None with recall_pages > 0")
 
     def layer_budgets(self, layer: int) -> tuple[float, float]:
         """(S, C) of decoder layer ``layer``: ``vision_keep_layers[layer]`` if given, with

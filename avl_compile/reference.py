@@ -47,6 +47,12 @@ class _LayerMemory:
     step: int = 0
     # recall: per batch row, the host pages (lists of evicted image positions)
     pages: list[list[list[int]]] = dataclasses.field(default_factory=list)
+    # adaptive refresh: the core's log-sum-exp at the last refresh (NaN before the first
+    # decode step), refreshes it fired, and this step's rows that refresh and logits
+    core_lse: Tensor | None = None  # [B]
+    adaptive_refreshes: Tensor | None = None  # [B]
+    refresh_rows: Tensor | None = None  # [B] bool
+    logits: Tensor | None = None  # [B, Hq, L]
 
     def grow(self) -> None:
         """Append the new decode token: a text token, kept, with no attention yet."""
@@ -79,7 +85,7 @@ class AvlReference:
         if query.shape[2] > 1:
             policy_mask = self._prefill_mask(module.layer_idx, query, key, allowed, scale)
         else:
-            policy_mask = self._decode_mask(module.layer_idx, query[:, :, -1], key, group)
+            policy_mask = self._decode_mask(module.layer_idx, query[:, :, -1], key, group, scale)
         allowed = allowed & policy_mask
         acc = torch.float64 if query.dtype == torch.float64 else torch.float32
         logits = torch.matmul(query.to(acc), key.to(acc).transpose(-1, -2)) * scale
@@ -175,13 +181,18 @@ class AvlReference:
         self.layers[layer] = memory
 
     # -- decode
-    def _decode_mask(self, layer: int, query: Tensor, key: Tensor, group: int) -> Tensor:
+    def _decode_mask(
+        self, layer: int, query: Tensor, key: Tensor, group: int, scale: float
+    ) -> Tensor:
         memory = self.layers[layer]
         memory.grow()
         memory.step += 1
         assert memory.sink.shape[-1] == key.shape[2], "reference: cache and memory disagree"
         refresh = is_refresh_step(memory.step, self.options.refresh_every)
-        image_rows = memory.secondary if refresh else memory.core
+        memory.refresh_rows = torch.full((key.shape[0],), refresh, device=key.device)
+        if self.options.refresh_lse_drop is not None:
+            self._adaptive_refresh(memory, query, key, scale, refresh)
+        image_rows = torch.where(memory.refresh_rows[:, None], memory.secondary, memory.core)
         if self.options.core_page_size:
             self._pick_core_by_pages(memory, query, key)
             image_rows = memory.core
@@ -197,21 +208,46 @@ class AvlReference:
         per_kv_head = row.view(batch, kv_heads, group, length).sum(dim=2)
         memory.text_score += per_kv_head * memory.text_kept
         repick = not opts.core_page_size  # the query-aware core is chosen before attention
-        if repick and opts.refresh_every != -1 and is_refresh_step(memory.step, opts.refresh_every):
+        if repick and opts.refresh_every != -1 and bool(memory.refresh_rows.any()):
             head_mean = row.mean(dim=1)
-            previous_core, memory.core = memory.core, torch.zeros_like(memory.core)
-            for b in range(batch):
+            previous_core = memory.core
+            memory.core = torch.where(memory.refresh_rows[:, None], False, memory.core)
+            for b in memory.refresh_rows.nonzero().flatten().tolist():
                 secondary = memory.secondary[b].nonzero().flatten()
                 count = min(memory.n_core[b], secondary.numel())
                 in_core = previous_core[b, secondary]  # ties: rows already in the core stay
                 best = best_first(head_mean[b, secondary], secondary, in_core)[:count]
                 memory.core[b, secondary[best]] = True
+        if opts.refresh_lse_drop is not None:  # the watched value: the new core's
+            renew = memory.core_lse.isnan() | memory.refresh_rows
+            now = _core_lse(memory.logits, memory.core)
+            memory.core_lse = torch.where(renew, now, memory.core_lse)
         for b in range(batch):
             for h in range(kv_heads):
                 kept = memory.text_kept[b, h].nonzero().flatten().tolist()
                 keep = set(self._h2o_keep(kept, memory.text_score[b, h], memory.n_text[b]))
                 for j in kept:
                     memory.text_kept[b, h, j] = j in keep
+
+    def _adaptive_refresh(
+        self, memory: _LayerMemory, query: Tensor, keys: Tensor, scale: float, scheduled: bool
+    ) -> None:
+        """Adaptive refresh: a batch row refreshes at this step (attends every secondary
+        image row, then re-picks its core) when its core's log-sum-exp of this step's
+        logits, averaged over query heads, is more than ``refresh_lse_drop`` nats below
+        its value at the row's last refresh (before the first refresh: at the first decode
+        step). The value is taken again, over the new core, at every refresh."""
+        acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+        memory.logits = torch.einsum("bhd,bhld->bhl", query.to(acc), keys.to(acc)) * scale
+        if memory.core_lse is None:
+            batch, device = query.shape[0], query.device
+            memory.core_lse = torch.full((batch,), float("nan"), dtype=acc, device=device)
+            memory.adaptive_refreshes = torch.zeros(batch, dtype=torch.long, device=device)
+        lse = _core_lse(memory.logits, memory.core)
+        fired = lse < memory.core_lse - self.options.refresh_lse_drop  # NaN: never
+        if not scheduled:
+            memory.adaptive_refreshes += fired
+        memory.refresh_rows = memory.refresh_rows | fired
 
     def _pick_core_by_pages(self, memory: _LayerMemory, query: Tensor, keys: Tensor) -> None:
         """The query-aware core, from this step's query [B, Hq, D] and the keys [B, Hq, L, D]
@@ -287,6 +323,13 @@ class AvlReference:
         # the tie rule: among equal scores the lower position stays
         heavy = sorted(older, key=lambda j: float(score[j]), reverse=True)[:n_heavy]
         return sorted(heavy) + recent
+
+
+def _core_lse(logits: Tensor, core: Tensor) -> Tensor:
+    """Log-sum-exp of ``logits`` [B, Hq, L] over the ``core`` [B, L] rows, averaged over
+    query heads: [B] (-inf for an empty core)."""
+    masked = logits.masked_fill(~core[:, None, :], float("-inf"))
+    return torch.logsumexp(masked, dim=-1).mean(dim=1)
 
 
 def _box_bound(query: Tensor, keys: Tensor) -> float:

@@ -65,7 +65,9 @@ class BaselineReference(AvlReference):
         self._evict(memory)
         self.layers[layer] = memory
 
-    def _decode_mask(self, layer: int, query: Tensor, key: Tensor, group: int) -> Tensor:
+    def _decode_mask(
+        self, layer: int, query: Tensor, key: Tensor, group: int, scale: float
+    ) -> Tensor:
         memory = self.layers[layer]
         memory.grow()
         assert memory.kept.shape[-1] == key.shape[2], "reference: cache and memory disagree"

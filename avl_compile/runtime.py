@@ -26,7 +26,9 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from avl_compile.options import AvlOptions
 from avl_compile.policies import make_policy
+from avl_compile.policies.avl_decode import ADAPTIVE_REFRESHES, AdaptiveAvlSlots
 from avl_compile.policies.common import PrefillContext
+from avl_compile.policies.decode_schedule import LayerState
 
 log = logging.getLogger("avl_compile")
 
@@ -122,6 +124,25 @@ class AvlRuntime:
         if message not in self._warned:
             self._warned.add(message)
             warnings.warn(message, stacklevel=3)
+
+    def collect_device_counts(self, cache) -> None:
+        """Add what the decode steps counted on the device to ``counters``: the batch rows'
+        adaptive refreshes (``refresh_lse_drop``; a fraction of a site when some rows of a
+        batch refresh) and the image rows those refreshes attended. One read of the device
+        for the whole ``cache`` (a finished ``generate``'s); the device counts restart."""
+        states = [_LAYER_STATES.get(layer.keys) for layer in cache.layers]
+        adaptive = [
+            s for s in states if isinstance(s, LayerState) and isinstance(s.slots, AdaptiveAvlSlots)
+        ]
+        if not adaptive:
+            return
+        counts = torch.stack([s.slots.refresh_state[:, ADAPTIVE_REFRESHES] for s in adaptive])
+        for state, fired in zip(adaptive, counts.tolist(), strict=True):
+            others = state.schedule.others  # attended by a refresh beyond the core
+            self.counters["refresh_sites"] += sum(fired) / len(fired)
+            extra = sum(f * o for f, o in zip(fired, others, strict=True))
+            self.counters["attended_rows"] += extra / len(fired)
+            state.slots.refresh_state[:, ADAPTIVE_REFRESHES] = 0.0
 
     # Called from the graph right after the image features are scattered into the embeddings.
     def record_image_mask(self, mask: Tensor, inputs_embeds: Tensor) -> None:

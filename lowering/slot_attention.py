@@ -33,15 +33,29 @@ def slot_attention(
     if _use_triton(query):
         return _slot_attention_triton(query, keys, values, attend, scale)
     batch, q_heads, _, head_dim = query.shape
-    kv_heads, capacity = keys.shape[1], keys.shape[2]
-    acc = score_dtype(query.dtype)
-    grouped = query.reshape(batch, kv_heads, q_heads // kv_heads, head_dim).to(acc)
-    logits = torch.matmul(grouped, keys.to(acc).transpose(-1, -2)) * scale
+    capacity = keys.shape[2]
+    logits = _grouped_logits(query, keys, scale)
     logits = logits.masked_fill(~attend[:, None, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    output = torch.matmul(probs, values.to(acc))
+    output = torch.matmul(probs, values.to(logits.dtype))
     output = output.reshape(batch, q_heads, 1, head_dim).to(query.dtype)
     return output, probs.reshape(batch, q_heads, capacity)
+
+
+def slot_logits(query: Tensor, keys: Tensor, scale: float) -> Tensor:
+    """Scaled q.k of ``query`` [B, Hq, 1, D] with every slot of ``keys`` [B, Hkv, C, D]:
+    [B, Hq, C] in the accumulation dtype."""
+    logits = _grouped_logits(query, keys, scale)
+    return logits.reshape(query.shape[0], query.shape[1], keys.shape[2])
+
+
+def _grouped_logits(query: Tensor, keys: Tensor, scale: float) -> Tensor:
+    """[B, Hkv, Hq / Hkv, C]: the query heads grouped by the kv head they read."""
+    batch, q_heads, _, head_dim = query.shape
+    kv_heads = keys.shape[1]
+    acc = score_dtype(query.dtype)
+    grouped = query.reshape(batch, kv_heads, q_heads // kv_heads, head_dim).to(acc)
+    return torch.matmul(grouped, keys.to(acc).transpose(-1, -2)) * scale
 
 
 def _use_triton(query: Tensor) -> bool:

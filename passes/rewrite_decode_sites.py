@@ -25,7 +25,12 @@ from torch import Tensor, fx
 from avl_compile.lowering.slot_attention import score_dtype
 from avl_compile.passes.find_attention_sites import AttentionSite
 from avl_compile.passes.rewrite_attention_sites import erase_unused
-from avl_compile.policies.avl_decode import AvlSlots, PagedAvlSlots, avl_decode_step
+from avl_compile.policies.avl_decode import (
+    AdaptiveAvlSlots,
+    AvlSlots,
+    PagedAvlSlots,
+    avl_decode_step,
+)
 from avl_compile.policies.eviction_decode import EvictionSlots, eviction_decode_step
 
 
@@ -39,11 +44,18 @@ def avl_decode_site(
     scale: float | None,
     refresh: bool,
     paged: bool = False,
+    adaptive: bool = False,
 ) -> Tensor:
     """The graph's entry to one A-VL site's decode step (flat tensors, as FX passes them;
-    ``paged``: the query-aware core, whose state has the page buckets last)."""
+    ``paged``: the query-aware core, whose state has the page buckets last; ``adaptive``:
+    adaptive refresh, whose state has the refresh state last)."""
     scale = scale if scale is not None else query.shape[-1] ** -0.5
-    slots = PagedAvlSlots(*state[:-1], page_bucket=state[-1]) if paged else AvlSlots(*state)
+    if paged:
+        slots = PagedAvlSlots(*state[:-1], page_bucket=state[-1])
+    elif adaptive:
+        slots = AdaptiveAvlSlots(*state[:-1], refresh_state=state[-1])
+    else:
+        slots = AvlSlots(*state)
     return avl_decode_step(query, new_keys, new_values, keys, values, slots, scale, refresh)
 
 
@@ -77,11 +89,15 @@ class DecodeStep:
         return [field.name for field in dataclasses.fields(self.state)]
 
 
-def avl_step(refresh: bool, paged: bool = False) -> DecodeStep:
+def avl_step(refresh: bool, paged: bool = False, adaptive: bool = False) -> DecodeStep:
     """A-VL's decode step (``refresh``: a step that attends every kept image row;
-    ``paged``: the query-aware core, chosen at every step)."""
+    ``paged``: the query-aware core, chosen at every step; ``adaptive``: a batch row also
+    refreshes when its signal fires)."""
     if paged:
         return DecodeStep(avl_decode_site, {"refresh": False, "paged": True}, PagedAvlSlots)
+    if adaptive:
+        kwargs = {"refresh": refresh, "adaptive": True}
+        return DecodeStep(avl_decode_site, kwargs, AdaptiveAvlSlots)
     return DecodeStep(avl_decode_site, {"refresh": refresh}, AvlSlots)
 
 

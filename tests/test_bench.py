@@ -35,7 +35,7 @@ def _dense_accuracy(folder) -> float:
 def test_bench_command_writes_the_csv_and_plot(dataset, tmp_path, capsys):
     out = tmp_path / "results"
     argv = ["--data", str(dataset), "--policies", "full", "avl", "h2o", "avl-recall",
-            "avl-pages", "--budgets", "0.25",
+            "avl-pages", "avl-adaptive", "--budgets", "0.25",
             "--out", str(out), "--no-progress"]  # fmt: skip
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
@@ -46,7 +46,8 @@ def test_bench_command_writes_the_csv_and_plot(dataset, tmp_path, capsys):
     assert tuple(rows[0]) == evaluate.CSV_COLUMNS
     by_policy = {row["policy"]: row for row in rows}
     assert [(r["policy"], float(r["kv_budget"])) for r in rows] == [
-        ("full", 1.0), ("avl", 0.25), ("h2o", 0.25), ("avl-recall", 0.25), ("avl-pages", 0.25)
+        ("full", 1.0), ("avl", 0.25), ("h2o", 0.25), ("avl-recall", 0.25), ("avl-pages", 0.25),
+        ("avl-adaptive", 0.25),
     ]  # fmt: skip
     full, avl, h2o = by_policy["full"], by_policy["avl"], by_policy["h2o"]
     # the full cache through the backend is the uncompiled model
@@ -80,6 +81,14 @@ def test_bench_command_writes_the_csv_and_plot(dataset, tmp_path, capsys):
     assert float(pages["kv_bytes_prefill"]) == float(avl["kv_bytes_prefill"])
     assert float(pages["refreshes_per_token"]) == 1.0
     assert float(pages["attended_rows_per_step"]) < float(avl["attended_rows_per_step"])
+    # adaptive refresh: A-VL's cache and scheduled refreshes, and the ones its signal fired
+    # (counted on the device, read after each generate), each attending the other image rows
+    adaptive = by_policy["avl-adaptive"]
+    assert float(adaptive["kv_bytes_prefill"]) == float(avl["kv_bytes_prefill"])
+    refreshes = float(adaptive["refreshes_per_token"]), float(avl["refreshes_per_token"])
+    attended = float(adaptive["attended_rows_per_step"]), float(avl["attended_rows_per_step"])
+    assert (refreshes[0] > refreshes[1]) == (attended[0] > attended[1])
+    assert refreshes[0] >= refreshes[1] and attended[0] >= attended[1]
     assert all(row["kv_bytes_end"].isdigit() for row in rows)  # bytes are whole
     assert "attended share" in printed and "median over the examples" in printed
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

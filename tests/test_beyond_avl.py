@@ -1,8 +1,9 @@
 """Options past the paper (issue 16), each off by default: the image scores from a window of
 the last prompt tokens (``score_window``), per-layer image budgets (``vision_keep_layers``),
-recall of evicted image rows from host pages (``recall_pages``) and the query-aware core
-(``core_page_size``). Both oracles hold for each: exact at 100% budgets, and the compiled
-path equals the eager reference (float64, a left-padded batch)."""
+recall of evicted image rows from host pages (``recall_pages``), the query-aware core
+(``core_page_size``) and adaptive refresh (``refresh_lse_drop``). Both oracles hold for
+each: exact at 100% budgets, and the compiled path equals the eager reference (float64, a
+left-padded batch)."""
 
 import functools
 
@@ -15,8 +16,10 @@ import avl_compile
 from avl_compile import kv_rows_in_use
 from avl_compile.cache import generated_cache
 from avl_compile.options import AvlOptions
+from avl_compile.policies.avl_decode import ADAPTIVE_REFRESHES
 from avl_compile.policies.budgets import fraction_count, sloped_layer_budgets, text_budget
 from avl_compile.reference import AvlReference, reference_attention
+from avl_compile.runtime import layer_state
 from avl_compile.tiny_models import llava_prompt, tiny_llava
 
 FULL = {"vision_keep": 1.0, "vision_compute": 1.0, "text_keep": 1.0}
@@ -339,3 +342,94 @@ def test_query_aware_core_on_hfs_compile_path_matches_the_reference():
     assert hasattr(model, "_compiled_call"), "generate did not take HF's compile path"
     counters = model._avl_backend.runtime.counters  # every decode step in the avl graph
     assert counters["decode_graphs_in_graph"] == HF_TOKENS - 1
+
+
+# -- adaptive refresh (refresh_lse_drop)
+
+ADAPTIVE = {"refresh_lse_drop": 0.1, "refresh_every": 100, "vision_keep": 0.5,
+            "vision_compute": 0.3, "text_keep": 0.5, "text_min_budget": 2}  # fmt: skip
+
+
+def _fired_per_layer(reference: AvlReference) -> list[list[int]]:
+    return [reference.layers[layer].adaptive_refreshes.tolist() for layer in range(LAYERS)]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [ADAPTIVE, {**ADAPTIVE, "refresh_every": 3, "refresh_lse_drop": 0.02}],
+    ids=["instead-of-K", "besides-K"],
+)
+def test_adaptive_refresh_matches_the_reference_on_a_padded_batch(options):
+    """Same tokens, and the same refreshes fired in every layer and batch row."""
+    prompt = llava_prompt(_make(), PREFIXES, SUFFIXES)
+    model, got = compiled_greedy(_make, prompt.inputs, {**options, "inner": "eager"})
+    image_mask = prompt.inputs["input_ids"] == model.config.image_token_id
+    reference = AvlReference(AvlOptions.from_mapping(options), image_mask)
+    plain_model = _make()
+    with reference_attention(plain_model, reference):
+        expected = plain_model.generate(
+            **prompt.inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+        )  # fmt: skip
+    assert torch.equal(got.sequences, expected)
+    cache = generated_cache(got)
+    fired = [
+        layer_state(layer.keys).slots.refresh_state[:, ADAPTIVE_REFRESHES].long().tolist()
+        for layer in cache.layers
+    ]
+    assert fired == _fired_per_layer(reference)
+    total = sum(map(sum, fired))
+    assert 0 < total < LAYERS * len(PREFIXES) * (NEW_TOKENS - 1), "the signal must discriminate"
+    counters = model._avl_backend.runtime.counters  # every step in the compiled graph
+    assert counters["decode_graphs_in_graph"] == NEW_TOKENS - 1
+
+
+def test_adaptive_refreshes_are_counted_once_after_generate():
+    prompt = llava_prompt(_make(), PREFIXES, SUFFIXES)
+    model, got = compiled_greedy(_make, prompt.inputs, {**ADAPTIVE, "inner": "eager"})
+    runtime, cache = model._avl_backend.runtime, generated_cache(got)
+    counters = runtime.counters
+    assert counters["refresh_sites"] == 0  # K = 100: nothing scheduled; fired not read yet
+    before = counters["attended_rows"]
+    fired = [
+        layer_state(layer.keys).slots.refresh_state[:, ADAPTIVE_REFRESHES] for layer in cache.layers
+    ]
+    total = float(sum(f.sum() for f in fired))
+    runtime.collect_device_counts(cache)
+    assert counters["refresh_sites"] == pytest.approx(total / len(PREFIXES))
+    assert counters["attended_rows"] > before  # the refreshes attended the other image rows
+    runtime.collect_device_counts(cache)  # counted once
+    assert counters["refresh_sites"] == pytest.approx(total / len(PREFIXES))
+
+
+def test_adaptive_refresh_that_never_fires_is_avl_at_the_same_k():
+    """With a threshold no drop reaches, the tokens are A-VL's at the same K."""
+    prompt = llava_prompt(_make(), PREFIXES, SUFFIXES)
+    plain = {k: v for k, v in ADAPTIVE.items() if k != "refresh_lse_drop"}
+    options = {**ADAPTIVE, "refresh_lse_drop": 1e6, "refresh_every": 3}
+    _, got = compiled_greedy(_make, prompt.inputs, {**options, "inner": "eager"})
+    plain_tokens = reference_greedy(_make, prompt.inputs, {**plain, "refresh_every": 3})
+    assert torch.equal(got.sequences, plain_tokens)
+
+
+def test_adaptive_refresh_at_full_budgets_generates_the_uncompiled_tokens():
+    prompt = llava_prompt(_make(), PREFIXES[:1], SUFFIXES[:1])
+    options = {**FULL, "refresh_lse_drop": 0.0, "inner": "eager"}
+    _, got = compiled_greedy(_make, prompt.inputs, options)
+    assert torch.equal(got.sequences, greedy(_make(), prompt.inputs).sequences)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"refresh_lse_drop": -0.1}, r"refresh_lse_drop=-0.1 .* nats >= 0"),
+        ({"refresh_lse_drop": float("nan")}, r"refresh_lse_drop=nan .* nats >= 0"),
+        ({"refresh_lse_drop": True}, r"refresh_lse_drop=True .* nats >= 0"),
+        ({"refresh_lse_drop": 0.1, "refresh_every": -1}, r"None with refresh_every=-1"),
+        ({"refresh_lse_drop": 0.1, "core_page_size": 4}, r"None with core_page_size > 0"),
+        ({"refresh_lse_drop": 0.1, "recall_pages": 2}, r"None with recall_pages > 0"),
+    ],
+)
+def test_adaptive_refresh_options_are_checked(options, message):
+    with pytest.raises(ValueError, match=message):
+        AvlOptions.from_mapping(options)

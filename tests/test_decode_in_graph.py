@@ -38,6 +38,7 @@ class _OpCounter(TorchDispatchMode):
 POLICIES = [
     {"policy": "avl", "refresh_every": 2},
     {"policy": "avl", "core_page_size": 3},  # the query-aware core, chosen at every step
+    {"policy": "avl", "refresh_lse_drop": 0.05},  # adaptive refresh: a flag per batch row
     {"policy": "avl", "vision_keep": 1.0, "vision_compute": 1.0, "text_keep": 1.0},
     {"policy": "h2o"},
     {"policy": "streaming"},

@@ -25,13 +25,18 @@ from avl_compile.cache import generated_cache
 from avl_compile.options import AvlOptions
 from avl_compile.policies import decode_variant
 
-POLICIES = ("full", "avl", "avl-recall", "avl-pages", "h2o", "streaming", "fastv", "random")
+POLICIES = (
+    "full", "avl", "avl-recall", "avl-pages", "avl-adaptive", "h2o", "streaming", "fastv", "random"
+)  # fmt: skip
 # past the paper (README): A-VL's budgets, a core re-picked at every step, and 8 pages of 8
 # evicted image rows recalled from host memory before each step
 AVL_RECALL = {"refresh_every": 1, "recall_pages": 8, "recall_page_size": 8}
 # the recommended set (README): recall of 16 pages of 4 rows before every step, and the
 # query-aware core (pages of 4 image tokens): attends sink + core + text at every step
 AVL_PAGES = {"refresh_every": 1, "recall_pages": 16, "recall_page_size": 4, "core_page_size": 4}
+# adaptive refresh (README): A-VL's budgets and K = 3, and a batch row also refreshes when
+# its core's log-sum-exp falls 0.5 nats below its value at the last refresh
+AVL_ADAPTIVE = {"refresh_lse_drop": 0.5}
 BUDGETS = (0.1, 0.25, 0.5, 0.75, 1.0)
 CSV_COLUMNS = (
     "policy",
@@ -86,8 +91,9 @@ def policy_options(
 
     A-VL: S = budget of the image tokens kept, C = 0.6 S attended between refreshes, text
     budget T = budget (floor of 20 text rows), core re-picked every ``avl_refresh_every``
-    steps (None: the backend's default, 3). "avl-recall" and "avl-pages": the same budgets
-    with ``AVL_RECALL`` and ``AVL_PAGES``. The baselines take ``kv_budget`` directly.
+    steps (None: the backend's default, 3). "avl-recall", "avl-pages", "avl-adaptive": the
+    same budgets with ``AVL_RECALL``, ``AVL_PAGES``, ``AVL_ADAPTIVE``. The baselines take
+    ``kv_budget`` directly.
     """
     if policy == "full":
         return {"policy": "full"}
@@ -95,6 +101,8 @@ def policy_options(
         return {**policy_options("avl", kv_budget), **AVL_RECALL}
     if policy == "avl-pages":
         return {**policy_options("avl", kv_budget), **AVL_PAGES}
+    if policy == "avl-adaptive":
+        return {**policy_options("avl", kv_budget), **AVL_ADAPTIVE}
     if policy == "avl":
         options = {
             "policy": "avl",
@@ -235,6 +243,7 @@ def evaluate(
             before = dict(counters)
             clock = _TokenClock(device)
             output = _generate(model, prompt, max_new_tokens, clock)
+            backend.runtime.collect_device_counts(generated_cache(output))
             new_tokens = output.sequences[:, prompt["input_ids"].shape[1] :]
             text = processor.batch_decode(new_tokens, skip_special_tokens=True)[0]
             correct += normalise_answer(text) in expected

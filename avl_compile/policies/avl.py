@@ -26,6 +26,7 @@ from avl_compile.policies.avl_decode import (
     OTHER,
     SINK,
     TEXT,
+    AdaptiveAvlSlots,
     AvlSlots,
     PagedAvlSlots,
     avl_decode_step,
@@ -103,10 +104,12 @@ class AvlSchedule(DecodeSchedule):
 
 def decode_kind_of(options: AvlOptions) -> str:
     """The decode step an A-VL option set needs: "avl-python" (recall swaps rows on the
-    host between steps: the runtime-call graph), "avl-pages" (the query-aware core) or
-    "avl"."""
+    host between steps: the runtime-call graph), "avl-pages" (the query-aware core),
+    "avl-adaptive" (adaptive refresh) or "avl"."""
     if options.recall_pages:
         return "avl-python"
+    if options.refresh_lse_drop is not None:
+        return "avl-adaptive"
     return "avl-pages" if options.core_page_size else "avl"
 
 
@@ -240,7 +243,7 @@ class AvlPolicy:
         )
         # the query-aware core's pages are of the prompt's image tokens
         image_positions = image_positions_of(image_mask) if opts.core_page_size else None
-        slots = (PagedAvlSlots if opts.core_page_size else AvlSlots)(
+        slots = self._slots_class()(
             role=role,
             position=position,
             text_rank=text_rank.gather(2, safe).masked_fill(~is_text, -1),
@@ -251,6 +254,7 @@ class AvlPolicy:
                 dtype=torch.float64, device=device,
             ),
             **self._page_buckets(position, role, image_positions),
+            **self._refresh_state(batch, device),
         )  # fmt: skip
         every_step = opts.refresh_every == -1
         core_rows = secondary if every_step else n_core
@@ -276,6 +280,20 @@ class AvlPolicy:
             state.image_positions = image_positions
         # free slots hold copies of row 0; they are never attended
         return output, pick_rows(keys, safe), pick_rows(values, safe), state
+
+    def _slots_class(self) -> type[AvlSlots]:
+        if self.options.core_page_size:
+            return PagedAvlSlots
+        return AdaptiveAvlSlots if self.options.refresh_lse_drop is not None else AvlSlots
+
+    def _refresh_state(self, batch: int, device) -> dict:
+        """Adaptive refresh's state per batch row (``AdaptiveAvlSlots``), if it is on:
+        the threshold, no watched value yet (NaN), no refresh fired."""
+        drop = self.options.refresh_lse_drop
+        if drop is None:
+            return {}
+        row = torch.tensor([drop, float("nan"), 0.0], dtype=torch.float64, device=device)
+        return {"refresh_state": row.repeat(batch, 1)}
 
     def _page_buckets(self, position: Tensor, role: Tensor, image_positions: Tensor | None) -> dict:
         """The query-aware core's page bucket per slot (``PagedAvlSlots``), if it is on."""

@@ -23,13 +23,15 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from avl_compile.lowering.slot_attention import slot_attention
+from avl_compile.lowering.slot_attention import slot_attention, slot_logits
 from avl_compile.policies.budgets import best_first, lightest
 from avl_compile.policies.page_core import page_bound_per_slot
 
 FREE, OTHER, SINK, CORE, TEXT = 0, 1, 2, 3, 4  # slot roles; attended: role >= SINK
 # columns of the per-row counters
 TEXT_END, N_TEXT, NEXT_POSITION, N_CORE, TEXT_START = range(5)
+# columns of the adaptive refresh's per-row state
+LSE_DROP, CORE_LSE, ADAPTIVE_REFRESHES = range(3)
 
 
 @dataclasses.dataclass
@@ -99,6 +101,28 @@ class PagedAvlSlots(AvlSlots):
         return PagedAvlSlots(*AvlSlots.grown(self, extra).tensors(), page_bucket=bucket)
 
 
+@dataclasses.dataclass
+class AdaptiveAvlSlots(AvlSlots):
+    """A-VL's state with adaptive refresh: per batch row the threshold (nats), the core's
+    log-sum-exp at the last refresh (NaN before the first decode step) and the refreshes
+    the signal fired so far (the host reads them once, after generate)."""
+
+    refresh_state: Tensor = dataclasses.field(kw_only=True)  # [B, 3] float64
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return (*super().tensors(), self.refresh_state)
+
+    @classmethod
+    def empty(cls, batch: int, kv_heads: int, capacity: int, scores, device) -> AdaptiveAvlSlots:
+        plain = AvlSlots.empty(batch, kv_heads, capacity, scores, device)
+        state = torch.empty(batch, 3, dtype=torch.float64, device=device)
+        return cls(*plain.tensors(), refresh_state=state)
+
+    def grown(self, extra: int) -> AdaptiveAvlSlots:
+        grown = AvlSlots.grown(self, extra).tensors()
+        return AdaptiveAvlSlots(*grown, refresh_state=self.refresh_state)
+
+
 def grow_cache(cache: Tensor, extra: int) -> Tensor:
     """``cache`` [B, H, C, D] with ``extra`` more slots (zeros; free slots are never read)."""
     return torch.cat([cache, cache.new_zeros((*cache.shape[:2], extra, cache.shape[3]))], -2)
@@ -143,7 +167,9 @@ def avl_decode_step(
     the core at a refresh step, then evict at most one text row per head (H2O).
     ``refresh`` is known on the host (the step counter), so it selects code, not data.
     With ``PagedAvlSlots`` the core is the query-aware one, chosen before attention at
-    every step (``page_core.py``); no step attends the whole secondary set."""
+    every step (``page_core.py``); no step attends the whole secondary set. With
+    ``AdaptiveAvlSlots`` a batch row also refreshes when its core's log-sum-exp has fallen
+    (``adaptive_refresh_rows``): data, so every step holds both paths, as flags."""
     batch, kv_heads = keys.shape[:2]
     counters = slots.counters
     rows = torch.arange(batch, device=keys.device).unsqueeze(1)  # [B, 1]
@@ -166,22 +192,63 @@ def avl_decode_step(
         score = page_bound_per_slot(query[:, :, -1], keys, candidate, slots.page_bucket)
         _repick_core(slots, score)
         refresh = False
-    attend = role != FREE if refresh else role >= SINK
+    refreshing = None  # [B]: the batch rows that refresh, where that is data
+    if isinstance(slots, AdaptiveAvlSlots):
+        logits = slot_logits(query, keys, scale)
+        refreshing = adaptive_refresh_rows(slots, logits, refresh)
+        attend = torch.where(refreshing.unsqueeze(1), role != FREE, role >= SINK)
+    else:
+        attend = role != FREE if refresh else role >= SINK
     output, probs = slot_attention(query, keys, values, attend, scale)
     grouped = probs.view(batch, kv_heads, -1, probs.shape[-1]).sum(dim=2)
     is_text = (role == TEXT).unsqueeze(1)
     slots.text_score.add_(grouped.masked_fill(~is_text, 0.0).to(slots.text_score.dtype))
-    if refresh:
+    if refreshing is not None:
+        _repick_core(slots, probs.mean(dim=1), refreshing)
+        _remember_core_lse(slots, logits, refreshing)
+    elif refresh:
         _repick_core(slots, probs.mean(dim=1))
     _evict_one_text_row(slots, keys, values, rows, heads)
     return output
 
 
-def _repick_core(slots: AvlSlots, score: Tensor) -> None:
+def core_lse(logits: Tensor, role: Tensor) -> Tensor:
+    """Log-sum-exp of ``logits`` [B, Hq, C] over each row's core slots, averaged over query
+    heads: [B] (-inf where the core is empty)."""
+    masked = logits.masked_fill((role != CORE).unsqueeze(1), float("-inf"))
+    return torch.logsumexp(masked, dim=-1).mean(dim=1)
+
+
+def adaptive_refresh_rows(slots: AdaptiveAvlSlots, logits: Tensor, scheduled: bool) -> Tensor:
+    """The batch rows [B] that refresh at this step: all at a ``scheduled`` refresh, else
+    those whose core's log-sum-exp fell more than the threshold below its value at their
+    last refresh (a NaN value, before the first decode step, never fires); the fired
+    ones are counted."""
+    state = slots.refresh_state
+    lse = core_lse(logits, slots.role).to(state.dtype)
+    fired = lse < state[:, CORE_LSE] - state[:, LSE_DROP]
+    if scheduled:
+        return torch.ones_like(fired)
+    state[:, ADAPTIVE_REFRESHES] += fired.to(state.dtype)
+    return fired
+
+
+def _remember_core_lse(slots: AdaptiveAvlSlots, logits: Tensor, refreshed: Tensor) -> None:
+    """After a refresh (or the first decode step) the watched value is the core's now."""
+    state = slots.refresh_state
+    renew = refreshed | state[:, CORE_LSE].isnan()
+    lse = core_lse(logits, slots.role).to(state.dtype)
+    state[:, CORE_LSE] = torch.where(renew, lse, state[:, CORE_LSE])
+
+
+def _repick_core(slots: AvlSlots, score: Tensor, rows: Tensor | None = None) -> None:
     """The top n_core secondary image rows by this step's head-averaged attention ``score``
-    [B, C] become the core (ties: rows already in the core, then the lower position)."""
+    [B, C] become the core (ties: rows already in the core, then the lower position), in
+    the batch ``rows`` flagged [B] (default: all)."""
     role = slots.role
     candidate = (role == OTHER) | (role == CORE)
+    if rows is not None:
+        candidate = candidate & rows.unsqueeze(1)
     ranked = score.masked_fill(~candidate, float("-inf"))
     order = best_first(ranked, slots.position[:, 0], prefer=role == CORE)
     capacity = role.shape[-1]
