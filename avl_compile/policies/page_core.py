@@ -54,12 +54,12 @@ def page_buckets(
 ) -> Tensor:
     """The page bucket [B, C] of every slot flagged ``image`` [B, C] (-1 elsewhere): the
     rank of its page (image token index // ``page_size``, from the row's ascending
-    ``image_positions`` [B, N]) among the pages present in the row, so below C. Computed
-    on the host side of the policy (prefill, a recall swap), not in a decode graph."""
+    ``image_positions`` [B, N]) among the pages present in the row, so below C. Fixed
+    shapes, no host read (prefill, a recall swap)."""
     ordinal = torch.searchsorted(image_positions.contiguous(), positions.contiguous())
-    page = torch.where(image, ordinal // page_size, -1)
-    buckets = torch.full_like(page, -1)
-    for b in range(page.shape[0]):
-        _, rank = torch.unique(page[b][image[b]], return_inverse=True)
-        buckets[b][image[b]] = rank
-    return buckets
+    n_pages = -(-image_positions.shape[1] // page_size)
+    page = torch.where(image, ordinal // page_size, n_pages)  # n_pages: in no page
+    present = torch.zeros(page.shape[0], n_pages + 1, dtype=torch.long, device=page.device)
+    present.scatter_(1, page, 1)
+    rank = present[:, :n_pages].cumsum(1) - 1  # [B, n_pages]: among the pages present
+    return torch.where(image, rank.gather(1, page.clamp(max=n_pages - 1)), -1)

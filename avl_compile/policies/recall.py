@@ -6,16 +6,18 @@ run come back, the resident image rows and the recalled rows are ranked by their
 best keep the resident slots and the others become those pages: the rows resident on the
 accelerator never grow.
 
-It runs on the host between decode steps, reading the page bounds, the resident slots and
-the rows that leave back (three device-to-host reads per layer and batch row at a refresh
-step, none at other steps: ``tests/test_beyond_avl.py`` counts them; with the query-aware
-core the swapped rows' page buckets are re-derived there too, one more read per batch row),
-so a decode with recall runs through the runtime-call graph for now.
+The swap is a fixed-shape tensor function over every batch row at once (the pages are
+tensors: P pages of S slots per row, empty ones padded), run between decode steps by the
+runtime-call graph for now. It reads nothing back to the host on a CPU; on a GPU it reads
+the chosen pages' numbers to index the host pages and copies the rows that leave into them
+(host syncs at a refresh step, none at other steps). With the query-aware core the swapped
+rows' page buckets are derived again (``page_core.page_buckets``, fixed shapes too).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from torch import Tensor
@@ -27,20 +29,22 @@ from avl_compile.policies.page_core import digest_bound, page_buckets
 
 @dataclasses.dataclass
 class HostPages:
-    """One layer's evicted image rows, per batch row: a list of pages, each the positions
-    and the keys/values [Hkv, n, D] of up to ``page_size`` rows (host memory; pinned on
-    CUDA) and their digest [Hkv, D] (min, max; on the cache's device)."""
+    """One layer's evicted image rows in fixed shapes: per batch row P pages (the most any
+    row has; a row with fewer holds empty pages at the end) of S = ``recall_page_size``
+    slots. A page keeps its row count for good, its rows in its first slots."""
 
-    positions: list[list[list[int]]]
-    keys: list[list[Tensor]]
-    values: list[list[Tensor]]
-    low: list[list[Tensor]]
-    high: list[list[Tensor]]
+    positions: Tensor  # [B, P, S] int64 on the cache's device; -1: no row
+    keys: Tensor  # [B, Hkv, P, S, D] host memory (pinned on CUDA)
+    values: Tensor  # [B, Hkv, P, S, D]
+    low: Tensor  # [B, Hkv, P, D] the digest, on the cache's device (+inf: an empty page)
+    high: Tensor  # [B, Hkv, P, D] (-inf: an empty page)
 
     @property
     def nbytes(self) -> int:
-        """Host-resident KV bytes."""
-        return sum(t.nbytes for row in (*self.keys, *self.values) for t in row)
+        """Host-resident KV bytes (of the rows held; one read of the positions)."""
+        rows = int((self.positions >= 0).sum())
+        per_row = 2 * self.keys.shape[1] * self.keys.shape[-1] * self.keys.element_size()
+        return rows * per_row
 
 
 def _to_host(tensor: Tensor) -> Tensor:
@@ -48,19 +52,57 @@ def _to_host(tensor: Tensor) -> Tensor:
     return host.pin_memory() if tensor.is_cuda else host
 
 
+def _digest(page_keys: Tensor, held: Tensor) -> tuple[Tensor, Tensor]:
+    """Element-wise min and max over the held rows of ``page_keys`` [B, Hkv, P, S, D]
+    (``held`` [B, P, S]): [B, Hkv, P, D] each."""
+    held = held[:, None, :, :, None]
+    low = page_keys.masked_fill(~held, float("inf")).amin(dim=3)
+    return low, page_keys.masked_fill(~held, float("-inf")).amax(dim=3)
+
+
 def build_pages(keys: Tensor, values: Tensor, evicted: list[Tensor], page_size: int) -> HostPages:
     """Pages of the ``evicted`` positions (per batch row, ascending) of the prompt's
     ``keys``/``values`` [B, Hkv, L, D], in order of position."""
-    pages = HostPages([], [], [], [], [])
+    batch, kv_heads, _, head_dim = keys.shape
+    n_pages = max(max(-(-rows.numel() // page_size) for rows in evicted), 1)
+    positions = torch.full((batch, n_pages * page_size), -1, dtype=torch.long, device=keys.device)
     for b, rows in enumerate(evicted):
-        chunks = [rows[i : i + page_size] for i in range(0, rows.numel(), page_size)]
-        page_keys = [keys[b][:, chunk] for chunk in chunks]  # gathered once, on the device
-        pages.positions.append([chunk.tolist() for chunk in chunks])
-        pages.keys.append([_to_host(page) for page in page_keys])
-        pages.values.append([_to_host(values[b][:, chunk]) for chunk in chunks])
-        pages.low.append([page.amin(dim=1) for page in page_keys])
-        pages.high.append([page.amax(dim=1) for page in page_keys])
-    return pages
+        positions[b, : rows.numel()] = rows
+    positions = positions.view(batch, n_pages, page_size)
+    index = positions.clamp(min=0).view(batch, 1, -1, 1).expand(batch, kv_heads, -1, head_dim)
+    shape = (batch, kv_heads, n_pages, page_size, head_dim)
+    page_keys = keys.gather(2, index).view(shape)
+    page_values = values.gather(2, index).view(shape)
+    low, high = _digest(page_keys, positions >= 0)
+    return HostPages(positions, _to_host(page_keys), _to_host(page_values), low, high)
+
+
+def _pages_from_host(store: Tensor, chosen: Tensor, device: torch.device) -> Tensor:
+    """The ``chosen`` [B, R] pages of a host ``store`` [B, Hkv, P, S, D] on ``device``, as
+    rows [B, Hkv, R * S, D] (a read of the chosen pages' numbers on a GPU)."""
+    batch, kv_heads, _, size, head_dim = store.shape
+    index = chosen.to(store.device)[:, None, :, None, None].expand(-1, kv_heads, -1, size, head_dim)
+    rows = store.gather(2, index).to(device, non_blocking=True)
+    return rows.view(batch, kv_heads, -1, head_dim)
+
+
+def _write_pages(store: Tensor, chosen: Tensor, rows: Tensor) -> None:
+    """Write ``rows`` [B, Hkv, R * S, D] into the ``chosen`` [B, R] pages of ``store``."""
+    batch, kv_heads, _, size, head_dim = store.shape
+    paged = rows.view(batch, kv_heads, -1, size, head_dim).to(store.device)
+    index = chosen.to(store.device)[:, None, :, None, None].expand_as(paged)
+    store.scatter_(2, index, paged)
+
+
+def _rows_of(cache: Tensor, recalled: Tensor, index: Tensor) -> Tensor:
+    """Candidate rows by ``index`` [B, N]: below C a slot of ``cache`` [B, Hkv, C, D], else
+    row index - C of ``recalled`` [B, Hkv, M, D]. Returns [B, Hkv, N, D]."""
+    capacity = cache.shape[2]
+    shape = (-1, cache.shape[1], -1, cache.shape[3])
+    from_cache = cache.gather(2, index.clamp(max=capacity - 1)[:, None, :, None].expand(shape))
+    late = (index - capacity).clamp(min=0)[:, None, :, None].expand(shape)
+    from_recalled = recalled.gather(2, late)
+    return torch.where((index < capacity)[:, None, :, None], from_cache, from_recalled)
 
 
 def recall_before_step(
@@ -76,61 +118,81 @@ def recall_before_step(
     """Swap pages in for the step about to run, decided on ``query`` [B, Hq, D] (the last
     token's); writes ``keys``/``values`` [B, Hkv, C, D] and ``slots`` in place. With the
     query-aware core (``PagedAvlSlots``) the slots' page buckets follow the rows that moved
-    (``image_positions`` [B, N] and ``core_page_size`` define the pages)."""
-    batch, kv_heads = keys.shape[0], keys.shape[1]
+    (``image_positions`` [B, N] and ``core_page_size`` define the pages). Fixed shapes;
+    every batch row at once."""
+    batch, kv_heads, capacity, _ = keys.shape
     group = query.shape[1] // kv_heads
     acc = torch.float64 if query.dtype == torch.float64 else torch.float32
-    for b in range(batch):
-        if not pages.positions[b]:
-            continue
-        q = query[b].to(acc)  # [Hq, D]
-        low = torch.stack(pages.low[b]).repeat_interleave(group, 1).to(acc)  # [P, Hq, D]
-        high = torch.stack(pages.high[b]).repeat_interleave(group, 1).to(acc)
-        bounds = digest_bound(q, low, high).mean(-1).tolist()  # one read
-        ranked = sorted(range(len(bounds)), key=lambda p: (-bounds[p], p))
-        chosen = sorted(ranked[:recall_pages])
-        resident_slots = torch.nonzero((slots.role[b] == OTHER) | (slots.role[b] == CORE))
-        resident_slots = resident_slots.flatten()
-        resident_positions = slots.position[b, 0, resident_slots]
-        resident_keys = keys[b][:, resident_slots].to(acc)  # [Hkv, n, D]
-        recalled_positions = torch.tensor(
-            [j for p in chosen for j in pages.positions[b][p]], device=keys.device
-        )
-        recalled_keys = torch.cat([pages.keys[b][p] for p in chosen], dim=1).to(keys.device)
-        recalled_values = torch.cat([pages.values[b][p] for p in chosen], dim=1)
-        recalled_values = recalled_values.to(keys.device)
-        candidate_keys = torch.cat([resident_keys, recalled_keys.to(acc)], dim=1)
-        # head-averaged q.k, every query head against its kv head's keys
-        scores = torch.einsum("hd,hnd->hn", q, candidate_keys.repeat_interleave(group, 0)).mean(0)
-        positions = torch.cat([resident_positions, recalled_positions])
-        n_resident = resident_slots.numel()
-        order = best_first(scores.double(), positions)
-        stays = torch.zeros(positions.numel(), dtype=torch.bool, device=keys.device)
-        stays[order[:n_resident]] = True
-        # resident slots whose row leaves take the recalled rows that stay
-        free_slots = resident_slots[~stays[:n_resident]]
-        incoming = torch.nonzero(stays[n_resident:]).flatten()
-        incoming = incoming[recalled_positions[incoming].argsort()]
-        leaving = torch.nonzero(~stays).flatten()
-        leaving = leaving[positions[leaving].argsort()]
-        leaving_keys = torch.cat([keys[b][:, resident_slots], recalled_keys], dim=1)[:, leaving]
-        leaving_values = torch.cat([values[b][:, resident_slots], recalled_values], dim=1)
-        leaving_values = leaving_values[:, leaving]
-        leaving_positions = positions[leaving].tolist()
-        keys[b][:, free_slots] = recalled_keys[:, incoming]
-        values[b][:, free_slots] = recalled_values[:, incoming]
-        slots.position[b][:, free_slots] = recalled_positions[incoming]
-        slots.role[b, free_slots] = OTHER  # a recalled row joins the core at a re-pick
-        start = 0
-        for p in chosen:  # the rows that leave fill the recalled pages, in order
-            size = len(pages.positions[b][p])
-            stop = start + size
-            page_keys = leaving_keys[:, start:stop]
-            pages.positions[b][p] = leaving_positions[start:stop]
-            pages.keys[b][p] = _to_host(page_keys)
-            pages.values[b][p] = _to_host(leaving_values[:, start:stop])
-            pages.low[b][p], pages.high[b][p] = page_keys.amin(dim=1), page_keys.amax(dim=1)
-            start = stop
+    q = query.to(acc)
+    # the pages of the highest digest bound (ties: the earlier page), in page order
+    page_held = pages.positions[:, :, 0] >= 0  # a page's rows fill its first slots
+    low = pages.low.repeat_interleave(group, 1).to(acc)  # [B, Hq, P, D]
+    high = pages.high.repeat_interleave(group, 1).to(acc)
+    bound = digest_bound(q[:, :, None, :], low, high).mean(1).masked_fill(~page_held, -math.inf)
+    count = min(recall_pages, bound.shape[1])
+    best = torch.sort(bound, dim=1, descending=True, stable=True).indices[:, :count]
+    chosen = best.sort(dim=1).values  # [B, R]; empty pages (-inf) only after the others
+    size = pages.positions.shape[2]
+    recalled_positions = pages.positions.gather(1, chosen[:, :, None].expand(-1, -1, size))
+    recalled_positions = recalled_positions.reshape(batch, -1)  # [B, R * S], -1: no row
+    recalled_keys = _pages_from_host(pages.keys, chosen, keys.device)
+    recalled_values = _pages_from_host(pages.values, chosen, keys.device)
+    # candidates: the resident image rows (every slot, flagged) and the recalled rows,
+    # ranked by head-averaged q.k (the tie rule: the lower position first)
+    resident = (slots.role == OTHER) | (slots.role == CORE)  # [B, C]
+    recalled = recalled_positions >= 0
+    positions = torch.cat([slots.position[:, 0], recalled_positions], dim=1)
+    valid = torch.cat([resident, recalled], dim=1)
+    scores = torch.cat(
+        [
+            torch.einsum("bhd,bhnd->bhn", q, rows.repeat_interleave(group, 1).to(acc)).mean(1)
+            for rows in (keys, recalled_keys)
+        ],
+        dim=1,
+    )
+    scores = scores.to(torch.float64).masked_fill(~valid, -math.inf)
+    order = best_first(scores, positions)
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+    )
+    stays = valid & (rank < resident.sum(1, keepdim=True))
+    far = torch.iinfo(torch.long).max
+    # the rows that leave, by position, fill the chosen pages in page order (their sizes
+    # kept): read them before the slots they leave are written
+    leaving = valid & ~stays
+    leaving_order = torch.sort(torch.where(leaving, positions, far), dim=1, stable=True).indices
+    held = recalled.view(batch, -1, size)  # [B, R, S]
+    sizes = held.sum(-1)
+    starts = sizes.cumsum(-1) - sizes
+    destination = (starts[:, :, None] + torch.arange(size, device=keys.device)).view(batch, -1)
+    taken = leaving_order.gather(1, destination.clamp(max=leaving_order.shape[1] - 1))
+    leaving_keys = _rows_of(keys, recalled_keys, taken)
+    leaving_values = _rows_of(values, recalled_values, taken)
+    leaving_positions = positions.gather(1, taken).masked_fill(~recalled, -1)
+    # slots whose row leaves take the recalled rows that stay: in slot order, by position
+    freed = resident & ~stays[:, :capacity]
+    incoming = recalled & stays[:, capacity:]
+    incoming_order = torch.sort(
+        torch.where(incoming, recalled_positions, far), dim=1, stable=True
+    ).indices
+    source = incoming_order.gather(1, (freed.cumsum(1) - 1).clamp(min=0))  # [B, C]
+    gathered = source[:, None, :, None].expand(-1, kv_heads, -1, keys.shape[3])
+    write = freed[:, None, :, None]
+    keys.copy_(torch.where(write, recalled_keys.gather(2, gathered), keys))
+    values.copy_(torch.where(write, recalled_values.gather(2, gathered), values))
+    moved_in = recalled_positions.gather(1, source)[:, None, :]
+    slots.position.copy_(torch.where(freed[:, None, :], moved_in, slots.position))
+    slots.role.copy_(torch.where(freed, OTHER, slots.role))  # it joins the core at a re-pick
+    pages.positions.scatter_(
+        1, chosen[:, :, None].expand(-1, -1, size), leaving_positions.view(held.shape)
+    )
+    _write_pages(pages.keys, chosen, leaving_keys)
+    _write_pages(pages.values, chosen, leaving_values)
+    shape = (batch, kv_heads, -1, size, keys.shape[3])
+    low, high = _digest(leaving_keys.view(shape), held)
+    digest_index = chosen[:, None, :, None].expand(-1, kv_heads, -1, keys.shape[3])
+    pages.low.scatter_(2, digest_index, low.to(pages.low.dtype))
+    pages.high.scatter_(2, digest_index, high.to(pages.high.dtype))
     if isinstance(slots, PagedAvlSlots):
         image = (slots.role == OTHER) | (slots.role == CORE)
         buckets = page_buckets(slots.position[:, 0], image, image_positions, core_page_size)
