@@ -25,16 +25,25 @@ def score_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def slot_attention(
-    query: Tensor, keys: Tensor, values: Tensor, attend: Tensor, scale: float
+    query: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    attend: Tensor,
+    scale: float,
+    logits: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``query`` [B, Hq, 1, D] over the slots of ``keys``/``values`` [B, Hkv, C, D] flagged in
     ``attend`` [B, C] (bool). Returns (output [B, Hq, 1, D] in query dtype, probabilities
-    [B, Hq, C] in the accumulation dtype, 0 at slots not attended)."""
+    [B, Hq, C] in the accumulation dtype, 0 at slots not attended). ``logits``: the step's
+    ``slot_logits``, where the caller has them already (not computed twice)."""
     if _use_triton(query):
-        return _slot_attention_triton(query, keys, values, attend, scale)
+        return _slot_attention_triton(query, keys, values, attend, scale, logits)
     batch, q_heads, _, head_dim = query.shape
-    capacity = keys.shape[2]
-    logits = _grouped_logits(query, keys, scale)
+    kv_heads, capacity = keys.shape[1], keys.shape[2]
+    if logits is None:
+        logits = _grouped_logits(query, keys, scale)
+    else:
+        logits = logits.view(batch, kv_heads, q_heads // kv_heads, capacity)
     logits = logits.masked_fill(~attend[:, None, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     output = torch.matmul(probs, values.to(logits.dtype))
@@ -74,9 +83,10 @@ def _use_triton(query: Tensor) -> bool:
     return True
 
 
-def _slot_attention_triton(query, keys, values, attend, scale):
+def _slot_attention_triton(query, keys, values, attend, scale, logits):
     """The kernel reads only the flagged rows (an index list padded with -1); the
-    probabilities are recomputed from its log-sum-exp for the slots that need them."""
+    probabilities are recomputed from its log-sum-exp for the slots that need them (from
+    the caller's ``logits`` if they are in the kernel's accumulation dtype)."""
     from avl_compile.lowering.triton_gathered_attention import gathered_attention_triton
 
     batch, q_heads, _, head_dim = query.shape
@@ -85,8 +95,9 @@ def _slot_attention_triton(query, keys, values, attend, scale):
     index = torch.where(attend, slots, -1).unsqueeze(1)  # [B, 1, C]
     output, lse = gathered_attention_triton(query, keys, values, index, scale, None)
     acc = lse.dtype
-    grouped = query.reshape(batch, kv_heads, q_heads // kv_heads, head_dim).to(acc)
-    logits = torch.matmul(grouped, keys.to(acc).transpose(-1, -2)) * scale
-    logits = logits.reshape(batch, q_heads, capacity)
+    if logits is None or logits.dtype != acc:
+        grouped = query.reshape(batch, kv_heads, q_heads // kv_heads, head_dim).to(acc)
+        logits = torch.matmul(grouped, keys.to(acc).transpose(-1, -2)) * scale
+        logits = logits.reshape(batch, q_heads, capacity)
     probs = torch.exp(logits - lse.reshape(batch, q_heads, 1))
     return output, probs.masked_fill(~attend[:, None, :], 0.0)

@@ -192,14 +192,14 @@ def avl_decode_step(
         score = page_bound_per_slot(query[:, :, -1], keys, candidate, slots.page_bucket)
         _repick_core(slots, score)
         refresh = False
-    refreshing = None  # [B]: the batch rows that refresh, where that is data
+    refreshing, logits = None, None  # [B]: the batch rows that refresh, where that is data
     if isinstance(slots, AdaptiveAvlSlots):
         logits = slot_logits(query, keys, scale)
         refreshing = adaptive_refresh_rows(slots, logits, refresh)
         attend = torch.where(refreshing.unsqueeze(1), role != FREE, role >= SINK)
     else:
         attend = role != FREE if refresh else role >= SINK
-    output, probs = slot_attention(query, keys, values, attend, scale)
+    output, probs = slot_attention(query, keys, values, attend, scale, logits)
     grouped = probs.view(batch, kv_heads, -1, probs.shape[-1]).sum(dim=2)
     is_text = (role == TEXT).unsqueeze(1)
     slots.text_score.add_(grouped.masked_fill(~is_text, 0.0).to(slots.text_score.dtype))
