@@ -10,9 +10,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from torch import fx
+from torch import Tensor, fx
 
-from avl_compile.compiled_decode import CompiledDecode
+from avl_compile.compiled_decode import CompiledDecode, GraphPerStateShape
 from avl_compile.options import AvlOptions, uses_cudagraphs, with_compile_mode
 from avl_compile.passes.find_attention_sites import (
     NOT_DECODER_REASON,
@@ -29,6 +29,7 @@ from avl_compile.passes.rewrite_decode_sites import (
     cache_outputs,
     eviction_step,
     is_decode_site,
+    like,
     mark_state_inputs_static,
     past_cache_inputs,
     rewrite_decode_sites,
@@ -112,18 +113,23 @@ class AvlBackend:
         caches = [past_cache_inputs(site) for site in rewritable]  # before erased by the rewrite
         layers = [site.layer_idx for site in rewritable]
         kind, growing = decode_variant(opts, layers)
-        if (
-            not scatters
-            and rewritable
-            and _decode_steps(kind)
-            and all(is_decode_site(site) for site in rewritable)
-        ):
+        steps = {}
+        if not scatters and rewritable and all(is_decode_site(site) for site in rewritable):
+            device = rewritable[0].key_cat.args[0][0].meta["example_value"].device
+            steps = _decode_steps(kind, opts, device)
+            if not steps and kind.startswith("avl-recall"):
+                log.info(
+                    "avl: recall's host pages cannot be indexed inside a %s graph: decoding "
+                    "through one runtime call per layer",
+                    device.type,
+                )
+        if steps:
             try:
                 in_graph = {
                     (kind, refresh, growing): self._compile_decode(
                         gm, rewritable, step, growing, example_inputs, opts
                     )
-                    for refresh, step in _decode_steps(kind).items()
+                    for refresh, step in steps.items()
                 }
                 key_outputs, value_outputs = cache_outputs(gm, rewritable)
             except Exception as error:  # the runtime-call graph below is the same policy
@@ -213,37 +219,66 @@ class AvlBackend:
         fake_mode = torch._guards.detect_fake_mode(example_inputs)
         with fake_mode:
             states = [
-                t
+                state_examples(site, step, grows=index in growing)
                 for index, site in enumerate(sites)
-                for t in state_examples(site, step, grows=index in growing)
             ]
-        inputs = [*example_inputs, *states]
-        if opts.inner != "inductor":
-            return graph, _inner_backend(opts.inner)(graph, inputs)
-        from torch._inductor.compile_fx import compile_fx
 
-        # Inductor's locality pass may move a read of the cache (the values' matmul) after
-        # the eviction's write into it; the write then cannot be done in place and every
-        # step copies the whole cache twice (measured: 2x the graph's time at batch 16)
-        patches: dict[str, Any] = {"reorder_for_locality": False}
-        # a cache that grows at every step would be a new CUDA graph at every step
-        if uses_cudagraphs(opts, states[0].device) and not growing:
-            mark_state_inputs_static(graph)
-            patches["triton.cudagraphs"] = True
-        return graph, compile_fx(graph, inputs, config_patches=patches)
+        def compile_with(extra_state: list[list[Tensor]] | None = None) -> Callable:
+            inputs = [*example_inputs]
+            for index, examples in enumerate(states):
+                inputs.extend(examples)
+                if extra_state is not None:
+                    with fake_mode:
+                        inputs.extend(like(extra_state[index]))
+            if opts.inner != "inductor":
+                return _inner_backend(opts.inner)(graph, inputs)
+            from torch._inductor.compile_fx import compile_fx
+
+            patches = _decode_patches(graph, opts, growing, states[0][0].device)
+            return compile_fx(graph, inputs, config_patches=patches)
+
+        if step.extra_state:  # shaped by the prompt: compiled at a prompt's first step
+            per_site = len(step.state_names)
+            compiled = GraphPerStateShape(
+                compile_with, len(example_inputs), per_site, len(step.extra_state)
+            )
+            return graph, compiled
+        return graph, compile_with()
 
 
-def _decode_steps(kind: str) -> dict[bool, DecodeStep]:
+def _decode_patches(
+    graph: fx.GraphModule, opts: AvlOptions, growing: frozenset[int], device: torch.device
+) -> dict:
+    """Inductor's settings for a decode graph."""
+    # Inductor's locality pass may move a read of the cache (the values' matmul) after
+    # the eviction's write into it; the write then cannot be done in place and every
+    # step copies the whole cache twice (measured: 2x the graph's time at batch 16)
+    patches: dict[str, Any] = {"reorder_for_locality": False}
+    # a cache that grows at every step would be a new CUDA graph at every step
+    if uses_cudagraphs(opts, device) and not growing:
+        mark_state_inputs_static(graph)
+        patches["triton.cudagraphs"] = True
+    return patches
+
+
+def _decode_steps(kind: str, opts: AvlOptions, device: torch.device) -> dict[bool, DecodeStep]:
     """The decode step of a ``decode_variant`` kind; A-VL's refresh step is a graph of its
-    own."""
+    own. None for recall on a GPU: a graph cannot index its host pages."""
+    if kind in ("avl-recall", "avl-recall-pages"):
+        if device.type != "cpu":
+            return {}
+        paged = kind == "avl-recall-pages"
+        return {
+            refresh: avl_step(refresh, paged, recall_pages=opts.recall_pages,
+                              core_page_size=opts.core_page_size)
+            for refresh in (False, True)
+        }  # fmt: skip
     if kind == "avl":
         return {refresh: avl_step(refresh) for refresh in (False, True)}
     if kind == "avl-adaptive":  # a scheduled refresh step is a graph of its own too
         return {refresh: avl_step(refresh, adaptive=True) for refresh in (False, True)}
     if kind == "avl-pages":  # the core is chosen at every step: no refresh step
         return {False: avl_step(False, paged=True)}
-    if kind == "avl-python":  # recall swaps rows on the host: the runtime-call graph
-        return {}
     return {False: eviction_step(kind)}
 
 

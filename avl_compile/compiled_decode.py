@@ -28,6 +28,37 @@ from avl_compile.policies.decode_schedule import LayerState
 from avl_compile.runtime import AvlRuntime, end_prefill, layer_state, set_layer_state
 
 
+class GraphPerStateShape:
+    """A decode graph whose state holds tensors shaped by the prompt, not by the cache
+    (recall's pages: pages per row, image tokens): one compiled graph per shape of those,
+    compiled by ``compile`` (given that state's tensors, one list per site) at the first
+    step that brings it; a model whose prompts share an image size compiles one."""
+
+    def __init__(
+        self,
+        compile: Callable[[list[list[torch.Tensor]]], Callable],
+        first_state: int,
+        per_site: int,
+        extra: int,
+    ) -> None:
+        self.compile = compile
+        self.first_state = first_state  # index of the first state tensor among the inputs
+        self.per_site, self.extra = per_site, extra  # tensors per site; the last extra vary
+        self.compiled: dict[tuple, Callable] = {}
+
+    def __call__(self, *args):
+        state = args[self.first_state :]
+        extra = [
+            list(state[start + self.per_site - self.extra : start + self.per_site])
+            for start in range(0, len(state), self.per_site)
+        ]
+        key = tuple((t.shape, t.stride(), t.dtype) for site in extra for t in site)
+        graph = self.compiled.get(key)
+        if graph is None:
+            graph = self.compiled[key] = self.compile(extra)
+        return graph(*args)
+
+
 class CompiledDecode:
     """Dispatch one decode forward to its compiled graph (plain or refresh step), or to the
     fallback."""
@@ -72,7 +103,7 @@ class CompiledDecode:
             state.begin_step()
         for layer in growing:  # the graph grows the cache by one slot: the state too
             states[layer].slots = states[layer].slots.grown(1)
-        tensors = [t for state in states for t in state.slots.tensors()]
+        tensors = [t for state in states for t in state.tensors()]
         result = graph(*args, *tensors)
         if growing:  # new cache tensors, from the graph's concatenation
             for layer in growing:

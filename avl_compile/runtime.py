@@ -241,8 +241,8 @@ class AvlRuntime:
                 torch._dynamo.mark_static_address(cache, guard=False)
         self.counters["prefill_sites"] += 1
         self.counters["prefill_kv_bytes"] += kept_keys.nbytes + kept_values.nbytes
-        if state.pages is not None:
-            self.counters["prefill_host_kv_bytes"] += state.pages.nbytes
+        if state.recall is not None:
+            self.counters["prefill_host_kv_bytes"] += state.recall.pages.nbytes
         log.debug("%s: prefill kept %d of %d KV rows", site.name, kept_keys.shape[2], q_len)
         return output, kept_keys, kept_values
 

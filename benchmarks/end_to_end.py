@@ -59,6 +59,9 @@ PRESETS = {
 }  # fmt: skip
 
 
+RECOMMENDED = {"refresh_every": 1, "recall_pages": 16, "recall_page_size": 4, "core_page_size": 4}
+
+
 def build_model(preset: dict, device: str) -> LlavaForConditionalGeneration:
     torch.manual_seed(0)
     vision = CLIPVisionConfig(
@@ -187,6 +190,8 @@ def main() -> None:
             "dense inductor": lambda m: setattr(m, "forward", torch.compile(m.forward)) or m,
             "avl (inductor)": lambda m: avl_compile.compile(m),
             "avl (aot_eager)": lambda m: avl_compile.compile(m, options={"inner": "aot_eager"}),
+            # the README's recommended set (recall + the query-aware core, K = 1)
+            "avl recommended (inductor)": lambda m: avl_compile.compile(m, options=RECOMMENDED),
             # HF's compiled decode loop (compile_config, decode steps only): its static cache
             # and CUDA graphs for dense; AvlCache on the avl-compiled forward for avl
             "dense, HF compile_config": lambda m: (

@@ -32,6 +32,7 @@ from avl_compile.policies.avl_decode import (
     avl_decode_step,
 )
 from avl_compile.policies.eviction_decode import EvictionSlots, eviction_decode_step
+from avl_compile.policies.recall import RecallState
 
 
 def avl_decode_site(
@@ -45,18 +46,24 @@ def avl_decode_site(
     refresh: bool,
     paged: bool = False,
     adaptive: bool = False,
+    recall_pages: int = 0,
+    core_page_size: int = 0,
 ) -> Tensor:
-    """The graph's entry to one A-VL site's decode step (flat tensors, as FX passes them;
-    ``paged``: the query-aware core, whose state has the page buckets last; ``adaptive``:
-    adaptive refresh, whose state has the refresh state last)."""
+    """The graph's entry to one A-VL site's decode step (flat tensors, as FX passes them:
+    the fields of the slots class, ``PagedAvlSlots`` for the query-aware core (``paged``),
+    ``AdaptiveAvlSlots`` for adaptive refresh, then with recall (``recall_pages``)
+    ``RecallState``'s tensors; a refresh step swaps pages in before the step)."""
     scale = scale if scale is not None else query.shape[-1] ** -0.5
-    if paged:
-        slots = PagedAvlSlots(*state[:-1], page_bucket=state[-1])
-    elif adaptive:
-        slots = AdaptiveAvlSlots(*state[:-1], refresh_state=state[-1])
-    else:
-        slots = AvlSlots(*state)
-    return avl_decode_step(query, new_keys, new_values, keys, values, slots, scale, refresh)
+    kind = PagedAvlSlots if paged else AdaptiveAvlSlots if adaptive else AvlSlots
+    names = [field.name for field in dataclasses.fields(kind)]
+    slots = kind(**dict(zip(names, state, strict=False)))
+    recall = RecallState.from_tensors(state[len(names) :]) if recall_pages else None
+    if recall is not None and refresh:
+        recall.swap(keys, values, slots, recall_pages, core_page_size)
+    output = avl_decode_step(query, new_keys, new_values, keys, values, slots, scale, refresh)
+    if recall is not None:
+        recall.last_query.copy_(query[:, :, -1])
+    return output
 
 
 def eviction_decode_site(
@@ -83,16 +90,31 @@ class DecodeStep:
     function: Callable[..., Tensor]
     kwargs: dict[str, Any]
     state: type  # AvlSlots or EvictionSlots: its fields are the state tensors, in order
+    # recall's tensors after the slots' (``RecallState.names``); their shapes vary by
+    # prompt (pages per row, image tokens), so examples of them come from a prompt's state
+    extra_state: tuple[str, ...] = ()
 
     @property
     def state_names(self) -> list[str]:
-        return [field.name for field in dataclasses.fields(self.state)]
+        return [*(field.name for field in dataclasses.fields(self.state)), *self.extra_state]
 
 
-def avl_step(refresh: bool, paged: bool = False, adaptive: bool = False) -> DecodeStep:
+def avl_step(
+    refresh: bool,
+    paged: bool = False,
+    adaptive: bool = False,
+    recall_pages: int = 0,
+    core_page_size: int = 0,
+) -> DecodeStep:
     """A-VL's decode step (``refresh``: a step that attends every kept image row;
     ``paged``: the query-aware core, chosen at every step; ``adaptive``: a batch row also
-    refreshes when its signal fires)."""
+    refreshes when its signal fires; ``recall_pages``: recall swaps pages in at the start
+    of a refresh step, which with the query-aware core attends no more than another)."""
+    if recall_pages:
+        kwargs = {"refresh": refresh, "paged": paged, "recall_pages": recall_pages,
+                  "core_page_size": core_page_size}  # fmt: skip
+        state = PagedAvlSlots if paged else AvlSlots
+        return DecodeStep(avl_decode_site, kwargs, state, RecallState.names(paged))
     if paged:
         return DecodeStep(avl_decode_site, {"refresh": False, "paged": True}, PagedAvlSlots)
     if adaptive:
@@ -128,15 +150,23 @@ def is_decode_site(site: AttentionSite) -> bool:
 
 
 def state_examples(site: AttentionSite, step: DecodeStep, grows: bool = False) -> list[Tensor]:
-    """Example (fake) state tensors for one site, sized from its past keys' (maybe
-    symbolic) shape, one slot more where the cache ``grows`` in the step: create them
-    under the graph's fake mode."""
+    """Example (fake) state tensors of the slots class for one site, sized from its past
+    keys' (maybe symbolic) shape, one slot more where the cache ``grows`` in the step:
+    create them under the graph's fake mode. (Not the ``extra_state``: ``like``.)"""
     past = site.key_cat.args[0][0].meta["example_value"]
     query = site.arguments["query"].meta["example_value"]
     batch, kv_heads, capacity = past.shape[:3]
     capacity = capacity + 1 if grows else capacity
     empty = step.state.empty(batch, kv_heads, capacity, score_dtype(query.dtype), past.device)
     return list(empty.tensors())
+
+
+def like(tensors: list[Tensor]) -> list[Tensor]:
+    """Uninitialised tensors of the shapes, strides and dtypes of ``tensors`` (under a fake
+    mode: examples of a prompt's ``extra_state``)."""
+    return [
+        torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device) for t in tensors
+    ]
 
 
 def mark_state_inputs_static(gm: fx.GraphModule) -> None:

@@ -204,13 +204,19 @@ def test_recall_options_are_checked():
         AvlOptions.from_mapping({"recall_pages": 2, "refresh_every": -1})
 
 
-def test_recall_reads_nothing_back_to_the_host(monkeypatch):
-    """The swap runs in fixed shapes, every batch row at once: no syncing op at any step
-    (counted per layer step, where the policy's decode runs), refresh steps included (on a
-    GPU the chosen pages' numbers are read to index the host pages)."""
+def test_recall_through_runtime_calls_reads_nothing_back_to_the_host(monkeypatch):
+    """A GPU's route (host pages cannot be indexed inside a graph): the decode graph with a
+    runtime call per layer, recall's swap before the step. It runs in fixed shapes, every
+    batch row at once: no syncing op at any step (counted per layer step, where the
+    policy's decode runs), refresh steps included (on a GPU the chosen pages' numbers are
+    read to index the host pages). The compiled decode graph has no sync either
+    (tests/test_decode_in_graph.py)."""
     from test_decode_in_graph import SYNCING_OPS, _OpCounter
 
+    from avl_compile import backend
     from avl_compile.policies.avl import AvlPolicy
+
+    monkeypatch.setattr(backend, "_decode_steps", lambda kind, opts, device: {})
 
     syncs: list[tuple[bool, int]] = []  # (refresh step?, syncing ops) per layer and step
     original = AvlPolicy.decode
@@ -261,15 +267,51 @@ def test_query_aware_core_matches_the_reference_on_a_padded_batch(options):
     model, got = compiled_greedy(_make, prompt.inputs, {**options, "inner": "eager"})
     assert torch.equal(got.sequences, reference_greedy(_make, prompt.inputs, options))
     counters = model._avl_backend.runtime.counters
-    # without recall every step runs in the compiled decode graph (no host sync there:
-    # tests/test_decode_in_graph.py); recall is a Python step
-    in_graph = 0 if options.get("recall_pages") else NEW_TOKENS - 1
-    assert counters["decode_graphs_in_graph"] == in_graph
+    # every step runs in the compiled decode graph, recall's swap too (no host sync there:
+    # tests/test_decode_in_graph.py)
+    assert counters["decode_graphs_in_graph"] == NEW_TOKENS - 1
+    assert counters["decode_graphs_in_python"] == 0
     # sink + core + text at every step, never the whole secondary set
     n_image = prompt.image_tokens
     core = fraction_count(options["vision_compute"], n_image)
     steps = counters["decode_sites"]
     assert counters["attended_rows"] / steps < len(PREFIXES[0]) + core + len(SUFFIXES[1]) + 12
+
+
+def test_recommended_set_under_inductor_matches_the_reference():
+    """The README's recommended set (recall + the query-aware core) as users run it: the
+    decode graphs compiled by Inductor, recall's swap inside them (compiled at the first
+    step, for the prompt's page shapes)."""
+    options = {**PAGE_CORE_RECALL, "refresh_every": 2}
+    prompt = llava_prompt(_make(), PREFIXES, SUFFIXES)
+    model, got = compiled_greedy(_make, prompt.inputs, {**options, "inner": "inductor"})
+    assert torch.equal(got.sequences, reference_greedy(_make, prompt.inputs, options))
+    counters = model._avl_backend.runtime.counters
+    assert counters["decode_graphs_in_graph"] == NEW_TOKENS - 1
+    assert counters["decode_graphs_in_python"] == 0
+
+
+def test_a_decode_graph_per_shape_of_the_prompts_pages():
+    """Recall's pages are shaped by the prompt (pages per row, image tokens), not by the
+    cache: one compiled graph per shape of them, the same graph while they keep it."""
+    from avl_compile.compiled_decode import GraphPerStateShape
+
+    compiled: list[list[tuple]] = []
+
+    def compile_for(extra):
+        compiled.append([tuple(t.shape) for site in extra for t in site])
+        number = len(compiled)
+        return lambda *args: number
+
+    # one Dynamo input, then per site 1 slot tensor and 2 tensors shaped by the prompt
+    graph = GraphPerStateShape(compile_for, first_state=1, per_site=3, extra=2)
+
+    def call(pages: int, capacity: int = 8):
+        site = [torch.zeros(capacity), torch.zeros(2, pages), torch.zeros(2, 4)]
+        return graph(torch.zeros(1), *site, *site)
+
+    assert [call(3), call(3), call(3, capacity=16), call(5), call(3)] == [1, 1, 1, 2, 1]
+    assert compiled == [[(2, 3), (2, 4)] * 2, [(2, 5), (2, 4)] * 2]
 
 
 def test_query_aware_core_at_full_budgets_generates_the_uncompiled_tokens():

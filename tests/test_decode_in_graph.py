@@ -39,6 +39,24 @@ POLICIES = [
     {"policy": "avl", "refresh_every": 2},
     {"policy": "avl", "core_page_size": 3},  # the query-aware core, chosen at every step
     {"policy": "avl", "refresh_lse_drop": 0.05},  # adaptive refresh: a flag per batch row
+    # recall: pages swapped in at the refresh steps, inside the graph
+    {
+        "policy": "avl",
+        "refresh_every": 3,
+        "recall_pages": 2,
+        "recall_page_size": 4,
+        "vision_keep": 0.3,
+        "vision_compute": 0.2,
+    },
+    {
+        "policy": "avl",
+        "refresh_every": 1,
+        "recall_pages": 2,
+        "recall_page_size": 2,
+        "core_page_size": 2,
+        "vision_keep": 0.3,
+        "vision_compute": 0.2,
+    },
     {"policy": "avl", "vision_keep": 1.0, "vision_compute": 1.0, "text_keep": 1.0},
     {"policy": "h2o"},
     {"policy": "streaming"},

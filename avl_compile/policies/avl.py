@@ -51,7 +51,7 @@ from avl_compile.policies.decode_schedule import (
 )
 from avl_compile.policies.page_core import page_buckets
 from avl_compile.policies.prefill_scores import attention_and_lse, column_sums_of, last_row_score
-from avl_compile.policies.recall import build_pages, recall_before_step
+from avl_compile.policies.recall import RecallState, build_pages
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -69,7 +69,6 @@ class AvlSchedule(DecodeSchedule):
 
     @property
     def decode_kind(self) -> str:
-        # recall swaps rows on the host between steps: the runtime-call graph
         return decode_kind_of(self.options)
 
     @property
@@ -103,11 +102,11 @@ class AvlSchedule(DecodeSchedule):
 
 
 def decode_kind_of(options: AvlOptions) -> str:
-    """The decode step an A-VL option set needs: "avl-python" (recall swaps rows on the
-    host between steps: the runtime-call graph), "avl-pages" (the query-aware core),
+    """The decode step an A-VL option set needs: "avl-recall" or "avl-recall-pages"
+    (recall, without or with the query-aware core), "avl-pages" (the query-aware core),
     "avl-adaptive" (adaptive refresh) or "avl"."""
     if options.recall_pages:
-        return "avl-python"
+        return "avl-recall-pages" if options.core_page_size else "avl-recall"
     if options.refresh_lse_drop is not None:
         return "avl-adaptive"
     return "avl-pages" if options.core_page_size else "avl"
@@ -273,11 +272,12 @@ class AvlPolicy:
                 context.schedule = schedule  # one schedule for the prompt's layers
             schedule = context.schedule
         state = LayerState(slots=slots, schedule=schedule)
-        if opts.recall_pages:
-            state.pages = build_pages(keys, values, evicted, opts.recall_page_size)
-            state.last_query = query[:, :, -1]
-        if opts.core_page_size and opts.recall_pages:  # a swap re-derives the page buckets
-            state.image_positions = image_positions
+        if opts.recall_pages:  # with the query-aware core a swap re-derives the page buckets
+            state.recall = RecallState(
+                pages=build_pages(keys, values, evicted, opts.recall_page_size),
+                last_query=query[:, :, -1].contiguous(),  # written in place at each step
+                image_positions=image_positions if opts.core_page_size else None,
+            )
         # free slots hold copies of row 0; they are never attended
         return output, pick_rows(keys, safe), pick_rows(values, safe), state
 
@@ -338,14 +338,13 @@ class AvlPolicy:
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One decode step called from Python (the runtime-call wiring); a compiled decode
         graph runs the same ``avl_decode_step`` inside the graph."""
-        if self.options.recall_pages and state.next_refresh:
-            recall_before_step(
-                state.last_query, past_keys, past_values, state.slots, state.pages,
-                self.options.recall_pages, state.image_positions, self.options.core_page_size,
-            )  # fmt: skip
+        recall = state.recall
+        if recall is not None and state.next_refresh:
+            opts = self.options
+            recall.swap(past_keys, past_values, state.slots, opts.recall_pages, opts.core_page_size)
         schedule, keys, values = begin_step_and_grow(state, past_keys, past_values)
-        if self.options.recall_pages:
-            state.last_query = query[:, :, -1]
+        if recall is not None:
+            recall.last_query.copy_(query[:, :, -1])
         output = avl_decode_step(
             query, new_keys, new_values, keys, values, state.slots, scale, schedule.refresh
         )

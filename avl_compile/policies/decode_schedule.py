@@ -17,7 +17,7 @@ from torch import Tensor
 from avl_compile.policies.avl_decode import grow_cache
 
 if TYPE_CHECKING:
-    from avl_compile.policies.recall import HostPages
+    from avl_compile.policies.recall import RecallState
 
 
 class SlotTensors(Protocol):
@@ -112,11 +112,14 @@ class LayerState:
     slots: SlotTensors
     schedule: DecodeSchedule
     step: int = 0  # decode steps this layer has run
-    # recall (A-VL's option): the evicted rows' host pages and the last token's query [B, Hq, D]
-    pages: HostPages | None = None
-    last_query: Tensor | None = None
-    # the query-aware core (A-VL's option): each row's image positions [B, N], ascending
-    image_positions: Tensor | None = None
+    # recall (A-VL's option): the evicted rows' pages, the last token's query, ...
+    recall: RecallState | None = None
+
+    def tensors(self) -> list[Tensor]:
+        """The state tensors a compiled decode graph takes for this layer."""
+        if self.recall is None:
+            return list(self.slots.tensors())
+        return [*self.slots.tensors(), *self.recall.tensors()]
 
     @property
     def rows_in_use(self) -> int:

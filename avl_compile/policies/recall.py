@@ -7,11 +7,14 @@ best keep the resident slots and the others become those pages: the rows residen
 accelerator never grow.
 
 The swap is a fixed-shape tensor function over every batch row at once (the pages are
-tensors: P pages of S slots per row, empty ones padded), run between decode steps by the
-runtime-call graph for now. It reads nothing back to the host on a CPU; on a GPU it reads
-the chosen pages' numbers to index the host pages and copies the rows that leave into them
-(host syncs at a refresh step, none at other steps). With the query-aware core the swapped
-rows' page buckets are derived again (``page_core.page_buckets``, fixed shapes too).
+tensors: P pages of S slots per row, empty ones padded). On a CPU it runs inside the
+compiled decode graph, at the start of a refresh step (``RecallState`` holds its tensors,
+graph inputs after the slots'), and reads nothing back to the host. On a GPU the host pages
+cannot be indexed from inside a graph (nor a CUDA graph): it runs before the step in the
+runtime-call graph, reads the chosen pages' numbers to index the host pages and copies the
+rows that leave into them (host syncs at a refresh step, none at other steps). With the
+query-aware core the swapped rows' page buckets are derived again
+(``page_core.page_buckets``, fixed shapes too).
 """
 
 from __future__ import annotations
@@ -45,6 +48,44 @@ class HostPages:
         rows = int((self.positions >= 0).sum())
         per_row = 2 * self.keys.shape[1] * self.keys.shape[-1] * self.keys.element_size()
         return rows * per_row
+
+
+@dataclasses.dataclass
+class RecallState:
+    """Recall's per-layer tensors besides the slots: the pages, the last token's query
+    (the next refresh step's swap is decided on it) and, with the query-aware core, the
+    prompt's image positions (a swap derives the slots' page buckets again)."""
+
+    pages: HostPages
+    last_query: Tensor  # [B, Hq, D], written in place at every step
+    image_positions: Tensor | None = None  # [B, N] ascending
+
+    NAMES = ("page_positions", "page_keys", "page_values", "page_low", "page_high", "last_query")
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        """The decode graph's inputs, in the order of ``names``."""
+        pages = self.pages
+        extra = () if self.image_positions is None else (self.image_positions,)
+        return (pages.positions, pages.keys, pages.values, pages.low, pages.high,
+                self.last_query, *extra)  # fmt: skip
+
+    @staticmethod
+    def names(paged: bool) -> tuple[str, ...]:
+        return (*RecallState.NAMES, "image_positions") if paged else RecallState.NAMES
+
+    @classmethod
+    def from_tensors(cls, tensors: tuple[Tensor, ...]) -> RecallState:
+        pages = HostPages(*tensors[:5])
+        return cls(pages, tensors[5], tensors[6] if len(tensors) > 6 else None)
+
+    def swap(
+        self, keys: Tensor, values: Tensor, slots: AvlSlots, recall_pages: int, core_page_size: int
+    ) -> None:
+        """``recall_before_step`` on this layer's state."""
+        recall_before_step(
+            self.last_query, keys, values, slots, self.pages, recall_pages,
+            self.image_positions, core_page_size,
+        )  # fmt: skip
 
 
 def _to_host(tensor: Tensor) -> Tensor:
