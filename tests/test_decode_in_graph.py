@@ -72,10 +72,16 @@ POLICIES = [
 def test_decode_steps_run_in_the_graph_with_no_host_sync(monkeypatch, options):
     counter = _OpCounter()
     original = CompiledDecode.__call__
+    layouts: list[bool] = []
 
     def counted(self, *args):
         with counter:  # the dispatcher's host work and the compiled graph (aot_eager: aten ops)
-            return original(self, *args)
+            result = original(self, *args)
+        # the next step's state tensors keep the layout of the graph's examples (Inductor's
+        # input stride checks are off for decode graphs)
+        states = [ref() for ref in self._last_states]
+        layouts.extend(t.is_contiguous() for s in states for t in s.tensors())
+        return result
 
     if options["policy"] == "fastv" and _TRANSFORMERS < (5, 23):
         pytest.xfail(
@@ -95,6 +101,7 @@ def test_decode_steps_run_in_the_graph_with_no_host_sync(monkeypatch, options):
     assert counters["decode_graphs_in_python"] == 0
     assert len(counter.ops) > 40 * 100, "the graphs ran under the counter"
     assert not SYNCING_OPS & set(counter.ops)
+    assert len(layouts) >= 40 * 3 * 5 and all(layouts)
     decode_graphs = [g for g in model._avl_backend.graphs if g.decode_in_graph]
     assert decode_graphs
     for record in decode_graphs:  # one graph: no runtime call left to split it
