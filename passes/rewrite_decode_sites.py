@@ -60,7 +60,9 @@ def avl_decode_site(
     recall = RecallState.from_tensors(state[len(names) :]) if recall_pages else None
     if recall is not None and refresh:
         recall.swap(keys, values, slots, recall_pages, core_page_size)
-    output = avl_decode_step(query, new_keys, new_values, keys, values, slots, scale, refresh)
+    output = avl_decode_step(
+        query, new_keys, new_values, keys, values, slots, scale, refresh, core_page_size
+    )
     if recall is not None:
         recall.last_query.copy_(query[:, :, -1])
     return output
@@ -116,7 +118,8 @@ def avl_step(
         state = PagedAvlSlots if paged else AvlSlots
         return DecodeStep(avl_decode_site, kwargs, state, RecallState.names(paged))
     if paged:
-        return DecodeStep(avl_decode_site, {"refresh": False, "paged": True}, PagedAvlSlots)
+        kwargs = {"refresh": False, "paged": True, "core_page_size": core_page_size}
+        return DecodeStep(avl_decode_site, kwargs, PagedAvlSlots)
     if adaptive:
         kwargs = {"refresh": refresh, "adaptive": True}
         return DecodeStep(avl_decode_site, kwargs, AdaptiveAvlSlots)

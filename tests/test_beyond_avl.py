@@ -354,7 +354,7 @@ def test_page_bound_is_an_upper_bound_and_exact_for_one_row_pages():
     for size in (1, 3):
         bucket = page_buckets(positions, candidate, image_positions, size)
         assert (bucket[candidate] < capacity).all() and (bucket[~candidate] == -1).all()
-        bound = page_bound_per_slot(query, keys, candidate, bucket)
+        bound = page_bound_per_slot(query, keys, candidate, bucket, size)
         assert torch.isinf(bound[~candidate]).all()
         assert (bound[candidate] >= exact[candidate] - 1e-12).all()
         if size == 1:

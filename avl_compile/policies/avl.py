@@ -346,7 +346,15 @@ class AvlPolicy:
         if recall is not None:
             recall.last_query.copy_(query[:, :, -1])
         output = avl_decode_step(
-            query, new_keys, new_values, keys, values, state.slots, scale, schedule.refresh
+            query,
+            new_keys,
+            new_values,
+            keys,
+            values,
+            state.slots,
+            scale,
+            schedule.refresh,
+            self.options.core_page_size,
         )
         return output, keys, values
 

@@ -161,13 +161,15 @@ def avl_decode_step(
     slots: AvlSlots,
     scale: float,
     refresh: bool,
+    page_size: int = 0,
 ) -> Tensor:
     """Write the token into slot ``text_end``, attend sink + core + text (every secondary
     image row too at a refresh step), add the text rows' attention to their scores, re-pick
     the core at a refresh step, then evict at most one text row per head (H2O).
     ``refresh`` is known on the host (the step counter), so it selects code, not data.
     With ``PagedAvlSlots`` the core is the query-aware one, chosen before attention at
-    every step (``page_core.py``); no step attends the whole secondary set. With
+    every step (``page_core.py``; ``page_size``: its pages' image tokens); no step
+    attends the whole secondary set. With
     ``AdaptiveAvlSlots`` a batch row also refreshes when its core's log-sum-exp has fallen
     (``adaptive_refresh_rows``): data, so every step holds both paths, as flags."""
     batch, kv_heads = keys.shape[:2]
@@ -189,7 +191,8 @@ def avl_decode_step(
     role = slots.role
     if isinstance(slots, PagedAvlSlots):
         candidate = (role == OTHER) | (role == CORE)
-        score = page_bound_per_slot(query[:, :, -1], keys, candidate, slots.page_bucket)
+        bucket = slots.page_bucket
+        score = page_bound_per_slot(query[:, :, -1], keys, candidate, bucket, page_size)
         _repick_core(slots, score)
         refresh = False
     refreshing, logits = None, None  # [B]: the batch rows that refresh, where that is data
