@@ -203,6 +203,9 @@ class AvlRuntime:
         self.counters["decode_sites"] += 1
         self.counters["attended_rows"] += state.attended_rows
         self.counters["refresh_sites"] += state.schedule.refresh
+        if state.recall is not None and state.schedule.refresh:
+            # a swap run from Python (a GPU's route): it reads the device from the host
+            self.counters["recall_swaps_in_python"] += 1
         return output, keys, values
 
     def _prefill(self, site, query, keys, values, attn_mask, scale):

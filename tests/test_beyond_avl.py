@@ -233,9 +233,11 @@ def test_recall_through_runtime_calls_reads_nothing_back_to_the_host(monkeypatch
     prompt = llava_prompt(_make(), PREFIXES[:1], SUFFIXES[:1])
     options = {"vision_keep": 0.3, "vision_compute": 0.2, "refresh_every": 3, "recall_pages": 2,
                "recall_page_size": 4, "inner": "eager"}  # fmt: skip
-    compiled_greedy(_make, prompt.inputs, options, new_tokens=10)
+    model, _ = compiled_greedy(_make, prompt.inputs, options, new_tokens=10)
     assert len(syncs) == 9 * LAYERS and sum(r for r, _ in syncs) == 9  # 3 refresh steps
     assert [n for _, n in syncs] == [0] * 9 * LAYERS
+    # the swaps that would read the device on a GPU are counted
+    assert model._avl_backend.runtime.counters["recall_swaps_in_python"] == 9
 
 
 def test_recall_on_hfs_compile_path_matches_the_reference():
@@ -271,6 +273,7 @@ def test_query_aware_core_matches_the_reference_on_a_padded_batch(options):
     # tests/test_decode_in_graph.py)
     assert counters["decode_graphs_in_graph"] == NEW_TOKENS - 1
     assert counters["decode_graphs_in_python"] == 0
+    assert counters["recall_swaps_in_python"] == 0
     # sink + core + text at every step, never the whole secondary set
     n_image = prompt.image_tokens
     core = fraction_count(options["vision_compute"], n_image)

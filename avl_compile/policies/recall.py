@@ -119,19 +119,20 @@ def build_pages(keys: Tensor, values: Tensor, evicted: list[Tensor], page_size: 
 
 
 def _pages_from_host(store: Tensor, chosen: Tensor, device: torch.device) -> Tensor:
-    """The ``chosen`` [B, R] pages of a host ``store`` [B, Hkv, P, S, D] on ``device``, as
-    rows [B, Hkv, R * S, D] (a read of the chosen pages' numbers on a GPU)."""
+    """The ``chosen`` [B, R] pages (page numbers on the store's device) of a host ``store``
+    [B, Hkv, P, S, D] on ``device``, as rows [B, Hkv, R * S, D]."""
     batch, kv_heads, _, size, head_dim = store.shape
-    index = chosen.to(store.device)[:, None, :, None, None].expand(-1, kv_heads, -1, size, head_dim)
+    index = chosen[:, None, :, None, None].expand(-1, kv_heads, -1, size, head_dim)
     rows = store.gather(2, index).to(device, non_blocking=True)
     return rows.view(batch, kv_heads, -1, head_dim)
 
 
 def _write_pages(store: Tensor, chosen: Tensor, rows: Tensor) -> None:
-    """Write ``rows`` [B, Hkv, R * S, D] into the ``chosen`` [B, R] pages of ``store``."""
+    """Write ``rows`` [B, Hkv, R * S, D] into the ``chosen`` [B, R] pages (page numbers on
+    the store's device) of ``store`` (a copy to the host on a GPU)."""
     batch, kv_heads, _, size, head_dim = store.shape
     paged = rows.view(batch, kv_heads, -1, size, head_dim).to(store.device)
-    index = chosen.to(store.device)[:, None, :, None, None].expand_as(paged)
+    index = chosen[:, None, :, None, None].expand_as(paged)
     store.scatter_(2, index, paged)
 
 
@@ -176,8 +177,10 @@ def recall_before_step(
     size = pages.positions.shape[2]
     recalled_positions = pages.positions.gather(1, chosen[:, :, None].expand(-1, -1, size))
     recalled_positions = recalled_positions.reshape(batch, -1)  # [B, R * S], -1: no row
-    recalled_keys = _pages_from_host(pages.keys, chosen, keys.device)
-    recalled_values = _pages_from_host(pages.values, chosen, keys.device)
+    # on a GPU: one read of the chosen pages' numbers to index the host pages
+    chosen_on_host = chosen.to(pages.keys.device)
+    recalled_keys = _pages_from_host(pages.keys, chosen_on_host, keys.device)
+    recalled_values = _pages_from_host(pages.values, chosen_on_host, keys.device)
     # candidates: the resident image rows (every slot, flagged) and the recalled rows,
     # ranked by head-averaged q.k (the tie rule: the lower position first)
     resident = (slots.role == OTHER) | (slots.role == CORE)  # [B, C]
@@ -227,8 +230,8 @@ def recall_before_step(
     pages.positions.scatter_(
         1, chosen[:, :, None].expand(-1, -1, size), leaving_positions.view(held.shape)
     )
-    _write_pages(pages.keys, chosen, leaving_keys)
-    _write_pages(pages.values, chosen, leaving_values)
+    _write_pages(pages.keys, chosen_on_host, leaving_keys)
+    _write_pages(pages.values, chosen_on_host, leaving_values)
     shape = (batch, kv_heads, -1, size, keys.shape[3])
     low, high = _digest(leaving_keys.view(shape), held)
     digest_index = chosen[:, None, :, None].expand(-1, kv_heads, -1, keys.shape[3])
