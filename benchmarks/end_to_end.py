@@ -36,6 +36,7 @@ from transformers import (
 )
 
 import avl_compile
+from avl_compile.bench.evaluate import AVL_PAGES as RECOMMENDED  # the bench's avl-pages row
 from avl_compile.cache import cache_argument, generated_cache
 
 IMAGE_TOKEN_ID = 32000
@@ -57,9 +58,6 @@ PRESETS = {
                     image=336, patch=14, tiles=5, dtype="bfloat16", new_tokens=64,
                     prompt_text=60),
 }  # fmt: skip
-
-
-RECOMMENDED = {"refresh_every": 1, "recall_pages": 16, "recall_page_size": 4, "core_page_size": 4}
 
 
 def build_model(preset: dict, device: str) -> LlavaForConditionalGeneration:

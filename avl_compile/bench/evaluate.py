@@ -37,6 +37,8 @@ AVL_PAGES = {"refresh_every": 1, "recall_pages": 16, "recall_page_size": 4, "cor
 # adaptive refresh (README): A-VL's budgets and K = 3, and a batch row also refreshes when
 # its core's log-sum-exp falls 0.5 nats below its value at the last refresh
 AVL_ADAPTIVE = {"refresh_lse_drop": 0.5}
+# the rows that are A-VL's budgets plus an option set past the paper
+AVL_OPTION_SETS = {"avl-recall": AVL_RECALL, "avl-pages": AVL_PAGES, "avl-adaptive": AVL_ADAPTIVE}
 BUDGETS = (0.1, 0.25, 0.5, 0.75, 1.0)
 CSV_COLUMNS = (
     "policy",
@@ -97,12 +99,8 @@ def policy_options(
     """
     if policy == "full":
         return {"policy": "full"}
-    if policy == "avl-recall":
-        return {**policy_options("avl", kv_budget), **AVL_RECALL}
-    if policy == "avl-pages":
-        return {**policy_options("avl", kv_budget), **AVL_PAGES}
-    if policy == "avl-adaptive":
-        return {**policy_options("avl", kv_budget), **AVL_ADAPTIVE}
+    if policy in AVL_OPTION_SETS:
+        return {**policy_options("avl", kv_budget), **AVL_OPTION_SETS[policy]}
     if policy == "avl":
         options = {
             "policy": "avl",
