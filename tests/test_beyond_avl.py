@@ -263,10 +263,21 @@ PAGE_CORE_RECALL = {"core_page_size": 2, "vision_keep": 0.3, "vision_compute": 0
                     "refresh_every": 1, "recall_pages": 2, "recall_page_size": 4}  # fmt: skip
 
 
-@pytest.mark.parametrize("options", [PAGE_CORE, PAGE_CORE_RECALL], ids=["pages", "pages-recall"])
-def test_query_aware_core_matches_the_reference_on_a_padded_batch(options):
+@pytest.mark.parametrize(
+    "options, inner",
+    [
+        (PAGE_CORE, "eager"),
+        (PAGE_CORE_RECALL, "eager"),
+        # the README's recommended set as users run it: the decode graphs compiled by
+        # Inductor, recall's swap inside them (compiled at the first step, for the
+        # prompt's page shapes)
+        ({**PAGE_CORE_RECALL, "refresh_every": 2}, "inductor"),
+    ],
+    ids=["pages", "pages-recall", "pages-recall-inductor"],
+)
+def test_query_aware_core_matches_the_reference_on_a_padded_batch(options, inner):
     prompt = llava_prompt(_make(), PREFIXES, SUFFIXES)
-    model, got = compiled_greedy(_make, prompt.inputs, {**options, "inner": "eager"})
+    model, got = compiled_greedy(_make, prompt.inputs, {**options, "inner": inner})
     assert torch.equal(got.sequences, reference_greedy(_make, prompt.inputs, options))
     counters = model._avl_backend.runtime.counters
     # every step runs in the compiled decode graph, recall's swap too (no host sync there:
@@ -279,19 +290,6 @@ def test_query_aware_core_matches_the_reference_on_a_padded_batch(options):
     core = fraction_count(options["vision_compute"], n_image)
     steps = counters["decode_sites"]
     assert counters["attended_rows"] / steps < len(PREFIXES[0]) + core + len(SUFFIXES[1]) + 12
-
-
-def test_recommended_set_under_inductor_matches_the_reference():
-    """The README's recommended set (recall + the query-aware core) as users run it: the
-    decode graphs compiled by Inductor, recall's swap inside them (compiled at the first
-    step, for the prompt's page shapes)."""
-    options = {**PAGE_CORE_RECALL, "refresh_every": 2}
-    prompt = llava_prompt(_make(), PREFIXES, SUFFIXES)
-    model, got = compiled_greedy(_make, prompt.inputs, {**options, "inner": "inductor"})
-    assert torch.equal(got.sequences, reference_greedy(_make, prompt.inputs, options))
-    counters = model._avl_backend.runtime.counters
-    assert counters["decode_graphs_in_graph"] == NEW_TOKENS - 1
-    assert counters["decode_graphs_in_python"] == 0
 
 
 def test_a_decode_graph_per_shape_of_the_prompts_pages():
