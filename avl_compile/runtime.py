@@ -204,8 +204,11 @@ class AvlRuntime:
         self.counters["attended_rows"] += state.attended_rows
         self.counters["refresh_sites"] += state.schedule.refresh
         if state.recall is not None and state.schedule.refresh:
-            # a swap run from Python (a GPU's route): it reads the device from the host
+            # a swap run from Python (a GPU's route): its host copies
             self.counters["recall_swaps_in_python"] += 1
+        if state.recall is not None and state.recall.copies is not None:
+            # copies to or from the host that were still running when the host needed them
+            self.counters["recall_host_waits"] += state.recall.copies.take_host_waits()
         return output, keys, values
 
     def _prefill(self, site, query, keys, values, attn_mask, scale):

@@ -28,7 +28,9 @@ case "${1:?tests, attention or e2e}" in
   tests)
     python -m pytest -q -n 0 tests/test_triton_gathered_attention.py tests/test_gathered_attention.py \
       tests/test_avl_policy.py tests/test_hf_compile_path.py \
-      tests/test_decode_in_graph.py 2>&1 | tee "$out/tests.txt" ;;
+      tests/test_decode_in_graph.py \
+      "tests/test_beyond_avl.py::test_recall_on_a_gpu_matches_the_reference" 2>&1 \
+      | tee "$out/tests.txt" ;;
   attention)
     python benchmarks/attention.py 2>&1 | tee "$out/attention.txt" ;;
   e2e)
@@ -38,6 +40,7 @@ case "${1:?tests, attention or e2e}" in
     export PYTHONUNBUFFERED=1
     timeout 90 python -m pytest -q -n 0 tests/test_triton_gathered_attention.py \
       "tests/test_decode_in_graph.py::test_cuda_graph_decode_generates_what_the_plain_graph_does" \
+      "tests/test_beyond_avl.py::test_recall_on_a_gpu_matches_the_reference" \
       2>&1 | tee "$out/tests.txt" || true
     # avl compiles about 3x as long as dense Inductor at 32 layers (CPU: 259 s vs 86 s for
     # the first generate of --preset cpu-host): batch 1 first, batch 16 with what time is left

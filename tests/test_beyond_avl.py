@@ -240,6 +240,56 @@ def test_recall_through_runtime_calls_reads_nothing_back_to_the_host(monkeypatch
     assert model._avl_backend.runtime.counters["recall_swaps_in_python"] == 9
 
 
+@pytest.mark.parametrize("deferred", [False, True], ids=["immediate", "deferred-as-on-cuda"])
+def test_recall_through_runtime_calls_matches_the_reference(monkeypatch, deferred):
+    """A GPU's route on a padded batch: each swap's pages are chosen right after the step
+    before (the plan is what the swap uses, not a second choice), and with ``deferred``
+    the rows that leave reach the host pages only at the layer's next swap, as CUDA's
+    asynchronous copies do."""
+    from avl_compile import backend
+    from avl_compile.policies import recall_copies
+
+    monkeypatch.setattr(backend, "_decode_steps", lambda kind, opts, device: {})
+    monkeypatch.setattr(recall_copies, "_defers_write_back", lambda pages, device: deferred)
+    plans = []
+    original = recall_copies.RecallCopies.plan
+
+    def counted(self, step, query, pages, recall_pages):
+        plans.append(step)
+        original(self, step, query, pages, recall_pages)
+
+    monkeypatch.setattr(recall_copies.RecallCopies, "plan", counted)
+    prompt = llava_prompt(_make(), PREFIXES, SUFFIXES)
+    options = {**PAGE_CORE_RECALL, "inner": "eager"}
+    model, got = compiled_greedy(_make, prompt.inputs, options)
+    assert torch.equal(got.sequences, reference_greedy(_make, prompt.inputs, PAGE_CORE_RECALL))
+    counters = model._avl_backend.runtime.counters
+    assert counters["decode_graphs_in_graph"] == 0
+    swaps = counters["recall_swaps_in_python"]
+    assert swaps == LAYERS * (NEW_TOKENS - 1)  # K = 1
+    # one choice per swap (the first step's made at its swap) and one per layer for the
+    # step after the last, which never runs
+    assert len(plans) == swaps + LAYERS
+    assert counters["recall_host_waits"] == 0  # a CPU has no copy in flight
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="recall's CUDA copies need a GPU")
+def test_recall_on_a_gpu_matches_the_reference():
+    """The GPU check of recall (benchmarks/gpu_checks.sh): host pages in pinned memory,
+    uploads and write-backs on side streams, the same tokens as the CPU reference."""
+    prompt = llava_prompt(_make(), PREFIXES, SUFFIXES)
+    model = avl_compile.compile(_make().cuda(), options={**PAGE_CORE_RECALL, "inner": "eager"})
+    inputs = {k: v.cuda() for k, v in prompt.inputs.items()}
+    out = greedy(model, inputs)
+    expected = reference_greedy(_make, prompt.inputs, PAGE_CORE_RECALL)
+    assert torch.equal(out.sequences.cpu(), expected)
+    counters = model._avl_backend.runtime.counters
+    assert counters["recall_swaps_in_python"] == LAYERS * (NEW_TOKENS - 1)
+    for layer in generated_cache(out).layers:
+        recall = layer_state(layer.keys).recall
+        assert recall.pages.keys.is_pinned() and recall.copies.upload is not None
+
+
 def test_recall_on_hfs_compile_path_matches_the_reference():
     from test_hf_compile_path import NEW_TOKENS as HF_TOKENS
     from test_hf_compile_path import _hf_compiled_greedy

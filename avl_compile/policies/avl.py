@@ -52,6 +52,7 @@ from avl_compile.policies.decode_schedule import (
 from avl_compile.policies.page_core import page_buckets
 from avl_compile.policies.prefill_scores import attention_and_lse, column_sums_of, last_row_score
 from avl_compile.policies.recall import RecallState, build_pages
+from avl_compile.policies.recall_copies import plan_next_swap, swap_through_copies
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -338,13 +339,17 @@ class AvlPolicy:
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One decode step called from Python (the runtime-call wiring); a compiled decode
         graph runs the same ``avl_decode_step`` inside the graph."""
-        recall = state.recall
+        recall, opts = state.recall, self.options
         if recall is not None and state.next_refresh:
-            opts = self.options
-            recall.swap(past_keys, past_values, state.slots, opts.recall_pages, opts.core_page_size)
+            swap_through_copies(
+                recall, past_keys, past_values, state.slots, opts.recall_pages,
+                opts.core_page_size, step=state.step + 1,
+            )  # fmt: skip
         schedule, keys, values = begin_step_and_grow(state, past_keys, past_values)
         if recall is not None:
             recall.last_query.copy_(query[:, :, -1])
+            if state.next_refresh:  # its pages' numbers reach the host while this step runs
+                plan_next_swap(recall, state.step + 1, opts.recall_pages)
         output = avl_decode_step(
             query,
             new_keys,

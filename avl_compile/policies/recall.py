@@ -11,8 +11,9 @@ tensors: P pages of S slots per row, empty ones padded). On a CPU it runs inside
 compiled decode graph, at the start of a refresh step (``RecallState`` holds its tensors,
 graph inputs after the slots'), and reads nothing back to the host. On a GPU the host pages
 cannot be indexed from inside a graph (nor a CUDA graph): it runs before the step in the
-runtime-call graph, reads the chosen pages' numbers to index the host pages and copies the
-rows that leave into them (host syncs at a refresh step, none at other steps). With the
+runtime-call graph, its pages chosen right after the step before and its copies overlapping
+compute (``recall_copies``; the host waits on the device at a refresh step only for a copy
+still in flight, none at other steps). With the
 query-aware core the swapped rows' page buckets are derived again
 (``page_core.page_buckets``, fixed shapes too).
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -28,6 +30,9 @@ from torch import Tensor
 from avl_compile.policies.avl_decode import CORE, OTHER, AvlSlots, PagedAvlSlots
 from avl_compile.policies.budgets import best_first
 from avl_compile.policies.page_core import digest_bound, page_buckets
+
+if TYPE_CHECKING:
+    from avl_compile.policies.recall_copies import RecallCopies
 
 
 @dataclasses.dataclass
@@ -59,6 +64,8 @@ class RecallState:
     pages: HostPages
     last_query: Tensor  # [B, Hq, D], written in place at every step
     image_positions: Tensor | None = None  # [B, N] ascending
+    # the runtime-call route's copies to and from the host pages (made at its first swap)
+    copies: RecallCopies | None = dataclasses.field(default=None, repr=False)
 
     NAMES = ("page_positions", "page_keys", "page_values", "page_low", "page_high", "last_query")
 
@@ -127,7 +134,7 @@ def _pages_from_host(store: Tensor, chosen: Tensor, device: torch.device) -> Ten
     return rows.view(batch, kv_heads, -1, head_dim)
 
 
-def _write_pages(store: Tensor, chosen: Tensor, rows: Tensor) -> None:
+def write_pages(store: Tensor, chosen: Tensor, rows: Tensor) -> None:
     """Write ``rows`` [B, Hkv, R * S, D] into the ``chosen`` [B, R] pages (page numbers on
     the store's device) of ``store`` (a copy to the host on a GPU)."""
     batch, kv_heads, _, size, head_dim = store.shape
@@ -147,6 +154,25 @@ def _rows_of(cache: Tensor, recalled: Tensor, index: Tensor) -> Tensor:
     return torch.where((index < capacity)[:, None, :, None], from_cache, from_recalled)
 
 
+def choose_pages(query: Tensor, pages: HostPages, recall_pages: int) -> Tensor:
+    """The ``recall_pages`` pages [B, R] (page numbers, in page order) whose digest bounds
+    the head-averaged q.k of ``query`` [B, Hq, D] highest (ties: the earlier page); empty
+    pages only after the others."""
+    group = query.shape[1] // pages.low.shape[1]
+    q = query.to(_accumulation(query))
+    page_held = pages.positions[:, :, 0] >= 0  # a page's rows fill its first slots
+    low = pages.low.repeat_interleave(group, 1).to(q.dtype)  # [B, Hq, P, D]
+    high = pages.high.repeat_interleave(group, 1).to(q.dtype)
+    bound = digest_bound(q[:, :, None, :], low, high).mean(1).masked_fill(~page_held, -math.inf)
+    count = min(recall_pages, bound.shape[1])
+    best = torch.sort(bound, dim=1, descending=True, stable=True).indices[:, :count]
+    return best.sort(dim=1).values
+
+
+def _accumulation(query: Tensor) -> torch.dtype:
+    return torch.float64 if query.dtype == torch.float64 else torch.float32
+
+
 def recall_before_step(
     query: Tensor,
     keys: Tensor,
@@ -158,29 +184,47 @@ def recall_before_step(
     core_page_size: int = 0,
 ) -> None:
     """Swap pages in for the step about to run, decided on ``query`` [B, Hq, D] (the last
-    token's); writes ``keys``/``values`` [B, Hkv, C, D] and ``slots`` in place. With the
-    query-aware core (``PagedAvlSlots``) the slots' page buckets follow the rows that moved
-    (``image_positions`` [B, N] and ``core_page_size`` define the pages). Fixed shapes;
-    every batch row at once."""
+    token's); writes ``keys``/``values`` [B, Hkv, C, D], ``slots`` and ``pages`` in place.
+    With the query-aware core (``PagedAvlSlots``) the slots' page buckets follow the rows
+    that moved (``image_positions`` [B, N] and ``core_page_size`` define the pages). Fixed
+    shapes; every batch row at once. The compiled decode graph's swap (a CPU's); the
+    runtime-call route overlaps its host copies (``recall_copies.RecallCopies``)."""
+    chosen = choose_pages(query, pages, recall_pages)
+    chosen_on_host = chosen.to(pages.keys.device)  # a read of the device on a GPU
+    recalled_keys = _pages_from_host(pages.keys, chosen_on_host, keys.device)
+    recalled_values = _pages_from_host(pages.values, chosen_on_host, keys.device)
+    leaving_keys, leaving_values = swap_pages_in(
+        query, keys, values, slots, pages, chosen, recalled_keys, recalled_values,
+        image_positions, core_page_size,
+    )  # fmt: skip
+    write_pages(pages.keys, chosen_on_host, leaving_keys)
+    write_pages(pages.values, chosen_on_host, leaving_values)
+
+
+def swap_pages_in(
+    query: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    slots: AvlSlots,
+    pages: HostPages,
+    chosen: Tensor,
+    recalled_keys: Tensor,
+    recalled_values: Tensor,
+    image_positions: Tensor | None = None,
+    core_page_size: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """The swap's device side, given the ``chosen`` pages [B, R] (on the cache's device)
+    and their rows on the device (``recalled_keys``/``recalled_values`` [B, Hkv, R * S,
+    D]): ranks the resident and recalled rows, writes the cache, ``slots`` and the pages'
+    positions and digests in place, and returns the rows that leave, page by page [B, Hkv,
+    R * S, D], for the host pages' ``chosen`` pages (``write_pages``)."""
     batch, kv_heads, capacity, _ = keys.shape
     group = query.shape[1] // kv_heads
-    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    acc = _accumulation(query)
     q = query.to(acc)
-    # the pages of the highest digest bound (ties: the earlier page), in page order
-    page_held = pages.positions[:, :, 0] >= 0  # a page's rows fill its first slots
-    low = pages.low.repeat_interleave(group, 1).to(acc)  # [B, Hq, P, D]
-    high = pages.high.repeat_interleave(group, 1).to(acc)
-    bound = digest_bound(q[:, :, None, :], low, high).mean(1).masked_fill(~page_held, -math.inf)
-    count = min(recall_pages, bound.shape[1])
-    best = torch.sort(bound, dim=1, descending=True, stable=True).indices[:, :count]
-    chosen = best.sort(dim=1).values  # [B, R]; empty pages (-inf) only after the others
     size = pages.positions.shape[2]
     recalled_positions = pages.positions.gather(1, chosen[:, :, None].expand(-1, -1, size))
     recalled_positions = recalled_positions.reshape(batch, -1)  # [B, R * S], -1: no row
-    # on a GPU: one read of the chosen pages' numbers to index the host pages
-    chosen_on_host = chosen.to(pages.keys.device)
-    recalled_keys = _pages_from_host(pages.keys, chosen_on_host, keys.device)
-    recalled_values = _pages_from_host(pages.values, chosen_on_host, keys.device)
     # candidates: the resident image rows (every slot, flagged) and the recalled rows,
     # ranked by head-averaged q.k (the tie rule: the lower position first)
     resident = (slots.role == OTHER) | (slots.role == CORE)  # [B, C]
@@ -230,8 +274,6 @@ def recall_before_step(
     pages.positions.scatter_(
         1, chosen[:, :, None].expand(-1, -1, size), leaving_positions.view(held.shape)
     )
-    _write_pages(pages.keys, chosen_on_host, leaving_keys)
-    _write_pages(pages.values, chosen_on_host, leaving_values)
     shape = (batch, kv_heads, -1, size, keys.shape[3])
     low, high = _digest(leaving_keys.view(shape), held)
     digest_index = chosen[:, None, :, None].expand(-1, kv_heads, -1, keys.shape[3])
@@ -241,3 +283,4 @@ def recall_before_step(
         image = (slots.role == OTHER) | (slots.role == CORE)
         buckets = page_buckets(slots.position[:, 0], image, image_positions, core_page_size)
         slots.page_bucket.copy_(buckets)
+    return leaving_keys, leaving_values

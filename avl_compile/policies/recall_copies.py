@@ -1,0 +1,179 @@
+"""Recall's copies between the host pages and the accelerator on the runtime-call route (a
+GPU's: a graph cannot index host memory), arranged so that the copies overlap compute:
+
+- right after a layer's step, if its next step is a refresh step, the next swap's pages are
+  chosen on the device from the query just run (nothing the swap reads changes before it)
+  and their numbers start copying to the host (``plan``);
+- at the refresh step the host gathers those pages into a pinned staging buffer and uploads
+  them on a side stream (``fetch``): the host runs ahead of the device within a step (no
+  read of the device there), so the upload runs while the device still computes the
+  earlier layers; the compute stream waits for it only where the swap reads the rows;
+- the rows that leave go back on another side stream into pinned buffers (``write_back``);
+  the host writes them into its pages at the layer's next swap (``flush``), long after.
+
+The host waits on the device only for a plan or a write-back still in flight at the next
+swap (after ``generate``'s per-token read of the device both are done): counted in
+``host_waits``. On a CPU (the pages and the cache in one memory) every copy is immediate.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from avl_compile.policies.avl_decode import AvlSlots
+from avl_compile.policies.recall import (
+    HostPages,
+    RecallState,
+    choose_pages,
+    swap_pages_in,
+    write_pages,
+)
+
+
+class RecallCopies:
+    """One layer's host copies. ``defer_write_back``: leaving rows reach the host pages at
+    the next swap, not at once (on CUDA, or a CPU test of that order)."""
+
+    def __init__(self, device: torch.device, defer_write_back: bool) -> None:
+        cuda = device.type == "cuda"
+        self.device = device
+        self.defer_write_back = defer_write_back
+        # uploads and write-backs on streams of their own: an upload queued behind a
+        # write-back would wait for the compute that write-back waits for
+        self.upload = torch.cuda.Stream(device) if cuda else None
+        self.download = torch.cuda.Stream(device) if cuda else None
+        # the chosen pages for a layer step: (step, on the device, on the host, copy done)
+        self._plan: tuple[int, Tensor, Tensor, torch.cuda.Event | None] | None = None
+        # rows on their way to the host: (chosen on the host, keys, values, copy done)
+        self._pending: tuple[Tensor, Tensor, Tensor, torch.cuda.Event | None] | None = None
+        self.host_waits = 0
+
+    def plan(self, step: int, query: Tensor, pages: HostPages, recall_pages: int) -> None:
+        """Choose the pages of the swap at layer step ``step`` from ``query`` [B, Hq, D]."""
+        chosen = choose_pages(query, pages, recall_pages)
+        on_host, done = self._to_host(chosen)
+        self._plan = (step, chosen, on_host, done)
+
+    def fetch(
+        self, step: int, query: Tensor, pages: HostPages, recall_pages: int
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The pages of the swap at ``step`` (planned, or chosen now from ``query``): their
+        numbers on the device and on the host, and their keys and values on the device [B,
+        Hkv, R * S, D]."""
+        self.flush(pages)
+        if self._plan is None or self._plan[0] != step:  # nothing planned for this step
+            self.plan(step, query, pages, recall_pages)
+        assert self._plan is not None
+        _, chosen, on_host, done = self._plan
+        self._plan = None
+        self._wait(done)
+        keys = self._to_device(_gather_pages(pages.keys, on_host, pinned=self.upload is not None))
+        values = self._to_device(
+            _gather_pages(pages.values, on_host, pinned=self.upload is not None)
+        )
+        return chosen, on_host, keys, values
+
+    def write_back(
+        self, pages: HostPages, chosen_on_host: Tensor, keys: Tensor, values: Tensor
+    ) -> None:
+        """Rows that leave the cache [B, Hkv, R * S, D] into the host pages' chosen pages."""
+        if not self.defer_write_back:
+            write_pages(pages.keys, chosen_on_host, keys)
+            write_pages(pages.values, chosen_on_host, values)
+            return
+        keys_on_host, _ = self._to_host(keys, stream=self.download)
+        values_on_host, done = self._to_host(values, stream=self.download)
+        self._pending = (chosen_on_host, keys_on_host, values_on_host, done)
+
+    def flush(self, pages: HostPages) -> None:
+        """Write the rows on their way to the host into its pages."""
+        if self._pending is None:
+            return
+        chosen_on_host, keys, values, done = self._pending
+        self._pending = None
+        self._wait(done)
+        write_pages(pages.keys, chosen_on_host, keys)
+        write_pages(pages.values, chosen_on_host, values)
+
+    def take_host_waits(self) -> int:
+        waits, self.host_waits = self.host_waits, 0
+        return waits
+
+    def _wait(self, done: torch.cuda.Event | None) -> None:
+        if done is not None and not done.query():
+            self.host_waits += 1
+            done.synchronize()
+
+    def _to_host(
+        self, tensor: Tensor, stream: torch.cuda.Stream | None = None
+    ) -> tuple[Tensor, torch.cuda.Event | None]:
+        stream = stream or self.download
+        if stream is None:
+            return tensor.to("cpu", copy=True), None
+        stream.wait_stream(torch.cuda.current_stream(self.device))  # the tensor is written
+        with torch.cuda.stream(stream):
+            on_host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            on_host.copy_(tensor, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        tensor.record_stream(stream)  # not reused before the copy has read it
+        return on_host, done
+
+    def _to_device(self, on_host: Tensor) -> Tensor:
+        if self.upload is None:
+            return on_host.to(self.device)
+        with torch.cuda.stream(self.upload):  # allocated on the upload stream, written there
+            rows = on_host.to(self.device, non_blocking=True)
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_stream(self.upload)
+        rows.record_stream(compute)
+        return rows
+
+
+def _gather_pages(store: Tensor, chosen: Tensor, pinned: bool) -> Tensor:
+    """The ``chosen`` [B, R] pages of a host ``store`` [B, Hkv, P, S, D] as rows [B, Hkv,
+    R * S, D] (in a pinned buffer for an asynchronous upload)."""
+    batch, kv_heads, _, size, head_dim = store.shape
+    index = chosen[:, None, :, None, None].expand(-1, kv_heads, -1, size, head_dim)
+    rows = torch.empty(index.shape, dtype=store.dtype, pin_memory=pinned)
+    torch.gather(store, 2, index, out=rows)
+    return rows.view(batch, kv_heads, -1, head_dim)
+
+
+def _defers_write_back(pages: HostPages, device: torch.device) -> bool:
+    """Whether the host pages live in another memory than the cache (a GPU's)."""
+    return pages.keys.device != device
+
+
+def swap_through_copies(
+    recall: RecallState,
+    keys: Tensor,
+    values: Tensor,
+    slots: AvlSlots,
+    recall_pages: int,
+    core_page_size: int,
+    step: int,
+) -> None:
+    """``recall_before_step`` for layer step ``step`` on the runtime-call route, its copies
+    through the layer's ``RecallCopies`` (made at the first swap)."""
+    if recall.copies is None:
+        recall.copies = RecallCopies(keys.device, _defers_write_back(recall.pages, keys.device))
+    copies = recall.copies
+    chosen, on_host, recalled_keys, recalled_values = copies.fetch(
+        step, recall.last_query, recall.pages, recall_pages
+    )
+    leaving_keys, leaving_values = swap_pages_in(
+        recall.last_query, keys, values, slots, recall.pages, chosen, recalled_keys,
+        recalled_values, recall.image_positions, core_page_size,
+    )  # fmt: skip
+    copies.write_back(recall.pages, on_host, leaving_keys, leaving_values)
+
+
+def plan_next_swap(recall: RecallState, step: int, recall_pages: int) -> None:
+    """Right after a layer's step whose next step (``step``) is a refresh step: choose
+    that swap's pages now, from the query just run (stored in ``recall.last_query``)."""
+    if recall.copies is None:
+        device = recall.last_query.device
+        recall.copies = RecallCopies(device, _defers_write_back(recall.pages, device))
+    recall.copies.plan(step, recall.last_query, recall.pages, recall_pages)
