@@ -60,8 +60,9 @@ def avl_decode_site(
     recall = RecallState.from_tensors(state[len(names) :]) if recall_pages else None
     if recall is not None and refresh:
         recall.swap(keys, values, slots, recall_pages, core_page_size)
+    n_pages = recall.core_pages(core_page_size) if recall is not None else None
     output = avl_decode_step(
-        query, new_keys, new_values, keys, values, slots, scale, refresh, core_page_size
+        query, new_keys, new_values, keys, values, slots, scale, refresh, core_page_size, n_pages
     )
     if recall is not None:
         recall.last_query.copy_(query[:, :, -1])

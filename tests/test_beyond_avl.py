@@ -390,7 +390,7 @@ def test_query_aware_core_moves_between_refresh_steps(monkeypatch):
 
 
 def test_page_bound_is_an_upper_bound_and_exact_for_one_row_pages():
-    from avl_compile.policies.page_core import page_bound_per_slot, page_buckets
+    from avl_compile.policies.page_core import page_bound_per_slot, page_buckets, pages_of
 
     torch.manual_seed(0)
     batch, q_heads, kv_heads, capacity, dim = 2, 4, 2, 12, 8
@@ -406,6 +406,12 @@ def test_page_bound_is_an_upper_bound_and_exact_for_one_row_pages():
         bucket = page_buckets(positions, candidate, image_positions, size)
         assert (bucket[candidate] < capacity).all() and (bucket[~candidate] == -1).all()
         bound = page_bound_per_slot(query, keys, candidate, bucket, size)
+        # boxes only for the prompt's pages (what a graph with the image positions does)
+        n_pages = pages_of(image_positions.shape[1], size)
+        assert n_pages < capacity and int(bucket.max()) < n_pages
+        assert torch.equal(
+            page_bound_per_slot(query, keys, candidate, bucket, size, n_pages), bound
+        )
         assert torch.isinf(bound[~candidate]).all()
         assert (bound[candidate] >= exact[candidate] - 1e-12).all()
         if size == 1:

@@ -359,7 +359,8 @@ class AvlPolicy:
             state.slots,
             scale,
             schedule.refresh,
-            self.options.core_page_size,
+            opts.core_page_size,
+            recall.core_pages(opts.core_page_size) if recall is not None else None,
         )
         return output, keys, values
 

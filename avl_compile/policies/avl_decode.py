@@ -162,14 +162,16 @@ def avl_decode_step(
     scale: float,
     refresh: bool,
     page_size: int = 0,
+    n_pages: int | None = None,
 ) -> Tensor:
     """Write the token into slot ``text_end``, attend sink + core + text (every secondary
     image row too at a refresh step), add the text rows' attention to their scores, re-pick
     the core at a refresh step, then evict at most one text row per head (H2O).
     ``refresh`` is known on the host (the step counter), so it selects code, not data.
     With ``PagedAvlSlots`` the core is the query-aware one, chosen before attention at
-    every step (``page_core.py``; ``page_size``: its pages' image tokens); no step
-    attends the whole secondary set. With
+    every step (``page_core.py``; ``page_size``: its pages' image tokens; ``n_pages``:
+    the most page buckets a slot holds, if known, else the capacity); no step attends the
+    whole secondary set. With
     ``AdaptiveAvlSlots`` a batch row also refreshes when its core's log-sum-exp has fallen
     (``adaptive_refresh_rows``): data, so every step holds both paths, as flags."""
     batch, kv_heads = keys.shape[:2]
@@ -192,7 +194,7 @@ def avl_decode_step(
     if isinstance(slots, PagedAvlSlots):
         candidate = (role == OTHER) | (role == CORE)
         bucket = slots.page_bucket
-        score = page_bound_per_slot(query[:, :, -1], keys, candidate, bucket, page_size)
+        score = page_bound_per_slot(query[:, :, -1], keys, candidate, bucket, page_size, n_pages)
         _repick_core(slots, score)
         refresh = False
     refreshing, logits = None, None  # [B]: the batch rows that refresh, where that is data

@@ -28,43 +28,60 @@ def digest_bound(query: Tensor, low: Tensor, high: Tensor) -> Tensor:
 
 
 def page_bound_per_slot(
-    query: Tensor, keys: Tensor, candidate: Tensor, bucket: Tensor, page_size: int
+    query: Tensor,
+    keys: Tensor,
+    candidate: Tensor,
+    bucket: Tensor,
+    page_size: int,
+    n_buckets: int | None = None,
 ) -> Tensor:
     """For every ``candidate`` slot [B, C] (bool), the digest bound of its page given
     ``query`` [B, Hq, D]; -inf elsewhere. ``keys`` [B, Hkv, C, D]; ``bucket`` [B, C] the
-    slot's page as an index below C (slots of one page share it; ``page_buckets``); a page
-    holds at most ``page_size`` slots. Returns float64 [B, C]."""
+    slot's page as an index below ``n_buckets`` (default C; slots of one page share it;
+    ``page_buckets``); a page holds at most ``page_size`` slots. Returns float64 [B, C]."""
     batch, q_heads, head_dim = query.shape
     kv_heads, capacity = keys.shape[1], keys.shape[2]
+    n_buckets = capacity if n_buckets is None else min(n_buckets, capacity)
     acc = score_dtype(query.dtype)
-    members, held = page_members(torch.where(candidate, bucket, capacity), page_size)
+    members, held = page_members(torch.where(candidate, bucket, capacity), page_size, n_buckets)
     # each page's keys side by side, then its box: a gather and a reduction Inductor fuses
     # (a scatter_reduce by bucket is an eager kernel 13x slower here)
     index = members.view(batch, 1, -1, 1).expand(-1, kv_heads, -1, head_dim)
-    paged = keys.gather(2, index).view(batch, kv_heads, capacity, page_size, head_dim).to(acc)
+    shape = (batch, kv_heads, n_buckets, page_size, head_dim)
+    paged = keys.gather(2, index).view(shape).to(acc)
     held = held[:, None, :, :, None]
-    low = paged.masked_fill(~held, math.inf).amin(dim=3)  # [B, Hkv, C, D]: per bucket
+    low = paged.masked_fill(~held, math.inf).amin(dim=3)  # [B, Hkv, n_buckets, D]
     high = paged.masked_fill(~held, -math.inf).amax(dim=3)
     q = query.reshape(batch, kv_heads, q_heads // kv_heads, 1, head_dim).to(acc)
-    bound = digest_bound(q, low[:, :, None], high[:, :, None])  # [B, Hkv, G, C]
-    bound = bound.reshape(batch, q_heads, capacity).mean(dim=1)
+    bound = digest_bound(q, low[:, :, None], high[:, :, None])  # [B, Hkv, G, n_buckets]
+    bound = bound.reshape(batch, q_heads, n_buckets).mean(dim=1)
     # empty buckets hold inf/nan, but no candidate reads them
-    score = bound.gather(1, bucket.clamp(min=0)).to(torch.float64)
+    score = bound.gather(1, bucket.clamp(min=0, max=n_buckets - 1)).to(torch.float64)
     return score.masked_fill(~candidate, -math.inf)
 
 
-def page_members(bucket: Tensor, page_size: int) -> tuple[Tensor, Tensor]:
-    """The slots of every bucket below C of ``bucket`` [B, C] (C: in no page), at most
-    ``page_size`` each, in slot order: [B, C, page_size] slot indices and whether each is
-    one (fixed shapes: a stable sort by bucket, then each bucket's run)."""
+def page_members(
+    bucket: Tensor, page_size: int, n_buckets: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """The slots of every bucket below ``n_buckets`` (default C) of ``bucket`` [B, C] (C:
+    in no page), at most ``page_size`` each, in slot order: [B, n_buckets, page_size] slot
+    indices and whether each is one (fixed shapes: a stable sort by bucket, then each
+    bucket's run)."""
     batch, capacity = bucket.shape
+    n_buckets = capacity if n_buckets is None else n_buckets
     by_bucket, order = torch.sort(bucket, dim=1, stable=True)
-    buckets = torch.arange(capacity + 1, device=bucket.device).expand(batch, -1).contiguous()
-    start = torch.searchsorted(by_bucket.contiguous(), buckets)  # [B, C + 1] each run's start
-    index = start[:, :capacity, None] + torch.arange(page_size, device=bucket.device)
+    buckets = torch.arange(n_buckets + 1, device=bucket.device).expand(batch, -1).contiguous()
+    start = torch.searchsorted(by_bucket.contiguous(), buckets)  # each run's start
+    index = start[:, :n_buckets, None] + torch.arange(page_size, device=bucket.device)
     held = index < start[:, 1:, None]
     members = order.gather(1, index.clamp(max=capacity - 1).view(batch, -1))
-    return members.view(batch, capacity, page_size), held
+    return members.view(batch, n_buckets, page_size), held
+
+
+def pages_of(image_tokens: int, page_size: int) -> int:
+    """Pages of ``page_size`` of a prompt of ``image_tokens``: the most page buckets any
+    slot can hold (``page_buckets`` ranks the pages present)."""
+    return -(-image_tokens // page_size)
 
 
 def page_buckets(

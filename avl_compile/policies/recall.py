@@ -29,7 +29,7 @@ from torch import Tensor
 
 from avl_compile.policies.avl_decode import CORE, OTHER, AvlSlots, PagedAvlSlots
 from avl_compile.policies.budgets import best_first
-from avl_compile.policies.page_core import digest_bound, page_buckets
+from avl_compile.policies.page_core import digest_bound, page_buckets, pages_of
 
 if TYPE_CHECKING:
     from avl_compile.policies.recall_copies import RecallCopies
@@ -84,6 +84,13 @@ class RecallState:
     def from_tensors(cls, tensors: tuple[Tensor, ...]) -> RecallState:
         pages = HostPages(*tensors[:5])
         return cls(pages, tensors[5], tensors[6] if len(tensors) > 6 else None)
+
+    def core_pages(self, core_page_size: int) -> int | None:
+        """The query-aware core's page buckets at most (its pages of the prompt's image
+        tokens; a static size in a graph compiled per shape of ``image_positions``)."""
+        if self.image_positions is None:
+            return None
+        return pages_of(self.image_positions.shape[1], core_page_size)
 
     def swap(
         self, keys: Tensor, values: Tensor, slots: AvlSlots, recall_pages: int, core_page_size: int
