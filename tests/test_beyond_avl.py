@@ -193,6 +193,10 @@ def test_recall_at_full_budgets_generates_the_uncompiled_tokens():
     options = {**FULL, "refresh_every": 1, "recall_pages": 3}
     expected = greedy(_make(), prompt.inputs).sequences
     assert torch.equal(reference_greedy(_make, prompt.inputs, options), expected)
+    # and compiled, with the query-aware core too (nothing evicted: empty pages only)
+    for extra in ({}, {"core_page_size": 2}):
+        _, got = compiled_greedy(_make, prompt.inputs, {**options, **extra, "inner": "eager"})
+        assert torch.equal(got.sequences, expected)
 
 
 def test_recall_options_are_checked():
