@@ -45,17 +45,29 @@ class GraphPerStateShape:
         self.first_state = first_state  # index of the first state tensor among the inputs
         self.per_site, self.extra = per_site, extra  # tensors per site; the last extra vary
         self.compiled: dict[tuple, Callable] = {}
+        # the last step's varying tensors (weakly) and their graph: recall writes them in
+        # place, so a generate's steps pass the same tensors and skip the shape key
+        self._last_tensors: list[weakref.ref] = []
+        self._last_graph: Callable | None = None
 
     def __call__(self, *args):
         state = args[self.first_state :]
         extra = [
-            list(state[start + self.per_site - self.extra : start + self.per_site])
+            state[start + self.per_site - self.extra : start + self.per_site]
             for start in range(0, len(state), self.per_site)
         ]
-        key = tuple((t.shape, t.stride(), t.dtype) for site in extra for t in site)
+        tensors = [t for site in extra for t in site]
+        last = self._last_tensors
+        same = len(tensors) == len(last)
+        if same and all(t is ref() for t, ref in zip(tensors, last, strict=True)):
+            assert self._last_graph is not None
+            return self._last_graph(*args)
+        key = tuple((t.shape, t.stride(), t.dtype) for t in tensors)
         graph = self.compiled.get(key)
         if graph is None:
-            graph = self.compiled[key] = self.compile(extra)
+            graph = self.compiled[key] = self.compile([list(site) for site in extra])
+        self._last_tensors = [weakref.ref(t) for t in tensors]
+        self._last_graph = graph
         return graph(*args)
 
 

@@ -367,6 +367,11 @@ def test_a_decode_graph_per_shape_of_the_prompts_pages():
 
     assert [call(3), call(3), call(3, capacity=16), call(5), call(3)] == [1, 1, 1, 2, 1]
     assert compiled == [[(2, 3), (2, 4)] * 2, [(2, 5), (2, 4)] * 2]
+    # a generate's steps pass the same tensors (written in place): the last graph again
+    site = [torch.zeros(8), torch.zeros(2, 5), torch.zeros(2, 4)]
+    assert [graph(torch.zeros(1), *site, *site) for _ in range(3)] == [2, 2, 2]
+    other = [site[0], torch.zeros(2, 6), site[2]]
+    assert graph(torch.zeros(1), *other, *other) == 3 and len(compiled) == 3
 
 
 def test_query_aware_core_at_full_budgets_generates_the_uncompiled_tokens():
