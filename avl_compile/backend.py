@@ -117,10 +117,10 @@ class AvlBackend:
         if not scatters and rewritable and all(is_decode_site(site) for site in rewritable):
             device = rewritable[0].key_cat.args[0][0].meta["example_value"].device
             steps = _decode_steps(kind, opts, device)
-            if not steps and kind.startswith("avl-recall"):
+            if kind.startswith("avl-recall") and _stages_recall(device):
                 log.info(
-                    "avl: recall's host pages cannot be indexed inside a %s graph: decoding "
-                    "through one runtime call per layer",
+                    "avl: recall's host pages cannot be indexed inside a %s graph: the host "
+                    "copies the recalled rows around the decode graph",
                     device.type,
                 )
         if steps:
@@ -183,6 +183,7 @@ class AvlBackend:
         if in_graph is None:
             return fallback
         inputs = [node for node in gm.graph.nodes if node.op == "placeholder"]
+        staged = any(step.kwargs.get("staged", False) for step in steps.values())
         decode = CompiledDecode(
             key_inputs=[inputs.index(keys) for keys, _ in caches],
             key_outputs=key_outputs,
@@ -191,6 +192,7 @@ class AvlBackend:
             fallback=fallback,
             runtime=self.runtime,
             layers=layers,
+            staged_recall=opts.recall_pages if staged else 0,
         )
         self._decodes.add(decode)
         return decode
@@ -234,7 +236,9 @@ class AvlBackend:
                 return _inner_backend(opts.inner)(graph, inputs)
             from torch._inductor.compile_fx import compile_fx
 
-            patches = _decode_patches(graph, opts, growing, states[0][0].device)
+            # staged recall: rows made for each step go in and out (no CUDA graph)
+            cudagraphs = not step.kwargs.get("staged", False)
+            patches = _decode_patches(graph, opts, growing, states[0][0].device, cudagraphs)
             return compile_fx(graph, inputs, config_patches=patches)
 
         if step.extra_state:  # shaped by the prompt: compiled at a prompt's first step
@@ -247,7 +251,11 @@ class AvlBackend:
 
 
 def _decode_patches(
-    graph: fx.GraphModule, opts: AvlOptions, growing: frozenset[int], device: torch.device
+    graph: fx.GraphModule,
+    opts: AvlOptions,
+    growing: frozenset[int],
+    device: torch.device,
+    cudagraphs: bool = True,
 ) -> dict:
     """Inductor's settings for a decode graph."""
     # Inductor's locality pass may move a read of the cache (the values' matmul) after
@@ -259,22 +267,26 @@ def _decode_patches(
     # examples, by construction (tested); on a host-bound shape the checks cost ~6%
     patches["size_asserts"] = False
     # a cache that grows at every step would be a new CUDA graph at every step
-    if uses_cudagraphs(opts, device) and not growing:
+    if cudagraphs and uses_cudagraphs(opts, device) and not growing:
         mark_state_inputs_static(graph)
         patches["triton.cudagraphs"] = True
     return patches
 
 
+def _stages_recall(device: torch.device) -> bool:
+    """Whether recall's decode graphs are staged on ``device``: the host pages are not in
+    the device's memory, so the host copies their rows around the graph."""
+    return device.type != "cpu"
+
+
 def _decode_steps(kind: str, opts: AvlOptions, device: torch.device) -> dict[bool, DecodeStep]:
     """The decode step of a ``decode_variant`` kind; A-VL's refresh step is a graph of its
-    own. None for recall on a GPU: a graph cannot index its host pages."""
+    own. Recall's is staged on a GPU (a graph cannot index its host pages)."""
     if kind in ("avl-recall", "avl-recall-pages"):
-        if device.type != "cpu":
-            return {}
-        paged = kind == "avl-recall-pages"
+        paged, staged = kind == "avl-recall-pages", _stages_recall(device)
         return {
             refresh: avl_step(refresh, paged, recall_pages=opts.recall_pages,
-                              core_page_size=opts.core_page_size)
+                              core_page_size=opts.core_page_size, staged=staged)
             for refresh in (False, True)
         }  # fmt: skip
     if kind == "avl":

@@ -25,6 +25,7 @@ from avl_compile.options import AvlOptions
 from avl_compile.policies import decode_variant
 from avl_compile.policies.avl_decode import grow_cache
 from avl_compile.policies.decode_schedule import LayerState
+from avl_compile.policies.recall_copies import finish_after_graph, stage_before_graph
 from avl_compile.runtime import AvlRuntime, end_prefill, layer_state, set_layer_state
 
 
@@ -84,6 +85,7 @@ class CompiledDecode:
         fallback: Callable,
         runtime: AvlRuntime,
         layers: list[int | None],
+        staged_recall: int = 0,
     ) -> None:
         self.key_inputs = key_inputs  # Dynamo input index of each site's past keys
         self.key_outputs = key_outputs  # output index of each site's cache write-back
@@ -94,6 +96,9 @@ class CompiledDecode:
         self.layers = layers  # decoder layer of each site
         self.fallback = fallback
         self.runtime = runtime
+        # recall's pages per swap where its graphs are staged (the host copies its rows
+        # around the graph: ``recall_copies``); 0 otherwise
+        self.staged_recall = staged_recall
         # the caches of the last step, weakly (a finished generate's cache must be freed)
         self._last_keys: tuple[weakref.ref, ...] = ()
         self._last_states: list[weakref.ref] = []
@@ -115,8 +120,16 @@ class CompiledDecode:
             state.begin_step()
         for layer in growing:  # the graph grows the cache by one slot: the state too
             states[layer].slots = states[layer].slots.grown(1)
+        if self.staged_recall:
+            for state in states:
+                assert state.recall is not None
+                stage_before_graph(
+                    state.recall, state.step, state.schedule.refresh, self.staged_recall
+                )
         tensors = [t for state in states for t in state.tensors()]
         result = graph(*args, *tensors)
+        if self.staged_recall:
+            self._finish_staged_recall(states)
         if growing:  # new cache tensors, from the graph's concatenation
             for layer in growing:
                 set_layer_state(result[self.key_outputs[layer]], states[layer])
@@ -132,6 +145,15 @@ class CompiledDecode:
             counters["attended_rows"] += sum(state.attended_rows for state in states)
             counters["refresh_sites"] += sum(state.schedule.refresh for state in states)
         return result
+
+    def _finish_staged_recall(self, states: list[LayerState]) -> None:
+        waits = 0
+        for state in states:
+            recall = state.recall
+            assert recall is not None and recall.copies is not None
+            finish_after_graph(recall, state.step + 1, state.next_refresh)
+            waits += recall.copies.take_host_waits()
+        self.runtime.counters["recall_host_waits"] += waits
 
     def serves(self, options: AvlOptions) -> bool:
         """Whether a graph here holds the decode step that ``options`` need."""

@@ -48,16 +48,20 @@ def avl_decode_site(
     adaptive: bool = False,
     recall_pages: int = 0,
     core_page_size: int = 0,
+    staged: bool = False,
 ) -> Tensor:
     """The graph's entry to one A-VL site's decode step (flat tensors, as FX passes them:
     the fields of the slots class, ``PagedAvlSlots`` for the query-aware core (``paged``),
     ``AdaptiveAvlSlots`` for adaptive refresh, then with recall (``recall_pages``)
-    ``RecallState``'s tensors; a refresh step swaps pages in before the step)."""
+    ``RecallState``'s tensors, ``staged`` where the host copies its pages' rows around the
+    graph; a refresh step swaps pages in before the step)."""
     scale = scale if scale is not None else query.shape[-1] ** -0.5
     kind = PagedAvlSlots if paged else AdaptiveAvlSlots if adaptive else AvlSlots
     names = [field.name for field in dataclasses.fields(kind)]
     slots = kind(**dict(zip(names, state, strict=False)))
-    recall = RecallState.from_tensors(state[len(names) :]) if recall_pages else None
+    recall = None
+    if recall_pages:
+        recall = RecallState.from_tensors(state[len(names) :], paged, staged)
     if recall is not None and refresh:
         recall.swap(keys, values, slots, recall_pages, core_page_size)
     n_pages = recall.core_pages(core_page_size) if recall is not None else None
@@ -65,7 +69,7 @@ def avl_decode_site(
         query, new_keys, new_values, keys, values, slots, scale, refresh, core_page_size, n_pages
     )
     if recall is not None:
-        recall.last_query.copy_(query[:, :, -1])
+        recall.after_step(query, recall_pages)
     return output
 
 
@@ -108,16 +112,19 @@ def avl_step(
     adaptive: bool = False,
     recall_pages: int = 0,
     core_page_size: int = 0,
+    staged: bool = False,
 ) -> DecodeStep:
     """A-VL's decode step (``refresh``: a step that attends every kept image row;
     ``paged``: the query-aware core, chosen at every step; ``adaptive``: a batch row also
     refreshes when its signal fires; ``recall_pages``: recall swaps pages in at the start
-    of a refresh step, which with the query-aware core attends no more than another)."""
+    of a refresh step, which with the query-aware core attends no more than another;
+    ``staged``: recall's rows copied by the host around the graph, a GPU's)."""
     if recall_pages:
         kwargs = {"refresh": refresh, "paged": paged, "recall_pages": recall_pages,
-                  "core_page_size": core_page_size}  # fmt: skip
+                  "core_page_size": core_page_size, "staged": staged}  # fmt: skip
         state = PagedAvlSlots if paged else AvlSlots
-        return DecodeStep(avl_decode_site, kwargs, state, RecallState.names(paged))
+        names = RecallState.names(paged, staged, refresh)
+        return DecodeStep(avl_decode_site, kwargs, state, names)
     if paged:
         kwargs = {"refresh": False, "paged": True, "core_page_size": core_page_size}
         return DecodeStep(avl_decode_site, kwargs, PagedAvlSlots)

@@ -25,6 +25,9 @@ from avl_compile.tiny_models import llava_prompt, tiny_llava
 FULL = {"vision_keep": 1.0, "vision_compute": 1.0, "text_keep": 1.0}
 PREFIXES, SUFFIXES = [[1, 5, 6], [1, 9]], [[7, 8, 9, 10], [7, 8, 9, 10, 11, 12, 13]]
 LAYERS = 3  # tiny_llava's decoder
+# recall with the query-aware core, K = 1 (the recommended set's shape, small)
+PAGE_CORE_RECALL = {"core_page_size": 2, "vision_keep": 0.3, "vision_compute": 0.2,
+                    "refresh_every": 1, "recall_pages": 2, "recall_page_size": 4}  # fmt: skip
 _TRANSFORMERS = tuple(int(part) for part in transformers.__version__.split(".")[:2])
 
 
@@ -277,21 +280,64 @@ def test_recall_through_runtime_calls_matches_the_reference(monkeypatch, deferre
     assert counters["recall_host_waits"] == 0  # a CPU has no copy in flight
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="recall's CUDA copies need a GPU")
-def test_recall_on_a_gpu_matches_the_reference():
-    """The GPU check of recall (benchmarks/gpu_checks.sh): host pages in pinned memory,
-    uploads and write-backs on side streams, the same tokens as the CPU reference."""
+@pytest.mark.parametrize(
+    "options",
+    [
+        {**PAGE_CORE_RECALL, "inner": "eager"},
+        {**PAGE_CORE_RECALL, "refresh_every": 2, "core_page_size": 0, "inner": "eager"},
+        {**PAGE_CORE_RECALL, "inner": "inductor"},  # as a GPU runs them
+    ],
+    ids=["pages-k1", "k2", "pages-k1-inductor"],
+)
+def test_staged_recall_graphs_match_the_reference(monkeypatch, options):
+    """A GPU's recall inside the compiled decode graph, staged on a CPU: the graph takes
+    the pages' positions and digests, not their rows; before a refresh step the host
+    uploads the pages the graph chose at the step before, after it the rows that left go
+    back, reaching the host pages at the layer's next swap (as CUDA's copies do)."""
+    from avl_compile import backend
+    from avl_compile.policies import recall_copies
+
+    monkeypatch.setattr(backend, "_stages_recall", lambda device: True)
+    monkeypatch.setattr(recall_copies, "_defers_write_back", lambda pages, device: True)
     prompt = llava_prompt(_make(), PREFIXES, SUFFIXES)
-    model = avl_compile.compile(_make().cuda(), options={**PAGE_CORE_RECALL, "inner": "eager"})
+    model, got = compiled_greedy(_make, prompt.inputs, options)
+    assert torch.equal(got.sequences, reference_greedy(_make, prompt.inputs, options))
+    counters = model._avl_backend.runtime.counters
+    assert counters["decode_graphs_in_graph"] == NEW_TOKENS - 1
+    assert counters["decode_graphs_in_python"] == 0
+    assert counters["recall_swaps_in_python"] == 0
+    assert counters["recall_host_waits"] == 0
+    for layer in generated_cache(got).layers:  # the graphs chose, the host copied
+        recall = layer_state(layer.keys).recall
+        assert recall.chosen is not None and recall.staged is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="recall's CUDA copies need a GPU")
+@pytest.mark.parametrize("route", ["staged-graph", "runtime-calls"])
+def test_recall_on_a_gpu_matches_the_reference(monkeypatch, route):
+    """The GPU check of recall (benchmarks/gpu_checks.sh): host pages in pinned memory,
+    uploads and write-backs on side streams, the same tokens as the CPU reference, through
+    the staged decode graphs (Inductor) and through the runtime-call graph."""
+    from avl_compile import backend
+
+    inner = "inductor"
+    if route == "runtime-calls":
+        monkeypatch.setattr(backend, "_decode_steps", lambda kind, opts, device: {})
+        inner = "eager"
+    prompt = llava_prompt(_make(), PREFIXES, SUFFIXES)
+    model = avl_compile.compile(_make().cuda(), options={**PAGE_CORE_RECALL, "inner": inner})
     inputs = {k: v.cuda() for k, v in prompt.inputs.items()}
     out = greedy(model, inputs)
     expected = reference_greedy(_make, prompt.inputs, PAGE_CORE_RECALL)
     assert torch.equal(out.sequences.cpu(), expected)
     counters = model._avl_backend.runtime.counters
-    assert counters["recall_swaps_in_python"] == LAYERS * (NEW_TOKENS - 1)
+    in_python = LAYERS * (NEW_TOKENS - 1) if route == "runtime-calls" else 0
+    assert counters["recall_swaps_in_python"] == in_python
     for layer in generated_cache(out).layers:
         recall = layer_state(layer.keys).recall
         assert recall.pages.keys.is_pinned() and recall.copies.upload is not None
+    # generate reads the device once per token, after which no copy is still in flight
+    assert counters["recall_host_waits"] == 0
 
 
 def test_recall_on_hfs_compile_path_matches_the_reference():
@@ -313,8 +359,6 @@ def test_recall_on_hfs_compile_path_matches_the_reference():
 
 PAGE_CORE = {"core_page_size": 3, "vision_keep": 0.5, "vision_compute": 0.3, "refresh_every": 4,
              "text_keep": 0.5, "text_min_budget": 2}  # fmt: skip
-PAGE_CORE_RECALL = {"core_page_size": 2, "vision_keep": 0.3, "vision_compute": 0.2,
-                    "refresh_every": 1, "recall_pages": 2, "recall_page_size": 4}  # fmt: skip
 
 
 @pytest.mark.parametrize(

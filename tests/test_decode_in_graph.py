@@ -57,6 +57,17 @@ POLICIES = [
         "vision_keep": 0.3,
         "vision_compute": 0.2,
     },
+    # the same, staged as on a GPU: the host copies the pages' rows around the graph
+    {
+        "policy": "avl",
+        "refresh_every": 1,
+        "recall_pages": 2,
+        "recall_page_size": 2,
+        "core_page_size": 2,
+        "vision_keep": 0.3,
+        "vision_compute": 0.2,
+        "staged": True,
+    },
     {"policy": "avl", "vision_keep": 1.0, "vision_compute": 1.0, "text_keep": 1.0},
     {"policy": "h2o"},
     {"policy": "streaming"},
@@ -90,6 +101,13 @@ def test_decode_steps_run_in_the_graph_with_no_host_sync(monkeypatch, options):
             "graph (README)"
         )
     monkeypatch.setattr(CompiledDecode, "__call__", counted)
+    options = dict(options)
+    if options.pop("staged", False):
+        from avl_compile import backend
+        from avl_compile.policies import recall_copies
+
+        monkeypatch.setattr(backend, "_stages_recall", lambda device: True)
+        monkeypatch.setattr(recall_copies, "_defers_write_back", lambda pages, device: True)
     model = avl_compile.compile(tiny_llava(), options={"inner": "aot_eager", **options})
     # a left-padded batch; FastV's layers must then keep the first layer's cache length,
     # which its decode graph does not grow in the graph: an unpadded one

@@ -279,6 +279,10 @@ class AvlPolicy:
                 last_query=query[:, :, -1].contiguous(),  # written in place at each step
                 image_positions=image_positions if opts.core_page_size else None,
             )
+            if keys.device.type != "cpu" and state.next_refresh:
+                # a GPU's runtime-call route: the first step's pages chosen now, their
+                # numbers copied to the host while the prefill's later layers run
+                plan_next_swap(state.recall, 1, opts.recall_pages)
         # free slots hold copies of row 0; they are never attended
         return output, pick_rows(keys, safe), pick_rows(values, safe), state
 

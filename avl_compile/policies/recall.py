@@ -9,13 +9,14 @@ accelerator never grow.
 The swap is a fixed-shape tensor function over every batch row at once (the pages are
 tensors: P pages of S slots per row, empty ones padded). On a CPU it runs inside the
 compiled decode graph, at the start of a refresh step (``RecallState`` holds its tensors,
-graph inputs after the slots'), and reads nothing back to the host. On a GPU the host pages
-cannot be indexed from inside a graph (nor a CUDA graph): it runs before the step in the
-runtime-call graph, its pages chosen right after the step before and its copies overlapping
-compute (``recall_copies``; the host waits on the device at a refresh step only for a copy
-still in flight, none at other steps). With the
-query-aware core the swapped rows' page buckets are derived again
-(``page_core.page_buckets``, fixed shapes too).
+graph inputs after the slots'), and reads nothing back to the host. On a GPU a graph cannot
+index host memory, so its decode graphs are staged: each step's graph chooses the next
+swap's pages (their digests are on the device), the host uploads those pages' rows before
+the refresh step's graph, which swaps them in and fills buffers with the rows that leave,
+copied back after it (``recall_copies``: pinned buffers, side streams; the host waits on
+the device only for a copy still in flight). The runtime-call graph (a fallback) swaps
+before the step from Python, with the same copies. With the query-aware core the swapped
+rows' page buckets are derived again (``page_core.page_buckets``, fixed shapes too).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ class HostPages:
     slots. A page keeps its row count for good, its rows in its first slots."""
 
     positions: Tensor  # [B, P, S] int64 on the cache's device; -1: no row
-    keys: Tensor  # [B, Hkv, P, S, D] host memory (pinned on CUDA)
+    # host memory (pinned on CUDA); None inside a staged graph, which never sees them
+    keys: Tensor  # [B, Hkv, P, S, D]
     values: Tensor  # [B, Hkv, P, S, D]
     low: Tensor  # [B, Hkv, P, D] the digest, on the cache's device (+inf: an empty page)
     high: Tensor  # [B, Hkv, P, D] (-inf: an empty page)
@@ -56,34 +58,82 @@ class HostPages:
 
 
 @dataclasses.dataclass
+class StagedRows:
+    """A refresh step's rows between the host pages and a staged decode graph (a GPU's):
+    the chosen pages' rows, uploaded before the graph, and buffers the graph fills with the
+    rows that leave, copied to the host after it. Alive for one step (accelerator memory
+    only while the step runs, as the swap's own rows in a CPU's graph)."""
+
+    recalled_keys: Tensor  # [B, Hkv, R * S, D] on the device
+    recalled_values: Tensor
+    leaving_keys: Tensor  # [B, Hkv, R * S, D], written by the graph
+    leaving_values: Tensor
+    # [B, R] the pages they came from and go to, on the host (not a graph input)
+    chosen_on_host: Tensor | None = None
+
+    NAMES = ("recalled_keys", "recalled_values", "leaving_keys", "leaving_values")
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return self.recalled_keys, self.recalled_values, self.leaving_keys, self.leaving_values
+
+
+@dataclasses.dataclass
 class RecallState:
     """Recall's per-layer tensors besides the slots: the pages, the last token's query
     (the next refresh step's swap is decided on it) and, with the query-aware core, the
-    prompt's image positions (a swap derives the slots' page buckets again)."""
+    prompt's image positions (a swap derives the slots' page buckets again).
+
+    Two ways into a compiled decode graph. In-graph (a CPU's): the host pages are graph
+    inputs and the graph swaps by itself. Staged (a GPU's, where a graph cannot index host
+    memory): ``chosen`` is set, the graph takes the pages' positions and digests but not
+    their rows; before a refresh step the host uploads the chosen pages' rows
+    (``staged``), the graph swaps them in, fills the leaving rows and chooses the next
+    swap's pages into ``chosen``; the host copies happen around the graph
+    (``recall_copies``)."""
 
     pages: HostPages
     last_query: Tensor  # [B, Hq, D], written in place at every step
     image_positions: Tensor | None = None  # [B, N] ascending
-    # the runtime-call route's copies to and from the host pages (made at its first swap)
+    # staged: the next swap's pages [B, R] on the device, chosen by the graph at every step
+    chosen: Tensor | None = None
+    staged: StagedRows | None = None  # staged, at a refresh step: its rows
+    # the host copies of a GPU's routes (made at their first swap)
     copies: RecallCopies | None = dataclasses.field(default=None, repr=False)
 
     NAMES = ("page_positions", "page_keys", "page_values", "page_low", "page_high", "last_query")
+    STAGED_NAMES = ("page_positions", "page_low", "page_high", "last_query", "chosen")
 
     def tensors(self) -> tuple[Tensor, ...]:
         """The decode graph's inputs, in the order of ``names``."""
         pages = self.pages
         extra = () if self.image_positions is None else (self.image_positions,)
-        return (pages.positions, pages.keys, pages.values, pages.low, pages.high,
-                self.last_query, *extra)  # fmt: skip
+        if self.chosen is None:
+            return (pages.positions, pages.keys, pages.values, pages.low, pages.high,
+                    self.last_query, *extra)  # fmt: skip
+        staged = () if self.staged is None else self.staged.tensors()
+        return (pages.positions, pages.low, pages.high, self.last_query, self.chosen,
+                *extra, *staged)  # fmt: skip
 
     @staticmethod
-    def names(paged: bool) -> tuple[str, ...]:
-        return (*RecallState.NAMES, "image_positions") if paged else RecallState.NAMES
+    def names(paged: bool, staged: bool = False, refresh: bool = False) -> tuple[str, ...]:
+        names = RecallState.STAGED_NAMES if staged else RecallState.NAMES
+        names = (*names, "image_positions") if paged else names
+        return (*names, *StagedRows.NAMES) if staged and refresh else names
 
     @classmethod
-    def from_tensors(cls, tensors: tuple[Tensor, ...]) -> RecallState:
-        pages = HostPages(*tensors[:5])
-        return cls(pages, tensors[5], tensors[6] if len(tensors) > 6 else None)
+    def from_tensors(
+        cls, tensors: tuple[Tensor, ...], paged: bool, staged: bool = False
+    ) -> RecallState:
+        """The state a graph's flat inputs hold (``names`` of the same arguments)."""
+        if not staged:
+            pages = HostPages(*tensors[:5])
+            return cls(pages, tensors[5], tensors[6] if paged else None)
+        positions, low, high, last_query, chosen = tensors[:5]
+        image_positions = tensors[5] if paged else None
+        rows = tensors[6:] if paged else tensors[5:]
+        staged_rows = StagedRows(*rows) if rows else None
+        pages = HostPages(positions, None, None, low, high)  # type: ignore[arg-type]
+        return cls(pages, last_query, image_positions, chosen, staged_rows)
 
     def core_pages(self, core_page_size: int) -> int | None:
         """The query-aware core's page buckets at most (its pages of the prompt's image
@@ -95,11 +145,28 @@ class RecallState:
     def swap(
         self, keys: Tensor, values: Tensor, slots: AvlSlots, recall_pages: int, core_page_size: int
     ) -> None:
-        """``recall_before_step`` on this layer's state."""
-        recall_before_step(
-            self.last_query, keys, values, slots, self.pages, recall_pages,
-            self.image_positions, core_page_size,
+        """The swap at the start of a refresh step, inside a decode graph: by itself
+        (``recall_before_step``), or staged, with the rows the host uploaded."""
+        if self.staged is None:
+            recall_before_step(
+                self.last_query, keys, values, slots, self.pages, recall_pages,
+                self.image_positions, core_page_size,
+            )  # fmt: skip
+            return
+        assert self.chosen is not None
+        staged = self.staged
+        leaving_keys, leaving_values = swap_pages_in(
+            self.last_query, keys, values, slots, self.pages, self.chosen,
+            staged.recalled_keys, staged.recalled_values, self.image_positions, core_page_size,
         )  # fmt: skip
+        staged.leaving_keys.copy_(leaving_keys)
+        staged.leaving_values.copy_(leaving_values)
+
+    def after_step(self, query: Tensor, recall_pages: int) -> None:
+        """Keep the step's query; staged, choose the next swap's pages from it."""
+        self.last_query.copy_(query[:, :, -1])
+        if self.chosen is not None:
+            self.chosen.copy_(choose_pages(self.last_query, self.pages, recall_pages))
 
 
 def _to_host(tensor: Tensor) -> Tensor:

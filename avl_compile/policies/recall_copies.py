@@ -1,15 +1,21 @@
-"""Recall's copies between the host pages and the accelerator on the runtime-call route (a
-GPU's: a graph cannot index host memory), arranged so that the copies overlap compute:
+"""Recall's copies between the host pages and the accelerator where a graph cannot index
+host memory (a GPU's), arranged so that no step waits for them:
 
-- right after a layer's step, if its next step is a refresh step, the next swap's pages are
-  chosen on the device from the query just run (nothing the swap reads changes before it)
-  and their numbers start copying to the host (``plan``);
+- the next swap's pages are chosen on the device from the query just run (nothing the swap
+  reads changes before it), and their numbers start copying to the host right after the
+  step (``plan_from``);
 - at the refresh step the host gathers those pages into a pinned staging buffer and uploads
-  them on a side stream (``fetch``): the host runs ahead of the device within a step (no
-  read of the device there), so the upload runs while the device still computes the
-  earlier layers; the compute stream waits for it only where the swap reads the rows;
+  them on a side stream (``fetch``); the compute stream waits for the upload only where it
+  reads the rows;
 - the rows that leave go back on another side stream into pinned buffers (``write_back``);
   the host writes them into its pages at the layer's next swap (``flush``), long after.
+
+Two routes use them. Staged decode graphs (``stage_before_graph``, ``finish_after_graph``,
+called by ``CompiledDecode`` around each graph): the graph chooses the pages and swaps the
+uploaded rows in; the uploads of a step's layers are all issued before its graph. The
+runtime-call graph (``swap_through_copies``, ``plan_next_swap``): one layer at a time, so
+a layer's upload runs while the device still computes the layers before it (the host runs
+ahead: nothing within a step reads the device).
 
 The host waits on the device only for a plan or a write-back still in flight at the next
 swap (after ``generate``'s per-token read of the device both are done): counted in
@@ -25,6 +31,7 @@ from avl_compile.policies.avl_decode import AvlSlots
 from avl_compile.policies.recall import (
     HostPages,
     RecallState,
+    StagedRows,
     choose_pages,
     swap_pages_in,
     write_pages,
@@ -51,7 +58,11 @@ class RecallCopies:
 
     def plan(self, step: int, query: Tensor, pages: HostPages, recall_pages: int) -> None:
         """Choose the pages of the swap at layer step ``step`` from ``query`` [B, Hq, D]."""
-        chosen = choose_pages(query, pages, recall_pages)
+        self.plan_from(step, choose_pages(query, pages, recall_pages))
+
+    def plan_from(self, step: int, chosen: Tensor) -> None:
+        """The swap at ``step`` takes the ``chosen`` pages [B, R] (on the device): start
+        copying their numbers to the host."""
         on_host, done = self._to_host(chosen)
         self._plan = (step, chosen, on_host, done)
 
@@ -177,3 +188,43 @@ def plan_next_swap(recall: RecallState, step: int, recall_pages: int) -> None:
         device = recall.last_query.device
         recall.copies = RecallCopies(device, _defers_write_back(recall.pages, device))
     recall.copies.plan(step, recall.last_query, recall.pages, recall_pages)
+
+
+def stage_before_graph(recall: RecallState, step: int, refresh: bool, recall_pages: int) -> None:
+    """Before a staged decode graph runs layer step ``step``: at a refresh step, upload
+    the chosen pages' rows and make the buffers for the rows that leave (``recall.staged``).
+    The first time, the next swap's pages are chosen here (later, by the graphs)."""
+    device = recall.last_query.device
+    if recall.copies is None:
+        recall.copies = RecallCopies(device, _defers_write_back(recall.pages, device))
+    copies = recall.copies
+    if recall.chosen is None:
+        recall.chosen = choose_pages(recall.last_query, recall.pages, recall_pages)
+        if refresh:
+            copies.plan_from(step, recall.chosen)
+    recall.staged = None
+    if not refresh:
+        return
+    chosen, on_host, keys, values = copies.fetch(
+        step, recall.last_query, recall.pages, recall_pages
+    )
+    if chosen is not recall.chosen:  # chosen outside the graphs (a step through runtime calls)
+        recall.chosen.copy_(chosen)
+    leaving_keys, leaving_values = torch.empty_like(keys), torch.empty_like(values)
+    recall.staged = StagedRows(keys, values, leaving_keys, leaving_values, on_host)
+
+
+def finish_after_graph(recall: RecallState, next_step: int, next_refresh: bool) -> None:
+    """After a staged decode graph: the rows that left go to the host pages, and if the
+    layer's next step is a refresh step, the pages the graph chose for it start their way
+    to the host."""
+    copies, staged = recall.copies, recall.staged
+    assert copies is not None and recall.chosen is not None
+    if staged is not None:
+        assert staged.chosen_on_host is not None
+        copies.write_back(
+            recall.pages, staged.chosen_on_host, staged.leaving_keys, staged.leaving_values
+        )
+        recall.staged = None
+    if next_refresh:
+        copies.plan_from(next_step, recall.chosen)
