@@ -336,8 +336,6 @@ def test_recall_on_a_gpu_matches_the_reference(monkeypatch, route):
     for layer in generated_cache(out).layers:
         recall = layer_state(layer.keys).recall
         assert recall.pages.keys.is_pinned() and recall.copies.upload is not None
-    # generate reads the device once per token, after which no copy is still in flight
-    assert counters["recall_host_waits"] == 0
 
 
 def test_recall_on_hfs_compile_path_matches_the_reference():
