@@ -37,6 +37,7 @@ from avl_compile.passes.rewrite_decode_sites import (
 )
 from avl_compile.passes.split_at_runtime_calls import split_at_runtime_calls
 from avl_compile.policies import decode_variant
+from avl_compile.policies.avl import decode_kind_base
 from avl_compile.runtime import AvlRuntime, SiteCall
 
 log = logging.getLogger("avl_compile")
@@ -282,6 +283,7 @@ def _stages_recall(device: torch.device) -> bool:
 def _decode_steps(kind: str, opts: AvlOptions, device: torch.device) -> dict[bool, DecodeStep]:
     """The decode step of a ``decode_variant`` kind; A-VL's refresh step is a graph of its
     own. Recall's is staged on a GPU (a graph cannot index its host pages)."""
+    kind = decode_kind_base(kind)
     if kind in ("avl-recall", "avl-recall-pages"):
         paged, staged = kind == "avl-recall-pages", _stages_recall(device)
         return {

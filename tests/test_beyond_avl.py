@@ -583,3 +583,18 @@ def test_adaptive_refresh_at_full_budgets_generates_the_uncompiled_tokens():
 def test_adaptive_refresh_options_are_checked(options, message):
     with pytest.raises(ValueError, match=message):
         AvlOptions.from_mapping(options)
+
+
+def test_switched_recall_and_page_sizes_never_run_a_graph_built_for_others():
+    """A decode graph holds its recall count and the query-aware core's page size: after
+    set_options changes them, the decode equals the new options' reference."""
+    prompt = llava_prompt(_make(), PREFIXES, SUFFIXES)
+    model = avl_compile.compile(_make(), options={**PAGE_CORE_RECALL, "inner": "eager"})
+    backend = model._avl_backend
+    greedy(model, prompt.inputs, 6)
+    for change in ({"recall_pages": 1}, {"core_page_size": 4}):
+        options = {**PAGE_CORE_RECALL, **change}
+        assert not backend.decode_graphs_serve(options), change
+        backend.set_options({**options, "inner": "eager"})
+        got = greedy(model, prompt.inputs, 12).sequences
+        assert torch.equal(got, reference_greedy(_make, prompt.inputs, options, 12)), change

@@ -105,12 +105,21 @@ class AvlSchedule(DecodeSchedule):
 def decode_kind_of(options: AvlOptions) -> str:
     """The decode step an A-VL option set needs: "avl-recall" or "avl-recall-pages"
     (recall, without or with the query-aware core), "avl-pages" (the query-aware core),
-    "avl-adaptive" (adaptive refresh) or "avl"."""
+    "avl-adaptive" (adaptive refresh) or "avl"; after a colon, the numbers such a step
+    holds in its code (pages per swap, the core's page size), so that a graph built for
+    others never serves these options (``decode_kind_base`` drops them)."""
     if options.recall_pages:
-        return "avl-recall-pages" if options.core_page_size else "avl-recall"
+        if options.core_page_size:
+            return f"avl-recall-pages:{options.recall_pages}:{options.core_page_size}"
+        return f"avl-recall:{options.recall_pages}"
     if options.refresh_lse_drop is not None:
         return "avl-adaptive"
-    return "avl-pages" if options.core_page_size else "avl"
+    return f"avl-pages:{options.core_page_size}" if options.core_page_size else "avl"
+
+
+def decode_kind_base(kind: str) -> str:
+    """A ``decode_kind_of`` kind without the numbers its step holds."""
+    return kind.split(":", 1)[0]
 
 
 def text_budgets(n_text: list[int], options: AvlOptions) -> list[int]:
