@@ -44,19 +44,20 @@ def is_refresh_step(step: int, refresh_every: int) -> bool:
     return refresh_every == -1 or step % refresh_every == 0
 
 
+_POSITION_SPAN = 1 << 40  # more than any position (or -1), so it orders before position
+
+
 def best_first(scores: Tensor, positions: Tensor, prefer: Tensor | None = None) -> Tensor:
     """Order (indices along the last dim) of candidates, best first, under the one tie rule
     every selection of the policy and the reference follows: higher score first; among
     equal scores, the ``prefer`` ones first (rows already in the core, at a re-pick); then
     the lower position. Fixed shapes, no host sync. Non-negative float32 scores (or -inf)
-    sort once, on one int64 key; other dtypes take up to three stable sorts."""
+    sort once, on one int64 key; other dtypes take two stable sorts."""
     if scores.dtype == torch.float32:
         return torch.sort(_rule_key(scores, positions, prefer), dim=-1, descending=True).indices
+    if prefer is not None:  # preferred first, then the lower position: one sort
+        positions = torch.where(prefer, positions, positions + _POSITION_SPAN)
     order = torch.sort(positions, dim=-1, stable=True).indices
-    if prefer is not None:
-        preferred = prefer.gather(-1, order).to(torch.int8)
-        first = torch.sort(preferred, dim=-1, descending=True, stable=True).indices
-        order = order.gather(-1, first)
     ranked = scores.gather(-1, order)
     return order.gather(-1, torch.sort(ranked, dim=-1, descending=True, stable=True).indices)
 
