@@ -290,7 +290,8 @@ class AvlPolicy:
             )
             if keys.device.type != "cpu" and state.next_refresh:
                 # a GPU's runtime-call route: the first step's pages chosen now, their
-                # numbers copied to the host while the prefill's later layers run
+                # numbers copied to the host while the prefill's later layers run (the
+                # staged graphs choose them again at their first step)
                 plan_next_swap(state.recall, 1, opts.recall_pages)
         # free slots hold copies of row 0; they are never attended
         return output, pick_rows(keys, safe), pick_rows(values, safe), state
