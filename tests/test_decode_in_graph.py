@@ -35,6 +35,9 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+# recall with the query-aware core, K = 1
+RECALL_PAGES = {"policy": "avl", "refresh_every": 1, "recall_pages": 2, "recall_page_size": 2,
+                "core_page_size": 2, "vision_keep": 0.3, "vision_compute": 0.2}  # fmt: skip
 POLICIES = [
     {"policy": "avl", "refresh_every": 2},
     {"policy": "avl", "core_page_size": 3},  # the query-aware core, chosen at every step
@@ -48,26 +51,9 @@ POLICIES = [
         "vision_keep": 0.3,
         "vision_compute": 0.2,
     },
-    {
-        "policy": "avl",
-        "refresh_every": 1,
-        "recall_pages": 2,
-        "recall_page_size": 2,
-        "core_page_size": 2,
-        "vision_keep": 0.3,
-        "vision_compute": 0.2,
-    },
+    RECALL_PAGES,
     # the same, staged as on a GPU: the host copies the pages' rows around the graph
-    {
-        "policy": "avl",
-        "refresh_every": 1,
-        "recall_pages": 2,
-        "recall_page_size": 2,
-        "core_page_size": 2,
-        "vision_keep": 0.3,
-        "vision_compute": 0.2,
-        "staged": True,
-    },
+    {**RECALL_PAGES, "staged": True},
     {"policy": "avl", "vision_keep": 1.0, "vision_compute": 1.0, "text_keep": 1.0},
     {"policy": "h2o"},
     {"policy": "streaming"},

@@ -199,12 +199,17 @@ def build_pages(keys: Tensor, values: Tensor, evicted: list[Tensor], page_size: 
     return HostPages(positions, _to_host(page_keys), _to_host(page_values), low, high)
 
 
-def _pages_from_host(store: Tensor, chosen: Tensor, device: torch.device) -> Tensor:
+def gather_pages(store: Tensor, chosen: Tensor, pinned: bool = False) -> Tensor:
     """The ``chosen`` [B, R] pages (page numbers on the store's device) of a host ``store``
-    [B, Hkv, P, S, D] on ``device``, as rows [B, Hkv, R * S, D]."""
+    [B, Hkv, P, S, D] as rows [B, Hkv, R * S, D], in the store's memory (``pinned``: in a
+    pinned buffer, for an asynchronous upload)."""
     batch, kv_heads, _, size, head_dim = store.shape
     index = chosen[:, None, :, None, None].expand(-1, kv_heads, -1, size, head_dim)
-    rows = store.gather(2, index).to(device, non_blocking=True)
+    if pinned:
+        rows = torch.empty(index.shape, dtype=store.dtype, pin_memory=True)
+        torch.gather(store, 2, index, out=rows)
+    else:
+        rows = store.gather(2, index)
     return rows.view(batch, kv_heads, -1, head_dim)
 
 
@@ -274,8 +279,8 @@ def recall_before_step(
     runtime-call route overlaps its host copies (``recall_copies.RecallCopies``)."""
     chosen = choose_pages(query, pages, recall_pages)
     chosen_on_host = chosen.to(pages.keys.device)  # a read of the device on a GPU
-    recalled_keys = _pages_from_host(pages.keys, chosen_on_host, keys.device)
-    recalled_values = _pages_from_host(pages.values, chosen_on_host, keys.device)
+    recalled_keys = gather_pages(pages.keys, chosen_on_host).to(keys.device, non_blocking=True)
+    recalled_values = gather_pages(pages.values, chosen_on_host).to(keys.device, non_blocking=True)
     leaving_keys, leaving_values = swap_pages_in(
         query, keys, values, slots, pages, chosen, recalled_keys, recalled_values,
         image_positions, core_page_size,

@@ -33,6 +33,7 @@ from avl_compile.policies.recall import (
     RecallState,
     StagedRows,
     choose_pages,
+    gather_pages,
     swap_pages_in,
     write_pages,
 )
@@ -79,10 +80,9 @@ class RecallCopies:
         _, chosen, on_host, done = self._plan
         self._plan = None
         self._wait(done)
-        keys = self._to_device(_gather_pages(pages.keys, on_host, pinned=self.upload is not None))
-        values = self._to_device(
-            _gather_pages(pages.values, on_host, pinned=self.upload is not None)
-        )
+        pinned = self.upload is not None
+        keys = self._to_device(gather_pages(pages.keys, on_host, pinned))
+        values = self._to_device(gather_pages(pages.values, on_host, pinned))
         return chosen, on_host, keys, values
 
     def write_back(
@@ -93,8 +93,8 @@ class RecallCopies:
             write_pages(pages.keys, chosen_on_host, keys)
             write_pages(pages.values, chosen_on_host, values)
             return
-        keys_on_host, _ = self._to_host(keys, stream=self.download)
-        values_on_host, done = self._to_host(values, stream=self.download)
+        keys_on_host, _ = self._to_host(keys)
+        values_on_host, done = self._to_host(values)
         self._pending = (chosen_on_host, keys_on_host, values_on_host, done)
 
     def flush(self, pages: HostPages) -> None:
@@ -116,10 +116,8 @@ class RecallCopies:
             self.host_waits += 1
             done.synchronize()
 
-    def _to_host(
-        self, tensor: Tensor, stream: torch.cuda.Stream | None = None
-    ) -> tuple[Tensor, torch.cuda.Event | None]:
-        stream = stream or self.download
+    def _to_host(self, tensor: Tensor) -> tuple[Tensor, torch.cuda.Event | None]:
+        stream = self.download
         if stream is None:
             return tensor.to("cpu", copy=True), None
         stream.wait_stream(torch.cuda.current_stream(self.device))  # the tensor is written
@@ -142,19 +140,17 @@ class RecallCopies:
         return rows
 
 
-def _gather_pages(store: Tensor, chosen: Tensor, pinned: bool) -> Tensor:
-    """The ``chosen`` [B, R] pages of a host ``store`` [B, Hkv, P, S, D] as rows [B, Hkv,
-    R * S, D] (in a pinned buffer for an asynchronous upload)."""
-    batch, kv_heads, _, size, head_dim = store.shape
-    index = chosen[:, None, :, None, None].expand(-1, kv_heads, -1, size, head_dim)
-    rows = torch.empty(index.shape, dtype=store.dtype, pin_memory=pinned)
-    torch.gather(store, 2, index, out=rows)
-    return rows.view(batch, kv_heads, -1, head_dim)
-
-
 def _defers_write_back(pages: HostPages, device: torch.device) -> bool:
     """Whether the host pages live in another memory than the cache (a GPU's)."""
     return pages.keys.device != device
+
+
+def _copies_of(recall: RecallState) -> RecallCopies:
+    """The layer's copies, made at their first use (on the device of its query)."""
+    if recall.copies is None:
+        device = recall.last_query.device
+        recall.copies = RecallCopies(device, _defers_write_back(recall.pages, device))
+    return recall.copies
 
 
 def swap_through_copies(
@@ -168,9 +164,7 @@ def swap_through_copies(
 ) -> None:
     """``recall_before_step`` for layer step ``step`` on the runtime-call route, its copies
     through the layer's ``RecallCopies`` (made at the first swap)."""
-    if recall.copies is None:
-        recall.copies = RecallCopies(keys.device, _defers_write_back(recall.pages, keys.device))
-    copies = recall.copies
+    copies = _copies_of(recall)
     chosen, on_host, recalled_keys, recalled_values = copies.fetch(
         step, recall.last_query, recall.pages, recall_pages
     )
@@ -184,20 +178,14 @@ def swap_through_copies(
 def plan_next_swap(recall: RecallState, step: int, recall_pages: int) -> None:
     """Right after a layer's step whose next step (``step``) is a refresh step: choose
     that swap's pages now, from the query just run (stored in ``recall.last_query``)."""
-    if recall.copies is None:
-        device = recall.last_query.device
-        recall.copies = RecallCopies(device, _defers_write_back(recall.pages, device))
-    recall.copies.plan(step, recall.last_query, recall.pages, recall_pages)
+    _copies_of(recall).plan(step, recall.last_query, recall.pages, recall_pages)
 
 
 def stage_before_graph(recall: RecallState, step: int, refresh: bool, recall_pages: int) -> None:
     """Before a staged decode graph runs layer step ``step``: at a refresh step, upload
     the chosen pages' rows and make the buffers for the rows that leave (``recall.staged``).
     The first time, the next swap's pages are chosen here (later, by the graphs)."""
-    device = recall.last_query.device
-    if recall.copies is None:
-        recall.copies = RecallCopies(device, _defers_write_back(recall.pages, device))
-    copies = recall.copies
+    copies = _copies_of(recall)
     if recall.chosen is None:
         recall.chosen = choose_pages(recall.last_query, recall.pages, recall_pages)
         if refresh:
