@@ -7,6 +7,8 @@
 #   bash benchmarks/gpu_checks.sh attention  # benchmarks/attention.py default grid (bf16, batch 1/16)
 #   bash benchmarks/gpu_checks.sh e2e        # benchmarks/end_to_end.py --preset llava16, batch 1/16
 #                                            # (dense and avl, with and without CUDA graphs)
+#   bash benchmarks/gpu_checks.sh vllm       # benchmarks/vllm_serving.py --quick where vLLM is
+#                                            # installed (the A-VL plugin is CPU-engine only)
 #   bash benchmarks/gpu_checks.sh lease      # all of it sized for one 10-minute call (a lease is
 #                                            # 15 minutes): GPU-only tests, then dense eager, avl
 #                                            # and dense Inductor + CUDA graphs at batch 1, and
@@ -50,5 +52,13 @@ case "${1:?tests, attention or e2e}" in
     timeout 120 python benchmarks/end_to_end.py --preset llava16 --batch 16 --repeats 2 \
       --only "dense eager" "avl (inductor)" 2>&1 \
       | grep -v '^W[0-9]' | tee "$out/end_to_end_b16.txt" || true ;;
+  vllm)
+    # vLLM dense vs vLLM + A-VL; the A-VL rows need vLLM's CPU engine (the plugin refuses
+    # another platform with NotImplementedError), so on a GPU this measures dense only
+    if python -c "import vllm" 2>/dev/null; then
+      python benchmarks/vllm_serving.py --quick 2>&1 | tee "$out/vllm_serving.txt"
+    else
+      echo "vLLM is not installed in this image: skipped" | tee "$out/vllm_serving.txt"
+    fi ;;
   *) echo "unknown part $1" >&2; exit 2 ;;
 esac

@@ -184,6 +184,8 @@ class AvlPolicy:
             )
             image_score = last_token_score(query, keys, bias, scale, window, query_valid)
             text_scores = column_sums(query, keys, bias, scale, query_valid)
+        if context.combine_heads is not None:
+            image_score = context.combine_heads(image_score)
         n_text = text_mask.sum(-1).tolist()
         text_slots = text_mask[:, None, :].expand(batch, kv_heads, k_len)
         kept_text = h2o_text_keep(text_slots, text_scores, n_text, opts)
@@ -281,7 +283,7 @@ class AvlPolicy:
             if context.schedule is None:
                 context.schedule = schedule  # one schedule for the prompt's layers
             schedule = context.schedule
-        state = LayerState(slots=slots, schedule=schedule)
+        state = LayerState(slots=slots, schedule=schedule, combine_heads=context.combine_heads)
         if opts.recall_pages:  # with the query-aware core a swap re-derives the page buckets
             state.recall = RecallState(
                 pages=build_pages(keys, values, evicted, opts.recall_page_size),
@@ -375,6 +377,7 @@ class AvlPolicy:
             schedule.refresh,
             opts.core_page_size,
             recall.core_pages(opts.core_page_size) if recall is not None else None,
+            state.combine_heads,
         )
         return output, keys, values
 

@@ -19,6 +19,7 @@ recency reads each text row's rank among the row's text tokens (``text_rank``).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -163,6 +164,7 @@ def avl_decode_step(
     refresh: bool,
     page_size: int = 0,
     n_pages: int | None = None,
+    combine_heads: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Write the token into slot ``text_end``, attend sink + core + text (every secondary
     image row too at a refresh step), add the text rows' attention to their scores, re-pick
@@ -171,7 +173,8 @@ def avl_decode_step(
     With ``PagedAvlSlots`` the core is the query-aware one, chosen before attention at
     every step (``page_core.py``; ``page_size``: its pages' image tokens; ``n_pages``:
     the most page buckets a slot holds, if known, else the capacity); no step attends the
-    whole secondary set. With
+    whole secondary set. ``combine_heads`` (tensor parallel, plain A-VL only) turns the
+    refresh's head mean over this rank's heads into the mean over every rank's. With
     ``AdaptiveAvlSlots`` a batch row also refreshes when its core's log-sum-exp has fallen
     (``adaptive_refresh_rows``): data, so every step holds both paths, as flags."""
     batch, kv_heads = keys.shape[:2]
@@ -212,7 +215,8 @@ def avl_decode_step(
         _repick_core(slots, probs.mean(dim=1), refreshing)
         _remember_core_lse(slots, logits, refreshing)
     elif refresh:
-        _repick_core(slots, probs.mean(dim=1))
+        score = probs.mean(dim=1)
+        _repick_core(slots, score if combine_heads is None else combine_heads(score))
     _evict_one_text_row(slots, keys, values, rows, heads)
     return output
 

@@ -4,6 +4,7 @@ the heavy-hitter + recent selection (H2O) used by A-VL's text side and by the H2
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,6 +24,9 @@ class PrefillContext:
     filter_keep: Tensor | None = None  # [B, L] bool, image tokens that pass the prefill filter
     used_by_layers: set[int] = dataclasses.field(default_factory=set)  # a layer seen twice = stale
     schedule: Any = None  # A-VL: the host-side decode schedule the prompt's layers share
+    # where a layer's heads are split over ranks (tensor parallel): turns a mean over this
+    # rank's heads into the mean over every head (equal head counts per rank); None: one rank
+    combine_heads: Callable[[Tensor], Tensor] | None = None
 
 
 def score_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -10,6 +10,7 @@ re-allocate without reading anything back from the device.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from torch import Tensor
@@ -114,6 +115,8 @@ class LayerState:
     step: int = 0  # decode steps this layer has run
     # recall (A-VL's option): the evicted rows' pages, the last token's query, ...
     recall: RecallState | None = None
+    # tensor parallel: head means over every rank's heads (``PrefillContext.combine_heads``)
+    combine_heads: Callable[[Tensor], Tensor] | None = None
 
     def tensors(self) -> list[Tensor]:
         """The state tensors a compiled decode graph takes for this layer."""
