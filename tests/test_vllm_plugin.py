@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -60,10 +61,10 @@ def engines(model_dir):
             avl = {} if options is None else {
                 "attention_backend": "CUSTOM", "additional_config": {"avl": options}
             }  # fmt: skip
+            engine_args = {"enable_prefix_caching": False, **engine_args}
             made[name] = vllm.LLM(
                 model=str(model_dir), dtype="float32", max_model_len=512, enforce_eager=True,
-                enable_prefix_caching=False, max_num_seqs=MAX_SEQS, seed=0,
-                **avl, **engine_args,
+                max_num_seqs=MAX_SEQS, seed=0, **avl, **engine_args,
             )  # fmt: skip
         return made[name]
 
@@ -179,27 +180,6 @@ def test_chunked_prefill_equals_whole_prompts(engines, requests):
     assert stats(chunked_engine)[0]["prefill_parts"] > 0
 
 
-def test_tensor_parallel_equals_one_rank(model_dir, requests, monkeypatch, engines):
-    """TP=2: each rank holds one of the two kv heads; the image scores' head means are
-    combined across ranks (one all-reduce per layer at prefill and at refresh steps)."""
-    single = tokens(engines("defaults", {}), requests)
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per rank
-    vllm.envs.disable_envs_cache()  # an earlier engine froze vLLM's environment
-    llm = vllm.LLM(
-        model=str(model_dir), dtype="float32", max_model_len=512, enforce_eager=True,
-        enable_prefix_caching=False, max_num_seqs=MAX_SEQS, tensor_parallel_size=2,
-        attention_backend="CUSTOM", additional_config={"avl": {}},
-    )  # fmt: skip
-    assert tokens(llm, requests) == single
-    ranks = stats(llm)
-    assert len(ranks) == 2
-    layers, refreshes = 4, sum(max(len(t) - 1, 0) // 3 for t in single)
-    for rank in ranks:
-        assert rank["avl_requests"] == len(requests)
-        assert rank["head_all_reduces"] == layers * (len(requests) + refreshes)
-    del llm
-
-
 def chat_messages(prompt: dict, question: str) -> list[dict]:
     """An OpenAI chat message with the prompt's image inline (a PNG data URL)."""
     buffer = io.BytesIO()
@@ -256,3 +236,43 @@ def chat(port: int, model: str, messages: list[dict], deadline: float) -> str:
             if time.monotonic() > deadline:
                 raise
             time.sleep(2)
+
+
+def test_a_prompt_from_the_prefix_cache_runs_dense_with_a_warning(engines, requests, caplog):
+    """With vLLM's prefix caching on (its default), a prompt whose first blocks are cached
+    skips their computation: the plugin never sees their keys, so that request runs dense
+    (one warning), and the others still run A-VL."""
+    llm = engines("prefix-cached", {}, enable_prefix_caching=True)
+    first = tokens(llm, requests[:2])
+    assert first == tokens(engines("defaults", {}), requests[:2])
+    dense = tokens(engines("dense", None), requests[:2])
+    with caplog.at_level(logging.WARNING, logger="avl_compile"):
+        again = tokens(llm, requests[:2])  # the same prompts: their first blocks are cached
+    assert again == dense
+    assert sum("prefix cache" in r.getMessage() for r in caplog.records) == 1
+    assert stats(llm)[0]["dense_requests"] == 2
+
+
+def test_tensor_parallel_equals_one_rank(model_dir, requests, monkeypatch, engines):
+    """TP=2: each rank holds one of the two kv heads; the image scores' head means are
+    combined across ranks (one all-reduce per layer at prefill and at refresh steps).
+    Last in the file: its engine runs in worker processes."""
+    single = tokens(engines("defaults", {}), requests)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per rank
+    # its engine in processes of its own: tearing down a TP group in this process would
+    # take the in-process engines' parallel state with it
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    vllm.envs.disable_envs_cache()  # an earlier engine froze vLLM's environment
+    llm = vllm.LLM(
+        model=str(model_dir), dtype="float32", max_model_len=512, enforce_eager=True,
+        enable_prefix_caching=False, max_num_seqs=MAX_SEQS, tensor_parallel_size=2,
+        attention_backend="CUSTOM", additional_config={"avl": {}},
+    )  # fmt: skip
+    assert tokens(llm, requests) == single
+    ranks = stats(llm)
+    assert len(ranks) == 2
+    layers, refreshes = 4, sum(max(len(t) - 1, 0) // 3 for t in single)
+    for rank in ranks:
+        assert rank["avl_requests"] == len(requests)
+        assert rank["head_all_reduces"] == layers * (len(requests) + refreshes)
+    del llm
