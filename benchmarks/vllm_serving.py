@@ -74,6 +74,7 @@ def main() -> None:
 def compare(model: str, concurrency: int, args, options: dict, hf_accuracy) -> list[dict]:
     from vllm import SamplingParams
 
+    from avl_compile.bench.evaluate import normalise_answer
     from avl_compile.bench.reader_task import BUNDLED_MODELS, answer_length
     from avl_compile.vllm_plugin.models import task_requests, vllm_model_dir
     from avl_compile.vllm_plugin.stats import worker_stats
@@ -114,7 +115,8 @@ def compare(model: str, concurrency: int, args, options: dict, hf_accuracy) -> l
     rows = []
     for name in engines:
         correct = sum(
-            normalise(t) == normalise(a) for t, a in zip(texts[name], answers, strict=True)
+            normalise_answer(t) == normalise_answer(a)
+            for t, a in zip(texts[name], answers, strict=True)
         )
         row = {
             "model": model,
@@ -170,7 +172,7 @@ def close(llm) -> None:
 def hf_path_accuracy(model: str, n: int, options: dict) -> float:
     """Accuracy (%) of ``avl_compile.compile`` with ``options`` on the same prompts."""
     import avl_compile
-    from avl_compile.bench.evaluate import load_model
+    from avl_compile.bench.evaluate import load_model, normalise_answer
     from avl_compile.bench.reader_task import BUNDLED_MODELS, answer_length
     from avl_compile.vllm_plugin.models import task_requests
 
@@ -184,12 +186,10 @@ def hf_path_accuracy(model: str, n: int, options: dict) -> float:
         inputs = processor(images=image, text=text, return_tensors="pt")
         out = hf_model.generate(**inputs, max_new_tokens=answer_length(task) + 1, do_sample=False)
         new = out[0, inputs["input_ids"].shape[1] :]
-        correct += normalise(processor.decode(new, skip_special_tokens=True)) == normalise(answer)
+        correct += normalise_answer(
+            processor.decode(new, skip_special_tokens=True)
+        ) == normalise_answer(answer)
     return 100.0 * correct / n
-
-
-def normalise(text: str) -> str:
-    return " ".join(text.strip().lower().split())
 
 
 if __name__ == "__main__":
