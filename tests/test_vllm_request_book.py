@@ -80,7 +80,11 @@ def test_requests_the_plugin_cannot_follow_run_dense_with_one_warning(caplog):
     rows = book.plan(batch(["c"], {"c": 8}), [8], [0])
     rows[0].request.layers[0] = object()
     assert kinds(book.plan(batch(["c"], {"c": 8}), [3], [8])) == [RowKind.DENSE]
-    assert "c" not in book.states and "c" in book.dense
+    assert "c" not in book.states and book.dense["c"].startswith("several tokens")
+    # a prompt whose last chunk left no layer state (never expected): dense, and says so
+    book.plan(batch(["d"], {"d": 8}), [8], [0])
+    assert kinds(book.plan(batch(["d"], {"d": 8}), [1], [8])) == [RowKind.DENSE]
+    assert book.dense["d"] == "no A-VL state after its prompt"
 
 
 def test_rows_without_a_known_request_run_dense():

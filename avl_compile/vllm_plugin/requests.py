@@ -168,8 +168,10 @@ class RequestBook:
             )
             self.counters["avl_requests"] += 1
             return RowKind.PREFILL_LAST, request
-        if q_len != 1 or not request.layers:
-            return self._give_up(req_id, f"{q_len} tokens in one step after the prompt")
+        if q_len != 1:
+            return self._give_up(req_id, "several tokens in one step after the prompt")
+        if not request.layers:  # its prompt's last chunk never reached a layer
+            return self._give_up(req_id, "no A-VL state after its prompt")
         return RowKind.DECODE, request
 
     def _give_up(self, req_id: str, why: str) -> tuple[RowKind, None]:
