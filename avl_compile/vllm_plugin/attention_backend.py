@@ -83,7 +83,6 @@ class AvlMetadataBuilder(CPUAttentionMetadataBuilder):
             )
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         tp_size = vllm_config.parallel_config.tensor_parallel_size
-        self.options = serving_options(vllm_config.additional_config, tp_size)
         self.book = RequestBook(combine_heads=mean_over_ranks if tp_size > 1 else None)
         self.batch: BatchRequests | None = None  # set by the runner hook at every step
         install_runner_hook()
@@ -103,17 +102,31 @@ class AvlMetadataBuilder(CPUAttentionMetadataBuilder):
         rows = self.book.plan(self.batch, query_lens, context_lens)
         self._count_decode_tokens(rows, seq_lens)
         dense = [i for i, r in enumerate(rows) if r.kind in (RowKind.DENSE, RowKind.PREFILL_PART)]
-        avl_rows = [r for r in rows if r.kind is not RowKind.DENSE]
-        base = dict(num_actual_tokens=cm.num_actual_tokens, slot_mapping=cm.slot_mapping)
+        dense_metadata, dense_tokens = None, None
         if len(dense) == num_reqs:  # no A-VL row computes attention: vLLM's own metadata
-            whole = super().build(common_prefix_len, cm, fast_build)
-            return AvlAttentionMetadata(**base, dense=whole, dense_tokens=None, rows=avl_rows,
-                                        book=self.book)  # fmt: skip
-        if not dense:
-            return AvlAttentionMetadata(**base, dense=None, dense_tokens=None, rows=avl_rows,
-                                        book=self.book)  # fmt: skip
+            dense_metadata = super().build(common_prefix_len, cm, fast_build)
+        elif dense:
+            dense_metadata, dense_tokens = self._dense_rows(cm, rows, dense, seq_lens, fast_build)
+        return AvlAttentionMetadata(
+            num_actual_tokens=cm.num_actual_tokens,
+            slot_mapping=cm.slot_mapping,
+            dense=dense_metadata,
+            dense_tokens=dense_tokens,
+            rows=[r for r in rows if r.kind is not RowKind.DENSE],
+            book=self.book,
+        )
+
+    def _dense_rows(
+        self,
+        cm: CommonAttentionMetadata,
+        rows: list[PlannedRow],
+        dense: list[int],
+        seq_lens: list[int],
+        fast_build: bool,
+    ) -> tuple[CPUAttentionMetadata, Tensor]:
+        """vLLM's CPU metadata for the ``dense`` batch rows alone, and their tokens."""
         index = torch.tensor(dense, dtype=torch.long)
-        dense_lens = [query_lens[i] for i in dense]
+        dense_lens = [rows[i].end - rows[i].start for i in dense]
         tokens = torch.cat([torch.arange(rows[i].start, rows[i].end) for i in dense])
         loc = torch.zeros(len(dense) + 1, dtype=cm.query_start_loc_cpu.dtype)
         loc[1:] = torch.tensor(dense_lens).cumsum(0)
@@ -129,13 +142,7 @@ class AvlMetadataBuilder(CPUAttentionMetadataBuilder):
             is_prefilling=None if cm.is_prefilling is None else cm.is_prefilling[index],
             seq_lens_cpu_upper_bound=None,
         )
-        return AvlAttentionMetadata(
-            **base,
-            dense=super().build(0, sub, fast_build),
-            dense_tokens=tokens.to(cm.slot_mapping.device),
-            rows=avl_rows,
-            book=self.book,
-        )
+        return super().build(0, sub, fast_build), tokens.to(cm.slot_mapping.device)
 
     def _count_decode_tokens(self, rows: list[PlannedRow], seq_lens: list[int]) -> None:
         counters, block = self.book.counters, self.kv_cache_spec.block_size

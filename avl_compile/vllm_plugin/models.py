@@ -49,11 +49,10 @@ def _renamed(key: str) -> str:
 
 
 def _checkpoint_folder(name_or_path: str | Path) -> Path:
+    from avl_compile.bench.cli import bundled_model
     from avl_compile.bench.reader_task import BUNDLED_MODELS
 
-    if str(name_or_path) in BUNDLED_MODELS:
-        return Path(BUNDLED_MODELS[str(name_or_path)][0])
-    folder = Path(name_or_path)
+    folder = Path(bundled_model(str(name_or_path))[0])
     if not folder.is_dir():
         known = ", ".join(BUNDLED_MODELS)
         raise ValueError(
