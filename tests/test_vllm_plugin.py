@@ -61,10 +61,10 @@ def engines(model_dir):
             avl = {} if options is None else {
                 "attention_backend": "CUSTOM", "additional_config": {"avl": options}
             }  # fmt: skip
-            engine_args = {"enable_prefix_caching": False, **engine_args}
+            engine_args = {"enable_prefix_caching": False, "max_num_seqs": MAX_SEQS, **engine_args}
             made[name] = vllm.LLM(
                 model=str(model_dir), dtype="float32", max_model_len=512, enforce_eager=True,
-                max_num_seqs=MAX_SEQS, seed=0, **avl, **engine_args,
+                seed=0, **avl, **engine_args,
             )  # fmt: skip
         return made[name]
 
@@ -180,6 +180,25 @@ def test_chunked_prefill_equals_whole_prompts(engines, requests):
     assert stats(chunked_engine)[0]["prefill_parts"] > 0
 
 
+def test_given_back_blocks_admit_more_requests(engines, requests):
+    """One fixed pool of 40 KV blocks of 32 tokens (a prompt takes 9): at 100% budgets A-VL
+    keeps every block, as vLLM does; at its defaults each request gives the blocks of its
+    evicted rows back after its prompt, so vLLM's scheduler runs more requests at once,
+    and the tokens are those of an engine with blocks to spare."""
+    pool = {"block_size": 32, "num_gpu_blocks_override": 40, "max_num_seqs": 16}
+    prompts = requests * 2
+    full = engines("full-40-blocks", FULL, **pool)
+    avl = engines("defaults-40-blocks", {}, **pool)
+    assert tokens(full, prompts) == tokens(engines("full", FULL), prompts)
+    assert tokens(avl, prompts) == tokens(engines("defaults", {}), prompts)
+    (kept_all,), (gave_back,) = stats(full), stats(avl)
+    assert gave_back["peak_live_states"] > kept_all["peak_live_states"]
+    # blocks held per decode token: every one at 100%, about half at the defaults
+    assert kept_all["vllm_blocks"] == kept_all["dense_blocks"]
+    assert gave_back["vllm_blocks"] < 0.7 * gave_back["dense_blocks"]
+    assert gave_back["kept_rows"] <= gave_back["allocated_slots"]
+
+
 def chat_messages(prompt: dict, question: str) -> list[dict]:
     """An OpenAI chat message with the prompt's image inline (a PNG data URL)."""
     buffer = io.BytesIO()
@@ -239,18 +258,26 @@ def chat(port: int, model: str, messages: list[dict], deadline: float) -> str:
 
 
 def test_a_prompt_from_the_prefix_cache_runs_dense_with_a_warning(engines, requests, caplog):
-    """With vLLM's prefix caching on (its default), a prompt whose first blocks are cached
-    skips their computation: the plugin never sees their keys, so that request runs dense
-    (one warning), and the others still run A-VL."""
+    """With vLLM's prefix caching on (its default): A-VL requests never enter the prefix
+    cache (A-VL rewrites their blocks), so the same image prompts run A-VL again; a prompt
+    whose first block a text-only request cached skips its computation: the plugin never
+    sees those keys, so that request runs dense (one warning) and keeps all of its blocks."""
     llm = engines("prefix-cached", {}, enable_prefix_caching=True)
     first = tokens(llm, requests[:2])
     assert first == tokens(engines("defaults", {}), requests[:2])
-    dense = tokens(engines("dense", None), requests[:2])
+    assert tokens(llm, requests[:2]) == first and stats(llm)[0]["dense_requests"] == 0
+    words = " ".join(["red"] * 140)  # more than one 128-token block before the image
+    image = requests[0]["multi_modal_data"]["image"]
+    late_image = {
+        "prompt": f"USER: {words} <image>\nread row 3 from column 4 ASSISTANT:",
+        "multi_modal_data": {"image": image},
+    }
+    tokens(llm, [{"prompt": f"USER: {words} ASSISTANT:"}], 1)  # caches the first block
     with caplog.at_level(logging.WARNING, logger="avl_compile"):
-        again = tokens(llm, requests[:2])  # the same prompts: their first blocks are cached
-    assert again == dense
+        got = tokens(llm, [late_image])
+    assert got == tokens(engines("dense", None), [late_image])
     assert sum("prefix cache" in r.getMessage() for r in caplog.records) == 1
-    assert stats(llm)[0]["dense_requests"] == 2
+    assert stats(llm)[0]["dense_requests"] == 2  # the text-only prompt and the late image
 
 
 def test_tensor_parallel_equals_one_rank(model_dir, requests, monkeypatch, engines):

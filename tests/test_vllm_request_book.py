@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 
+from avl_compile.options import AvlOptions
 from avl_compile.vllm_plugin.requests import (
     BatchRequests,
     RequestBook,
@@ -107,3 +109,18 @@ def test_image_mask_follows_placeholder_ranges_and_is_embed():
     is_embed = torch.tensor([False, True, True, False])
     mask = image_mask_of([(1, 2, None), (5, 4, is_embed)], 10)
     assert mask[0].nonzero().flatten().tolist() == [1, 2, 6, 7]
+
+
+def test_a_request_whose_blocks_went_back_cannot_fall_back_to_dense():
+    """With storage blocks (the plugin's engines) an A-VL request's evicted rows' blocks go
+    back to vLLM after its prompt: a later give-up would read a partial history, so it is
+    an error naming the reason; before the prompt's end it still runs dense."""
+    book = RequestBook(options=AvlOptions(), block_size=4)
+    rows = book.plan(batch(["a"], {"a": 10}), [10], [0])
+    assert rows[0].request.storage is not None
+    assert rows[0].request.storage.prompt_blocks == 3
+    rows[0].request.layers[0] = object()
+    with pytest.raises(RuntimeError, match="several tokens.*blocks back"):
+        book.plan(batch(["a"], {"a": 10}), [3], [10])
+    # a recomputed prompt running past its end (after a preemption): dense, as before
+    assert kinds(book.plan(batch(["b"], {"b": 8}), [12], [0])) == [RowKind.DENSE]

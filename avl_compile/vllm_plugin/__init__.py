@@ -6,7 +6,8 @@ starts. It changes nothing until an engine asks for the CUSTOM attention backend
     LLM(model=..., attention_backend="CUSTOM", additional_config={"avl": {...options...}})
 
 It registers ``AvlAttentionBackend`` as vLLM's CUSTOM backend; on the CPU platform, which
-picks its own backend whatever is asked, it makes the choice honour CUSTOM; and it checks
+picks its own backend whatever is asked, it makes the choice honour CUSTOM, registers
+A-VL's KV-cache spec and manager (``kv_manager``) with the platform's own specs, and checks
 A-VL's options when the engine's configuration is made (in the caller's process, so a bad
 option is a ``ValueError`` there, not a failed engine start).
 """
@@ -32,6 +33,7 @@ def _cpu_platform_honours_custom() -> None:
         return
     choose = CpuPlatform.get_attn_backend_cls.__func__
     update_config = CpuPlatform.check_and_update_config.__func__
+    register_specs = CpuPlatform.register_custom_kv_cache_specs.__func__
 
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, *args, **kwargs):
         if selected_backend == AttentionBackendEnum.CUSTOM and not attn_selector_config.use_mla:
@@ -45,9 +47,21 @@ def _cpu_platform_honours_custom() -> None:
 
             tp_size = vllm_config.parallel_config.tensor_parallel_size
             serving_options(vllm_config.additional_config, tp_size)
+            if vllm_config.speculative_config is not None:
+                raise ValueError(
+                    "avl vLLM plugin: speculative_config is not supported (A-VL decodes one "
+                    "token per step and gives evicted rows' blocks back); remove it"
+                )
+
+    def register_custom_kv_cache_specs(cls, vllm_config) -> None:
+        register_specs(cls, vllm_config)
+        from avl_compile.vllm_plugin.kv_manager import register_spec
+
+        register_spec()  # A-VL's spec and manager (``kv_manager``)
 
     CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
     CpuPlatform.check_and_update_config = classmethod(check_and_update_config)
+    CpuPlatform.register_custom_kv_cache_specs = classmethod(register_custom_kv_cache_specs)
     setattr(CpuPlatform, _PATCHED, True)
 
 

@@ -7,10 +7,12 @@ group, so shared by the decoder layers) plans each batch row (``requests.Request
 and builds vLLM's CPU metadata for the dense rows alone; each layer's ``forward`` then runs
 vLLM's kernel over the dense rows' tokens and the policy over each A-VL row:
 ``AvlPolicy.prefill`` at a prompt's last chunk (over the whole prompt, whose earlier
-chunks' queries and keys the layer kept) and ``AvlPolicy.decode`` at each decode token, on
-the request's own compacted cache. vLLM's paged cache is still written for every token
-(``do_kv_cache_update`` as vLLM's): the dense rows read it, and a request that leaves A-VL
-keeps its whole history there. The compacted cache is what A-VL's rows read.
+chunks' queries and keys the layer kept) and ``AvlPolicy.decode`` at each decode token.
+An A-VL request's rows live in its storage blocks of vLLM's paged cache (``kv_blocks``):
+the prefill writes the rows it keeps there, a decode step reads them, runs the policy and
+writes back the slots it changed; vLLM's own write of a decode token is skipped (its
+position's block is given back or holds rows). The scheduler's side, which frees the other
+blocks, is ``kv_manager`` (its spec replaces the layers' own: ``runner_hook``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import re
 import torch
 from torch import Tensor
 from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.forward_context import get_forward_context
 from vllm.v1.attention.backend import AttentionLayer, CommonAttentionMetadata
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
@@ -31,6 +34,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 
 from avl_compile.policies.avl import AvlPolicy
 from avl_compile.vllm_plugin.options import serving_options
+from avl_compile.vllm_plugin.paged_rows import PagedRows
 from avl_compile.vllm_plugin.requests import (
     BatchRequests,
     LayerCache,
@@ -67,6 +71,7 @@ class AvlAttentionMetadata:
     dense_tokens: Tensor | None  # their tokens in the forward (None: every token, in place)
     rows: list[PlannedRow]  # the rows A-VL runs (prefill chunks and decode tokens)
     book: RequestBook
+    own_writes: Tensor | None = None  # tokens vLLM must not write (A-VL's decode tokens)
 
 
 class AvlMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -83,7 +88,11 @@ class AvlMetadataBuilder(CPUAttentionMetadataBuilder):
             )
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         tp_size = vllm_config.parallel_config.tensor_parallel_size
-        self.book = RequestBook(combine_heads=mean_over_ranks if tp_size > 1 else None)
+        self.book = RequestBook(
+            combine_heads=mean_over_ranks if tp_size > 1 else None,
+            options=serving_options(vllm_config.additional_config, tp_size),
+            block_size=kv_cache_spec.block_size,
+        )
         self.batch: BatchRequests | None = None  # set by the runner hook at every step
         install_runner_hook()
 
@@ -100,6 +109,7 @@ class AvlMetadataBuilder(CPUAttentionMetadataBuilder):
         seq_lens = cm.seq_lens[:num_reqs].tolist()
         context_lens = [s - q for s, q in zip(seq_lens, query_lens, strict=True)]
         rows = self.book.plan(self.batch, query_lens, context_lens)
+        self._storage_blocks(rows, cm.block_table_tensor, seq_lens)
         self._count_decode_tokens(rows, seq_lens)
         dense = [i for i, r in enumerate(rows) if r.kind in (RowKind.DENSE, RowKind.PREFILL_PART)]
         dense_metadata, dense_tokens = None, None
@@ -107,6 +117,7 @@ class AvlMetadataBuilder(CPUAttentionMetadataBuilder):
             dense_metadata = super().build(common_prefix_len, cm, fast_build)
         elif dense:
             dense_metadata, dense_tokens = self._dense_rows(cm, rows, dense, seq_lens, fast_build)
+        decode_tokens = [r.start for r in rows if r.kind is RowKind.DECODE]
         return AvlAttentionMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             slot_mapping=cm.slot_mapping,
@@ -114,7 +125,18 @@ class AvlMetadataBuilder(CPUAttentionMetadataBuilder):
             dense_tokens=dense_tokens,
             rows=[r for r in rows if r.kind is not RowKind.DENSE],
             book=self.book,
+            own_writes=torch.tensor(decode_tokens, dtype=torch.long) if decode_tokens else None,
         )
+
+    def _storage_blocks(
+        self, rows: list[PlannedRow], block_table: Tensor, seq_lens: list[int]
+    ) -> None:
+        """Each A-VL row's storage blocks, from its request's block table."""
+        for index, (row, seq_len) in enumerate(zip(rows, seq_lens, strict=True)):
+            if row.kind in (RowKind.PREFILL_LAST, RowKind.DECODE):
+                assert row.request is not None and row.request.storage is not None
+                entries = row.request.storage.entries_for(seq_len)
+                row.blocks = block_table[index, entries].to("cpu", torch.long)
 
     def _dense_rows(
         self,
@@ -148,8 +170,10 @@ class AvlMetadataBuilder(CPUAttentionMetadataBuilder):
         counters, block = self.book.counters, self.kv_cache_spec.block_size
         for row, seq_len in zip(rows, seq_lens, strict=True):
             if row.kind is RowKind.DECODE:
+                assert row.blocks is not None
                 counters["decode_tokens"] += 1
-                counters["vllm_blocks"] += -(-seq_len // block)
+                counters["vllm_blocks"] += row.blocks.numel()
+                counters["dense_blocks"] += -(-seq_len // block)
                 counters["dense_rows"] += seq_len
 
 
@@ -162,6 +186,18 @@ class AvlAttentionImpl(CPUAttentionBackendImpl):
         tp_size = config.parallel_config.tensor_parallel_size
         self.options = serving_options(config.additional_config, tp_size)
         self.policy: AvlPolicy | None = None  # made at the first call (its layer's index)
+        self.paged: PagedRows | None = None  # made at the first A-VL row (the cache's layout)
+        install_runner_hook()  # before the runner asks the layers for their KV-cache specs
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        """vLLM's write of the step's keys and values, but for A-VL's decode tokens: their
+        rows are written by A-VL into the request's storage blocks."""
+        md = get_forward_context().attn_metadata
+        md = md.get(layer.layer_name) if isinstance(md, dict) else None
+        if isinstance(md, AvlAttentionMetadata) and md.own_writes is not None:
+            slot_mapping = slot_mapping.clone()
+            slot_mapping[md.own_writes.to(slot_mapping.device)] = -1  # vLLM's "no slot"
+        super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
 
     def forward(
         self,
@@ -192,8 +228,11 @@ class AvlAttentionImpl(CPUAttentionBackendImpl):
                 super().forward(layer, query.index_select(0, md.dense_tokens), key, value,
                                 kv_cache, md.dense, dense_out)  # fmt: skip
                 out.index_copy_(0, md.dense_tokens, dense_out)
+        if self.paged is None:
+            isa = getattr(layer, "isa", None)
+            self.paged = PagedRows(isa, kv_cache.dtype, kv_cache.shape[2], self.head_size)
         for row in md.rows:
-            self._run_row(row, query, key, value, out, md.book.counters)
+            self._run_row(row, query, key, value, kv_cache, out, md.book.counters)
         return output
 
     def _run_row(
@@ -202,10 +241,11 @@ class AvlAttentionImpl(CPUAttentionBackendImpl):
         query: Tensor,
         key: Tensor,
         value: Tensor,
+        kv_cache: Tensor,
         out: Tensor,
         counters: dict[str, float],
     ) -> None:
-        assert self.policy is not None and row.request is not None
+        assert self.policy is not None and self.paged is not None and row.request is not None
         request, layer = row.request, self.policy.layer_idx
         q = query[row.start : row.end].view(-1, self.num_heads, self.head_size)
         k = key[row.start : row.end].view(-1, self.num_kv_heads, self.head_size)
@@ -226,19 +266,61 @@ class AvlAttentionImpl(CPUAttentionBackendImpl):
                 heads_first(q_all), heads_first(k_all), heads_first(v_all), None, True,
                 self.scale, request.context,
             )  # fmt: skip
-            request.layers[layer] = LayerCache(keys, values, state)
+            rows = self._fitting_rows(row, state.rows_in_use)
+            slots = torch.arange(rows)
+            self.paged.write(kv_cache, row.blocks, slots, keys[:, :, :rows], values[:, :, :rows])
+            request.layers[layer] = LayerCache(rows, keys.shape[2], state)
             out[row.start : row.end] = result[0, :, -q.shape[0] :].transpose(0, 1)
             return
         cache = request.layers[layer]
-        result, cache.keys, cache.values = self.policy.decode(
-            heads_first(q), cache.keys, heads_first(k), cache.values, heads_first(v),
-            self.scale, cache.state,
-        )  # fmt: skip
+        state = cache.state
+        keys, values = self._read_rows(kv_cache, row.blocks, cache.rows, cache.capacity)
+        before = state.slots.position.clone()
+        result, keys, values = self.policy.decode(
+            heads_first(q), keys, heads_first(k), values, heads_first(v), self.scale, state
+        )
+        cache.capacity = keys.shape[2]
+        cache.rows = rows = self._fitting_rows(row, state.rows_in_use)
+        changed = changed_slots(before, state.slots.position, rows)
+        self.paged.write(kv_cache, row.blocks, changed, keys[:, :, changed], values[:, :, changed])
         out[row.start : row.end] = result[0].transpose(0, 1)
         counters["decode_layer_steps"] += 1
-        counters["attended_rows"] += cache.state.attended_rows
-        counters["kept_rows"] += cache.state.rows_in_use
-        counters["allocated_slots"] += cache.keys.shape[2]
+        counters["attended_rows"] += state.attended_rows
+        counters["kept_rows"] += state.rows_in_use
+        counters["allocated_slots"] += row.blocks.numel() * self.paged.block_size
+
+    def _read_rows(
+        self, kv_cache: Tensor, blocks: Tensor, rows: int, capacity: int
+    ) -> tuple[Tensor, Tensor]:
+        """The policy's slot layout [1, Hkv, capacity, D]: the rows in use from the storage
+        blocks, zeros in the free slots (never attended)."""
+        assert self.paged is not None
+        keys, values = self.paged.read(kv_cache, blocks, rows)
+        if capacity > rows:
+            pad = (0, 0, 0, capacity - rows)
+            keys, values = torch.nn.functional.pad(keys, pad), torch.nn.functional.pad(values, pad)
+        return keys, values
+
+    def _fitting_rows(self, row: PlannedRow, rows: int) -> int:
+        """``rows``, checked against the row's storage blocks (``kv_blocks`` sizes them
+        from the same counts as the policy: a miss is a bug, never a silent overwrite)."""
+        assert self.paged is not None and row.blocks is not None
+        room = row.blocks.numel() * self.paged.block_size
+        if rows > room:
+            raise RuntimeError(
+                f"avl vLLM plugin: {rows} A-VL rows do not fit the request's "
+                f"{row.blocks.numel()} storage blocks ({room} slots)"
+            )
+        return rows
+
+
+def changed_slots(before: Tensor, after: Tensor, rows: int) -> Tensor:
+    """Slots [0, rows) whose token changed in any head (positions [1, Hkv, slots] before
+    and after a step; a slot's keys and values are those of the token it holds)."""
+    width = min(before.shape[-1], rows)
+    changed = torch.ones(rows, dtype=torch.bool)
+    changed[:width] = (before[0, :, :width] != after[0, :, :width]).any(dim=0)
+    return torch.nonzero(changed).flatten()
 
 
 def decoder_layer_index(layer: AttentionLayer) -> int:

@@ -15,12 +15,15 @@ import dataclasses
 import enum
 import logging
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from avl_compile.options import AvlOptions
 from avl_compile.policies.common import PrefillContext
 from avl_compile.policies.decode_schedule import LayerState
+from avl_compile.vllm_plugin.kv_blocks import PromptMakeup, StorageBlocks
 
 logger = logging.getLogger("avl_compile")
 
@@ -34,10 +37,11 @@ class RowKind(enum.Enum):
 
 @dataclasses.dataclass
 class LayerCache:
-    """A request's compacted cache at one layer (the policy's slot layout) and its state."""
+    """A request's A-VL state at one layer; its rows live in the request's storage blocks
+    of vLLM's cache (slot s of the policy's layout in storage block s // block_size)."""
 
-    keys: Tensor  # [1, Hkv, slots, D]
-    values: Tensor
+    rows: int  # rows in use after this layer's last step (its storage blocks' first slots)
+    capacity: int  # the policy's slots (rows in use and free ones) at this layer
     state: LayerState
 
 
@@ -52,10 +56,7 @@ class RequestState:
     parts: dict[int, list[tuple[Tensor, Tensor, Tensor]]] = dataclasses.field(default_factory=dict)
     context: PrefillContext | None = None  # the last prefill chunk's, shared by its layers
     layers: dict[int, LayerCache] = dataclasses.field(default_factory=dict)
-
-    def resident_rows(self) -> int:
-        """Rows of the compacted caches in use, summed over layers."""
-        return sum(cache.state.rows_in_use for cache in self.layers.values())
+    storage: StorageBlocks | None = None  # which of its blocks hold its rows (``kv_blocks``)
 
 
 @dataclasses.dataclass
@@ -78,12 +79,20 @@ class PlannedRow:
     start: int  # the row's tokens in the forward's flattened batch: [start, end)
     end: int
     request: RequestState | None = None
+    blocks: Tensor | None = None  # A-VL rows: the request's storage blocks, in slot order
 
 
 class RequestBook:
-    """The A-VL states of one worker's live requests (one per attention-group builder)."""
+    """The A-VL states of one worker's live requests (one per attention-group builder).
+    With ``options`` and ``block_size`` each A-VL request knows its storage blocks."""
 
-    def __init__(self, combine_heads: Callable[[Tensor], Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        combine_heads: Callable[[Tensor], Tensor] | None = None,
+        options: AvlOptions | None = None,
+        block_size: int | None = None,
+    ) -> None:
+        self.options, self.block_size = options, block_size
         self.states: dict[str, RequestState] = {}
         self.dense: dict[str, str] = {}  # requests run dense for good, and why
         self.combine_heads = None if combine_heads is None else self._counted(combine_heads)
@@ -95,13 +104,14 @@ class RequestBook:
             "peak_live_states": 0,
             # summed over A-VL decode tokens (per request and step) ...
             "decode_tokens": 0,
-            "vllm_blocks": 0,  # vLLM's KV blocks the request holds (all of its tokens)
+            "vllm_blocks": 0,  # vLLM's KV blocks the request holds (its storage blocks)
+            "dense_blocks": 0,  # blocks the sequence would hold dense
             "dense_rows": 0,  # rows a dense step attends (the sequence so far)
             # ... and over A-VL decode tokens and layers
             "decode_layer_steps": 0,
             "attended_rows": 0,  # rows A-VL's step attended
-            "kept_rows": 0,  # rows in A-VL's compacted cache
-            "allocated_slots": 0,  # its slots, free ones included (what it occupies)
+            "kept_rows": 0,  # A-VL's rows in use
+            "allocated_slots": 0,  # its storage blocks' slots (what it occupies)
         }
         self._warned: set[str] = set()
 
@@ -148,7 +158,10 @@ class RequestBook:
             return RowKind.DENSE, None
         if context == 0:
             mask = image_mask_of(spans, prompt_len)
-            self.states[req_id] = RequestState(req_id, mask, prompt_len)
+            storage = None
+            if self.options is not None and self.block_size is not None:
+                storage = StorageBlocks(self.options, PromptMakeup.of(mask), self.block_size)
+            self.states[req_id] = RequestState(req_id, mask, prompt_len, storage=storage)
         request = self.states.get(req_id)
         if request is None:
             return self._give_up(
@@ -176,6 +189,12 @@ class RequestBook:
 
     def _give_up(self, req_id: str, why: str) -> tuple[RowKind, None]:
         """The request runs dense from here (vLLM's cache holds all of its keys)."""
+        request = self.states.get(req_id)
+        if request is not None and request.storage is not None and request.context is not None:
+            raise RuntimeError(
+                f"avl vLLM plugin: request {req_id} cannot go on ({why}): after its prompt "
+                "A-VL gave its evicted rows' KV blocks back to vLLM, so it cannot run dense"
+            )
         self.states.pop(req_id, None)
         self.dense[req_id] = why
         self.counters["dense_requests"] += 1
@@ -190,6 +209,16 @@ class RequestBook:
             del self.states[req_id]
         for req_id in [r for r in self.dense if r not in live]:
             del self.dense[req_id]
+
+
+def image_spans(mm_features: Iterable[Any] | None) -> list[tuple[int, int, Tensor | None]]:
+    """(offset, length, is_embed) of a request's image placeholders (vLLM's
+    ``MultiModalFeatureSpec``s, the same on the scheduler's and the worker's side)."""
+    return [
+        (f.mm_position.offset, f.mm_position.length, f.mm_position.is_embed)
+        for f in mm_features or ()
+        if f.modality == "image"
+    ]
 
 
 def image_mask_of(spans: list[tuple[int, int, Tensor | None]], prompt_len: int) -> Tensor:

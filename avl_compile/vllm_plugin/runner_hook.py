@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from avl_compile.vllm_plugin.requests import BatchRequests
+from avl_compile.vllm_plugin.requests import BatchRequests, image_spans
 
 _WRAPPED = "_avl_wraps"
 
@@ -22,6 +22,7 @@ def install_runner_hook() -> None:
     """Wraps ``GPUModelRunner._build_attention_metadata`` (the CPU runner inherits it)."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+    _install_spec_hook(GPUModelRunner)
     original = GPUModelRunner._build_attention_metadata
     if getattr(original, _WRAPPED, False):
         return
@@ -38,6 +39,42 @@ def install_runner_hook() -> None:
     setattr(_build_attention_metadata, _WRAPPED, True)
     _build_attention_metadata.__wrapped__ = original  # type: ignore[attr-defined]
     GPUModelRunner._build_attention_metadata = _build_attention_metadata
+
+
+def _install_spec_hook(runner_class: Any) -> None:
+    """Wraps the runner's ``get_kv_cache_spec``: with A-VL asked for, each decoder layer's
+    full-attention spec becomes ``AvlAttentionSpec``, which carries the engine's A-VL
+    options to the scheduler's KV-cache manager (``kv_manager``). vLLM's backend hook for
+    a spec (``AttentionBackend.customize_spec``) runs where no engine config is current."""
+    original = runner_class.get_kv_cache_spec
+    if getattr(original, _WRAPPED, False):
+        return
+
+    def get_kv_cache_spec(self, *args: Any, **kwargs: Any):
+        specs = original(self, *args, **kwargs)
+        from avl_compile.vllm_plugin import uses_avl
+
+        if not uses_avl(self.vllm_config):
+            return specs
+        from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+        from avl_compile.vllm_plugin.kv_manager import AvlAttentionSpec
+        from avl_compile.vllm_plugin.options import serving_options
+
+        config = self.vllm_config
+        options = serving_options(
+            config.additional_config, config.parallel_config.tensor_parallel_size
+        )
+        return {
+            name: AvlAttentionSpec.of(spec, options)
+            if type(spec) is FullAttentionSpec and spec.sliding_window is None
+            else spec
+            for name, spec in specs.items()
+        }
+
+    setattr(get_kv_cache_spec, _WRAPPED, True)
+    get_kv_cache_spec.__wrapped__ = original  # type: ignore[attr-defined]
+    runner_class.get_kv_cache_spec = get_kv_cache_spec
 
 
 def avl_builders_of(runner: Any) -> list[Any]:
@@ -66,9 +103,5 @@ def batch_requests_of(runner: Any, num_reqs: int | None) -> BatchRequests | None
     for req_id in req_ids:
         state = requests[req_id]
         prompt_lens[req_id] = state.num_prompt_tokens
-        spans[req_id] = [
-            (f.mm_position.offset, f.mm_position.length, f.mm_position.is_embed)
-            for f in state.mm_features
-            if f.modality == "image"
-        ]
+        spans[req_id] = image_spans(state.mm_features)
     return BatchRequests(req_ids, spans, prompt_lens, set(requests))
