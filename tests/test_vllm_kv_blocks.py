@@ -1,5 +1,6 @@
-"""The vLLM plugin's block counting (``kv_blocks.py``) against the policy it sizes for: the
-rows the policy keeps at every step fit the storage blocks both sides of vLLM compute."""
+"""The vLLM plugin's block counting (``kv_blocks.py``) against the policy it sizes for (the
+rows the policy keeps at every step fit the storage blocks both sides of vLLM compute),
+and its rows in those blocks (``paged_rows.py``). No vLLM needed."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from avl_compile.options import AvlOptions
 from avl_compile.policies.avl import AvlPolicy
 from avl_compile.policies.common import PrefillContext
 from avl_compile.vllm_plugin.kv_blocks import PromptMakeup, StorageBlocks, resident_rows
+from avl_compile.vllm_plugin.paged_rows import PagedRows
 
 Q_HEADS, KV_HEADS, DIM = 4, 2, 8
 
@@ -88,3 +90,24 @@ def test_a_prompt_without_text_after_its_image_keeps_the_minimum_text_budget():
     assert prompt.text == 0
     options = AvlOptions(text_min_budget=3)
     assert [resident_rows(options, prompt, d) for d in range(5)] == [12, 13, 14, 15, 15]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_written_to_storage_blocks_read_back_and_touch_nothing_else(dtype):
+    block, heads, dim = 8, 2, 4
+    cache = torch.zeros(6, heads, block, 2 * dim, dtype=dtype)  # vLLM's CPU cache shape
+    paged, blocks = PagedRows(block, dim), torch.tensor([4, 1, 3])
+    keys = torch.randn(1, heads, 19, dim).to(dtype)
+    values = torch.randn_like(keys)
+    paged.write(cache, blocks, torch.arange(19), keys, values)
+    assert (cache[[0, 2, 5]] == 0).all(), "only the storage blocks are written"
+    got_keys, got_values = paged.read(cache, blocks, 19)
+    assert torch.equal(got_keys, keys) and torch.equal(got_values, values)
+    # a step's changed slots, written alone (one in the third block)
+    slots = torch.tensor([2, 17])
+    new_keys, new_values = torch.randn(1, heads, 2, dim).to(dtype), torch.randn(1, heads, 2, dim)
+    paged.write(cache, blocks, slots, new_keys, new_values)
+    keys[:, :, slots], values[:, :, slots] = new_keys, new_values.to(dtype)
+    got_keys, got_values = paged.read(cache, blocks, 19)
+    assert torch.equal(got_keys, keys) and torch.equal(got_values, values)
+    assert paged.read(cache, blocks, 5)[0].shape == (1, heads, 5, dim)

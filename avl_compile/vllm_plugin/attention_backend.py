@@ -229,8 +229,12 @@ class AvlAttentionImpl(CPUAttentionBackendImpl):
                                 kv_cache, md.dense, dense_out)  # fmt: skip
                 out.index_copy_(0, md.dense_tokens, dense_out)
         if self.paged is None:
-            isa = getattr(layer, "isa", None)
-            self.paged = PagedRows(isa, kv_cache.dtype, kv_cache.shape[2], self.head_size)
+            if self.kv_cache_dtype != "auto":
+                raise NotImplementedError(
+                    f"avl vLLM plugin: kv_cache_dtype={self.kv_cache_dtype!r} is not supported "
+                    "(A-VL keeps its rows in the model's dtype); allowed: 'auto'"
+                )
+            self.paged = PagedRows(kv_cache.shape[2], self.head_size)
         for row in md.rows:
             self._run_row(row, query, key, value, kv_cache, out, md.book.counters)
         return output
