@@ -199,6 +199,21 @@ def test_given_back_blocks_admit_more_requests(engines, requests):
     assert gave_back["kept_rows"] <= gave_back["allocated_slots"]
 
 
+def test_a_preempted_request_is_recomputed_dense(engines, requests):
+    """A pool of 20 blocks of 32 tokens holds two 9-block prompts, not their 40-token
+    answers: vLLM preempts a request and later recomputes its prompt and outputs as one
+    prefill; the plugin runs such a request dense from its first token (and the scheduler's
+    manager keeps its blocks). At 100% budgets its tokens are those of the unpreempted."""
+    params = vllm.SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    tight = engines("full-20-blocks", FULL, block_size=32, num_gpu_blocks_override=20)
+    prompts = requests[:3]
+    got = [list(o.outputs[0].token_ids) for o in tight.generate(prompts, params, use_tqdm=False)]
+    spare = engines("full", FULL)
+    want = [list(o.outputs[0].token_ids) for o in spare.generate(prompts, params, use_tqdm=False)]
+    assert got == want
+    assert stats(tight)[0]["dense_requests"] >= 1  # the recomputed ones
+
+
 def chat_messages(prompt: dict, question: str) -> list[dict]:
     """An OpenAI chat message with the prompt's image inline (a PNG data URL)."""
     buffer = io.BytesIO()

@@ -124,3 +124,11 @@ def test_a_request_whose_blocks_went_back_cannot_fall_back_to_dense():
         book.plan(batch(["a"], {"a": 10}), [3], [10])
     # a recomputed prompt running past its end (after a preemption): dense, as before
     assert kinds(book.plan(batch(["b"], {"b": 8}), [12], [0])) == [RowKind.DENSE]
+    # recomputed in chunks, one ending at the prompt's end: dense from its first chunk (the
+    # scheduler's manager keeps such a request's blocks: kv_manager.note_request)
+    resumed = batch(["c"], {"c": 8})
+    resumed.with_output.add("c")
+    assert kinds(book.plan(resumed, [4], [0])) == [RowKind.DENSE]
+    assert kinds(book.plan(resumed, [4], [4])) == [RowKind.DENSE]
+    assert kinds(book.plan(resumed, [2], [8])) == [RowKind.DENSE]
+    assert book.dense["c"].startswith("recomputed after a preemption")

@@ -69,6 +69,9 @@ class BatchRequests:
     image_spans: dict[str, list[tuple[int, int, Tensor | None]]]  # offset, length, is_embed
     prompt_lens: dict[str, int]
     live: set[str]
+    # requests that have output tokens already: at their first token, recomputed after a
+    # preemption (prompt and outputs as one prefill)
+    with_output: set[str] = dataclasses.field(default_factory=set)
 
 
 @dataclasses.dataclass
@@ -150,6 +153,8 @@ class RequestBook:
         if context == 0:  # a new request, or one vLLM recomputes from its start
             self.states.pop(req_id, None)
             self.dense.pop(req_id, None)
+            if req_id in batch.with_output and spans:
+                return self._give_up(req_id, "recomputed after a preemption, outputs included")
         if req_id in self.dense:
             return RowKind.DENSE, None
         if not spans:  # nothing for A-VL to choose from

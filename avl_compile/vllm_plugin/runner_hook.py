@@ -104,4 +104,5 @@ def batch_requests_of(runner: Any, num_reqs: int | None) -> BatchRequests | None
         state = requests[req_id]
         prompt_lens[req_id] = state.num_prompt_tokens
         spans[req_id] = image_spans(state.mm_features)
-    return BatchRequests(req_ids, spans, prompt_lens, set(requests))
+    with_output = {r for r in req_ids if requests[r].output_token_ids}
+    return BatchRequests(req_ids, spans, prompt_lens, set(requests), with_output)
