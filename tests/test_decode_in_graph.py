@@ -293,7 +293,9 @@ def test_eager_decode_step_equals_the_compiled_graph():
 def test_the_one_key_sort_orders_as_the_three_sorts():
     generator = torch.Generator().manual_seed(0)
     # scores with many exact ties, -inf for non-candidates, shuffled positions
-    scores = torch.randint(0, 4, (3, 50), generator=generator).float() / 8
+    scores = torch.randint(-3, 4, (3, 50), generator=generator).float() / 8
+    scores[:, 3::11] = -0.0  # ties +0.0
+    scores[:, 5::13] = torch.randn(scores[:, 5::13].shape, generator=generator) * 1e30
     scores[:, ::7] = float("-inf")
     positions = torch.stack([torch.randperm(50, generator=generator) for _ in range(3)])
     prefer = torch.rand(3, 50, generator=generator) < 0.3

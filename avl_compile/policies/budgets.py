@@ -52,7 +52,9 @@ def best_first(scores: Tensor, positions: Tensor, prefer: Tensor | None = None) 
     every selection of the policy and the reference follows: higher score first; among
     equal scores, the ``prefer`` ones first (rows already in the core, at a re-pick); then
     the lower position. Fixed shapes, no host sync. Non-negative float32 scores (or -inf)
-    sort once, on one int64 key; other dtypes take two stable sorts."""
+    sort once, on one int64 key (any sign, and -inf); other dtypes take two stable sorts.
+    Scores computed in float32 should come here as float32: a float64 copy of them orders
+    the same, in two sorts."""
     if scores.dtype == torch.float32:
         return torch.sort(_rule_key(scores, positions, prefer), dim=-1, descending=True).indices
     if prefer is not None:  # preferred first, then the lower position: one sort
@@ -71,10 +73,13 @@ def lightest(scores: Tensor, candidates: Tensor, positions: Tensor) -> Tensor:
 
 
 def _rule_key(scores: Tensor, positions: Tensor, prefer: Tensor | None) -> Tensor:
-    """One int64 per candidate that orders as the tie rule does: the float32 score's bits
-    (monotone for non-negative floats; -inf is negative), the preference bit, then the
+    """One int64 per candidate that orders as the tie rule does: the float32 score as an
+    int32 that orders as the floats do (a float's bits, with a negative float's other 31
+    bits flipped; -0.0 made +0.0 first, as the floats tie), the preference bit, then the
     position reversed (positions are below 2**31)."""
-    key = scores.view(torch.int32).to(torch.int64) * 2**32
+    bits = (scores + 0.0).view(torch.int32)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    key = ordered.to(torch.int64) * 2**32
     if prefer is not None:
         key = key + prefer.to(torch.int64) * 2**31
     return key + (2**31 - 1 - positions.to(torch.int64))

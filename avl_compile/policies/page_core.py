@@ -38,7 +38,8 @@ def page_bound_per_slot(
     """For every ``candidate`` slot [B, C] (bool), the digest bound of its page given
     ``query`` [B, Hq, D]; -inf elsewhere. ``keys`` [B, Hkv, C, D]; ``bucket`` [B, C] the
     slot's page as an index below ``n_buckets`` (default C; slots of one page share it;
-    ``page_buckets``); a page holds at most ``page_size`` slots. Returns float64 [B, C]."""
+    ``page_buckets``); a page holds at most ``page_size`` slots. Returns [B, C] in the
+    accumulation dtype (float32, or float64 for float64 queries)."""
     batch, q_heads, head_dim = query.shape
     kv_heads, capacity = keys.shape[1], keys.shape[2]
     n_buckets = capacity if n_buckets is None else min(n_buckets, capacity)
@@ -56,8 +57,8 @@ def page_bound_per_slot(
     bound = digest_bound(q, low[:, :, None], high[:, :, None])  # [B, Hkv, G, n_buckets]
     bound = bound.reshape(batch, q_heads, n_buckets).mean(dim=1)
     # empty buckets hold inf/nan, but no candidate reads them
-    score = bound.gather(1, bucket.clamp(min=0, max=n_buckets - 1)).to(torch.float64)
-    return score.masked_fill(~candidate, -math.inf)
+    score = bound.gather(1, bucket.clamp(min=0, max=n_buckets - 1))
+    return score.masked_fill(~candidate, -math.inf)  # float32-born: one sort (best_first)
 
 
 def page_members(

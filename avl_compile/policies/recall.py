@@ -326,7 +326,7 @@ def swap_pages_in(
         ],
         dim=1,
     )
-    scores = scores.to(torch.float64).masked_fill(~valid, -math.inf)
+    scores = scores.masked_fill(~valid, -math.inf)  # float32-born: one sort (best_first)
     order = best_first(scores, positions)
     rank = torch.empty_like(order).scatter_(
         1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
