@@ -257,6 +257,34 @@ def choose_pages(query: Tensor, pages: HostPages, recall_pages: int) -> Tensor:
     return (taken[:, None, :] <= wanted[None, :, None]).sum(-1)
 
 
+def _move_rows_in(
+    keys: Tensor,
+    values: Tensor,
+    recalled_keys: Tensor,
+    recalled_values: Tensor,
+    freed_count: Tensor,
+    incoming_order: Tensor,
+) -> None:
+    """The k-th freed slot (slot order; ``freed_count`` [B, C] counts them) takes recalled
+    row ``incoming_order`` [B, M][k]. At most M = R * S rows move, so only M slots are
+    written (a write of the whole cache read and wrote every row at every swap). Fixed
+    shapes: an entry past a row's moves repeats its last move (or rewrites a slot's own
+    row where nothing moves), so no two writes to one slot differ."""
+    batch, kv_heads, capacity, head_dim = keys.shape
+    moves = incoming_order.shape[1]
+    wanted = torch.arange(1, moves + 1, device=keys.device).expand(batch, -1).contiguous()
+    slot = torch.searchsorted(freed_count.contiguous(), wanted).clamp(max=capacity - 1)
+    count = freed_count[:, -1:]  # [B, 1]
+    entry = torch.minimum(wanted - 1, (count - 1).clamp(min=0))  # [B, M]
+    slot, row = slot.gather(1, entry), incoming_order.gather(1, entry)
+    moving = (count > 0)[:, :, None, None]
+    at = slot[:, None, :, None].expand(-1, kv_heads, -1, head_dim)
+    take = row[:, None, :, None].expand(-1, kv_heads, -1, head_dim)
+    for cache, recalled in ((keys, recalled_keys), (values, recalled_values)):
+        new = torch.where(moving, recalled.gather(2, take), cache.gather(2, at))
+        cache.scatter_(2, at, new)
+
+
 def _accumulation(query: Tensor) -> torch.dtype:
     return torch.float64 if query.dtype == torch.float64 else torch.float32
 
@@ -351,11 +379,9 @@ def swap_pages_in(
     incoming_order = torch.sort(
         torch.where(incoming, recalled_positions, far), dim=1, stable=True
     ).indices
-    source = incoming_order.gather(1, (freed.cumsum(1) - 1).clamp(min=0))  # [B, C]
-    gathered = source[:, None, :, None].expand(-1, kv_heads, -1, keys.shape[3])
-    write = freed[:, None, :, None]
-    keys.copy_(torch.where(write, recalled_keys.gather(2, gathered), keys))
-    values.copy_(torch.where(write, recalled_values.gather(2, gathered), values))
+    freed_count = freed.cumsum(1)  # [B, C]
+    source = incoming_order.gather(1, (freed_count - 1).clamp(min=0))  # [B, C]
+    _move_rows_in(keys, values, recalled_keys, recalled_values, freed_count, incoming_order)
     moved_in = recalled_positions.gather(1, source)[:, None, :]
     slots.position.copy_(torch.where(freed[:, None, :], moved_in, slots.position))
     slots.role.copy_(torch.where(freed, OTHER, slots.role))  # it joins the core at a re-pick
