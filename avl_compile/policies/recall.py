@@ -278,11 +278,13 @@ def _move_rows_in(
     entry = torch.minimum(wanted - 1, (count - 1).clamp(min=0))  # [B, M]
     slot, row = slot.gather(1, entry), incoming_order.gather(1, entry)
     moving = (count > 0)[:, :, None, None]
-    at = slot[:, None, :, None].expand(-1, kv_heads, -1, head_dim)
+    rows = torch.arange(batch, device=keys.device)[:, None, None]
+    heads = torch.arange(kv_heads, device=keys.device)[None, :, None]
+    at = (rows, heads, slot[:, None, :])  # an index_put_ Inductor writes in place
     take = row[:, None, :, None].expand(-1, kv_heads, -1, head_dim)
     for cache, recalled in ((keys, recalled_keys), (values, recalled_values)):
-        new = torch.where(moving, recalled.gather(2, take), cache.gather(2, at))
-        cache.scatter_(2, at, new)
+        new = torch.where(moving, recalled.gather(2, take), cache[at])
+        cache.index_put_(at, new)
 
 
 def _accumulation(query: Tensor) -> torch.dtype:
