@@ -10,7 +10,7 @@ import torch
 from avl_compile.options import AvlOptions
 from avl_compile.policies.avl import AvlPolicy
 from avl_compile.policies.common import PrefillContext
-from avl_compile.vllm_plugin.kv_blocks import PromptMakeup, StorageBlocks, resident_rows
+from avl_compile.vllm_plugin.kv_blocks import PromptMakeup, StorageBlocks
 from avl_compile.vllm_plugin.paged_rows import PagedRows
 
 Q_HEADS, KV_HEADS, DIM = 4, 2, 8
@@ -58,7 +58,8 @@ def test_resident_rows_are_the_policys_rows_in_use(options):
     assert (prompt.sink, prompt.images, prompt.text) == (5, 48, 37)
     per_layer = [run_policy(options, image_mask, 40, layer) for layer in range(2)]
     widest = [max(rows) for rows in zip(*per_layer, strict=True)]
-    assert widest == [resident_rows(options, prompt, d) for d in range(41)]
+    storage = StorageBlocks(options, prompt, 16)
+    assert widest == [storage.rows_after(prompt.length + d) for d in range(41)]
 
 
 @pytest.mark.parametrize("block_size", [4, 16, 32])
@@ -89,7 +90,8 @@ def test_a_prompt_without_text_after_its_image_keeps_the_minimum_text_budget():
     prompt = PromptMakeup.of(mask(20, 4, 16))
     assert prompt.text == 0
     options = AvlOptions(text_min_budget=3)
-    assert [resident_rows(options, prompt, d) for d in range(5)] == [12, 13, 14, 15, 15]
+    storage = StorageBlocks(options, prompt, 8)
+    assert [storage.rows_after(prompt.length + d) for d in range(5)] == [12, 13, 14, 15, 15]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

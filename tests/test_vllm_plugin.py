@@ -126,6 +126,11 @@ def test_a_bad_option_fails_at_engine_configuration(model_dir):
             model=str(model_dir), dtype="float32", max_model_len=512, enforce_eager=True,
             attention_backend="CUSTOM", additional_config={"avl": {"vision_compute": 0.9}},
         )  # fmt: skip
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        vllm.LLM(
+            model=str(model_dir), dtype="float32", max_model_len=512, enforce_eager=True,
+            attention_backend="CUSTOM", additional_config={"avl": {}}, kv_cache_dtype="fp8",
+        )  # fmt: skip
 
 
 def test_full_budgets_equal_vllm_without_the_plugin_and_hf(engines, requests):

@@ -47,6 +47,12 @@ def _cpu_platform_honours_custom() -> None:
 
             tp_size = vllm_config.parallel_config.tensor_parallel_size
             serving_options(vllm_config.additional_config, tp_size)
+            cache_dtype = vllm_config.cache_config.cache_dtype
+            if cache_dtype != "auto":
+                raise ValueError(
+                    f"avl vLLM plugin: kv_cache_dtype={cache_dtype!r} is not supported (A-VL "
+                    "keeps its rows in the model's dtype); allowed: 'auto'"
+                )
             if vllm_config.speculative_config is not None:
                 raise ValueError(
                     "avl vLLM plugin: speculative_config is not supported (A-VL decodes one "

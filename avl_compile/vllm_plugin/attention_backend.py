@@ -228,12 +228,7 @@ class AvlAttentionImpl(CPUAttentionBackendImpl):
                 super().forward(layer, query.index_select(0, md.dense_tokens), key, value,
                                 kv_cache, md.dense, dense_out)  # fmt: skip
                 out.index_copy_(0, md.dense_tokens, dense_out)
-        if self.paged is None:
-            if self.kv_cache_dtype != "auto":
-                raise NotImplementedError(
-                    f"avl vLLM plugin: kv_cache_dtype={self.kv_cache_dtype!r} is not supported "
-                    "(A-VL keeps its rows in the model's dtype); allowed: 'auto'"
-                )
+        if self.paged is None:  # the cache's block size is known here
             self.paged = PagedRows(kv_cache.shape[2], self.head_size)
         for row in md.rows:
             self._run_row(row, query, key, value, kv_cache, out, md.book.counters)

@@ -3,8 +3,9 @@ sides of vLLM: the scheduler's KV-cache manager (``kv_manager.py``: which blocks
 which to allocate) and the worker's attention backend (which blocks to read and write).
 
 After its prompt an A-VL request's layer caches hold, per head, the sink, the kept image
-rows and the kept text: ``resident_rows`` of them, a count that follows from the budgets
-and the prompt's make-up alone (``AvlSchedule`` counts the same way), never from scores.
+rows and the kept text: ``StorageBlocks.rows_after`` of them, a count that follows from the
+budgets and the prompt's make-up alone (``AvlSchedule`` counts the same way), never from
+scores.
 The plugin stores those rows in the request's own blocks of vLLM's paged cache, in slot
 order (slot s in the s // block_size-th storage block), and every other block goes back
 to vLLM: the prompt keeps its first ``kept_prompt_blocks`` blocks, the rest is freed once
@@ -42,13 +43,6 @@ class PromptMakeup:
         length, images = mask.numel(), int(mask.sum())
         sink = int(mask.int().argmax()) if images else length
         return cls(length, sink, images, length - sink - images)
-
-
-def resident_rows(options: AvlOptions, prompt: PromptMakeup, decoded: int) -> int:
-    """Rows in use in the widest layer after the prompt and ``decoded`` decode tokens:
-    sink + floor(S_l * N) + the kept text, whose budget is max(round(T * n_text), min) and
-    which grows by at most one row a token (A-VL's counting: ``AvlSchedule.advance``)."""
-    return _image_rows(options, prompt) + _kept_text(options, prompt, decoded)[-1]
 
 
 def _image_rows(options: AvlOptions, prompt: PromptMakeup) -> int:
@@ -93,7 +87,9 @@ class StorageBlocks:
         self._count = [self.kept_prompt_blocks]  # storage blocks among entries < P + i
 
     def rows_after(self, tokens: int) -> int:
-        """Rows in use once the sequence holds ``tokens`` tokens (the prompt's at least)."""
+        """Rows in use in the widest layer once the sequence holds ``tokens`` tokens (the
+        prompt's at least): sink + floor(S_l * N) + the kept text, whose budget is
+        max(round(T * n_text), min) and which grows by at most one row a token."""
         decoded = max(tokens - self.prompt.length, 0)
         kept = _kept_text(self.options, self.prompt, decoded, self._kept_text)
         return self._image_rows + kept[decoded]

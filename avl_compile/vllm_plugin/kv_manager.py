@@ -1,9 +1,10 @@
 """The scheduler's side of A-VL's memory saving: a KV-cache spec and manager of the plugin's
 own, so that vLLM's scheduler counts the blocks A-VL gives back as free and admits more.
 
-``AvlAttentionSpec`` is vLLM's full-attention spec with A-VL's options on it; the plugin's
-backend hands it out (``customize_spec``) and ``register_spec`` registers it, with
-``AvlKVCacheManager``, in vLLM's KV-cache spec registry (grouped with full attention).
+``AvlAttentionSpec`` is vLLM's full-attention spec with A-VL's options on it; the model
+runner hands it out in the layers' place (``runner_hook``) and ``register_spec`` registers
+it, with ``AvlKVCacheManager``, in vLLM's KV-cache spec registry (grouped with full
+attention).
 The manager treats each request as full attention until it knows it as an A-VL one (an
 image, its prompt computed here from the start): then, once the prompt has run, it frees
 the prompt's blocks past the storage ones (``kv_blocks.StorageBlocks``), and of the entries
@@ -127,10 +128,6 @@ class AvlKVCacheManager(FullAttentionManager):
     def pop_blocks_for_free(self, request_id: str) -> list[KVCacheBlock]:
         self.storage.pop(request_id, None)
         return super().pop_blocks_for_free(request_id)
-
-    def resident_blocks(self, request_id: str) -> int:
-        """Blocks the request holds now (its null entries aside)."""
-        return sum(not b.is_null for b in self.req_to_blocks.get(request_id, ()))
 
 
 def register_spec() -> None:
