@@ -32,6 +32,7 @@ from avl_compile.policies.avl_decode import (
     avl_decode_step,
 )
 from avl_compile.policies.eviction_decode import EvictionSlots, eviction_decode_step
+from avl_compile.policies.page_core import CorePages
 from avl_compile.policies.recall import RecallState
 
 
@@ -51,22 +52,24 @@ def avl_decode_site(
     staged: bool = False,
 ) -> Tensor:
     """The graph's entry to one A-VL site's decode step (flat tensors, as FX passes them:
-    the fields of the slots class, ``PagedAvlSlots`` for the query-aware core (``paged``),
-    ``AdaptiveAvlSlots`` for adaptive refresh, then with recall (``recall_pages``)
-    ``RecallState``'s tensors, ``staged`` where the host copies its pages' rows around the
-    graph; a refresh step swaps pages in before the step)."""
+    the fields of the slots class, ``PagedAvlSlots`` for the query-aware core (``paged``;
+    then ``CorePages``' tensors), ``AdaptiveAvlSlots`` for adaptive refresh, then with
+    recall (``recall_pages``) ``RecallState``'s tensors, ``staged`` where the host copies
+    its pages' rows around the graph; a refresh step swaps pages in before the step)."""
     scale = scale if scale is not None else query.shape[-1] ** -0.5
     kind = PagedAvlSlots if paged else AdaptiveAvlSlots if adaptive else AvlSlots
     names = [field.name for field in dataclasses.fields(kind)]
     slots = kind(**dict(zip(names, state, strict=False)))
-    recall = None
-    if recall_pages:
-        recall = RecallState.from_tensors(state[len(names) :], paged, staged)
+    rest = state[len(names) :]
+    core_pages = None
+    if paged:
+        core_pages = CorePages(*rest[: len(CorePages.NAMES)])
+        rest = rest[len(CorePages.NAMES) :]
+    recall = RecallState.from_tensors(rest, staged) if recall_pages else None
     if recall is not None and refresh:
-        recall.swap(keys, values, slots, recall_pages, core_page_size)
-    n_pages = recall.core_pages(core_page_size) if recall is not None else None
+        recall.swap(keys, values, slots, recall_pages, core_pages)
     output = avl_decode_step(
-        query, new_keys, new_values, keys, values, slots, scale, refresh, core_page_size, n_pages
+        query, new_keys, new_values, keys, values, slots, scale, refresh, core_pages
     )
     if recall is not None:
         recall.after_step(query, recall_pages)
@@ -97,8 +100,9 @@ class DecodeStep:
     function: Callable[..., Tensor]
     kwargs: dict[str, Any]
     state: type  # AvlSlots or EvictionSlots: its fields are the state tensors, in order
-    # recall's tensors after the slots' (``RecallState.names``); their shapes vary by
-    # prompt (pages per row, image tokens), so examples of them come from a prompt's state
+    # the query-aware core's and recall's tensors after the slots' (``CorePages.NAMES``,
+    # ``RecallState.names``); their shapes vary by prompt (image tokens, pages per row),
+    # so examples of them come from a prompt's state
     extra_state: tuple[str, ...] = ()
 
     @property
@@ -119,15 +123,16 @@ def avl_step(
     refreshes when its signal fires; ``recall_pages``: recall swaps pages in at the start
     of a refresh step, which with the query-aware core attends no more than another;
     ``staged``: recall's rows copied by the host around the graph, a GPU's)."""
+    pages = CorePages.NAMES if paged else ()
     if recall_pages:
         kwargs = {"refresh": refresh, "paged": paged, "recall_pages": recall_pages,
                   "core_page_size": core_page_size, "staged": staged}  # fmt: skip
         state = PagedAvlSlots if paged else AvlSlots
-        names = RecallState.names(paged, staged, refresh)
+        names = (*pages, *RecallState.names(staged, refresh))
         return DecodeStep(avl_decode_site, kwargs, state, names)
     if paged:
         kwargs = {"refresh": False, "paged": True, "core_page_size": core_page_size}
-        return DecodeStep(avl_decode_site, kwargs, PagedAvlSlots)
+        return DecodeStep(avl_decode_site, kwargs, PagedAvlSlots, pages)
     if adaptive:
         kwargs = {"refresh": refresh, "adaptive": True}
         return DecodeStep(avl_decode_site, kwargs, AdaptiveAvlSlots)

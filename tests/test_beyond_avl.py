@@ -441,7 +441,7 @@ def test_query_aware_core_moves_between_refresh_steps(monkeypatch):
 
 
 def test_page_bound_is_an_upper_bound_and_exact_for_one_row_pages():
-    from avl_compile.policies.page_core import page_bound_per_slot, page_buckets, pages_of
+    from avl_compile.policies.page_core import CorePages, image_ordinals
 
     torch.manual_seed(0)
     batch, q_heads, kv_heads, capacity, dim = 2, 4, 2, 12, 8
@@ -453,23 +453,56 @@ def test_page_bound_is_an_upper_bound_and_exact_for_one_row_pages():
     candidate = (positions >= 10) & (positions < 18)
     grouped = query.view(batch, kv_heads, q_heads // kv_heads, dim)
     exact = torch.einsum("bhgd,bhcd->bhgc", grouped, keys).reshape(batch, q_heads, -1).mean(1)
+    ordinal = image_ordinals(positions, candidate, image_positions)
+    assert torch.equal(
+        ordinal, image_ordinals(positions, candidate, image_positions, comparisons=True)
+    )
+    assert (ordinal[~candidate] == -1).all()
+    assert ordinal[0, 3:11].tolist() == list(range(7, -1, -1))
     for size in (1, 3):
-        bucket = page_buckets(positions, candidate, image_positions, size)
-        assert (bucket[candidate] < capacity).all() and (bucket[~candidate] == -1).all()
-        bound = page_bound_per_slot(query, keys, candidate, bucket, size)
-        # boxes only for the prompt's pages (what a graph with the image positions does)
-        n_pages = pages_of(image_positions.shape[1], size)
-        assert n_pages < capacity and int(bucket.max()) < n_pages
-        assert torch.equal(
-            page_bound_per_slot(query, keys, candidate, bucket, size, n_pages), bound
-        )
+        pages = CorePages.build(keys, ordinal, image_positions, size, torch.float64)
+        assert pages.members.shape == (batch, -(-8 // size), size)
+        bound = pages.bound_per_slot(query, ordinal, candidate)
         assert torch.isinf(bound[~candidate]).all()
         assert (bound[candidate] >= exact[candidate] - 1e-12).all()
         if size == 1:
             torch.testing.assert_close(bound[candidate], exact[candidate])
         else:  # image tokens 0-2 (positions 10-12, slots 8-10) are one page
-            assert len(set(bucket[0, 8:11].tolist())) == 1 and bucket[0, 7] != bucket[0, 8]
             assert torch.equal(bound[:, 8], bound[:, 9]) and torch.equal(bound[:, 8], bound[:, 10])
+            assert not torch.equal(bound[:, 7], bound[:, 8])
+
+
+def test_page_boxes_after_a_move_are_the_boxes_made_again_from_scratch():
+    """A swap's ``CorePages.move`` (members out and in, the touched pages boxed again)
+    leaves the state a build from the new slots would make, in every batch row, with the
+    fixed-shape padding (entries repeated; a row that moves nothing)."""
+    from avl_compile.policies.page_core import CorePages, image_ordinals
+
+    torch.manual_seed(1)
+    batch, kv_heads, capacity, dim, size = 3, 2, 10, 4, 2
+    keys = torch.randn(batch, kv_heads, capacity, dim)
+    image_positions = torch.arange(5, 17).expand(batch, 12)  # 12 image tokens, 6 pages
+    # slots 0-7 hold image tokens (ordinals) 0, 2, 3, 5, 6, 8, 9, 11; 8-9 are text
+    resident = torch.tensor([0, 2, 3, 5, 6, 8, 9, 11])
+    positions = torch.cat([resident + 5, torch.tensor([30, 31])]).expand(batch, -1)
+    image = positions < 17
+    ordinal = image_ordinals(positions, image, image_positions)
+    pages = CorePages.build(keys, ordinal, image_positions, size, torch.float32)
+    # row 0: slots 1 and 6 (ordinals 2, 9) leave, ordinals 1 and 10 come in (padded to 3
+    # entries by repeating the last); row 1: slot 0 (ordinal 0) for 4; row 2: nothing
+    slot = torch.tensor([[1, 6, 6], [0, 0, 0], [0, 0, 0]])
+    left = torch.tensor([[2, 9, 9], [0, 0, 0], [0, 0, 0]])
+    came = torch.tensor([[1, 10, 10], [4, 4, 4], [0, 0, 0]])
+    moving = torch.tensor([[True], [True], [False]])
+    new_keys = keys.clone()
+    for b, s, c in ((0, 1, 1), (0, 6, 10), (1, 0, 4)):
+        new_keys[b, :, s] = torch.randn(kv_heads, dim)
+        ordinal[b, s] = c
+    pages.move(new_keys, left, came, slot, moving)
+    expected = CorePages.build(new_keys, ordinal, image_positions, size, torch.float32)
+    assert torch.equal(pages.members, expected.members)
+    assert torch.equal(pages.low, expected.low) and torch.equal(pages.high, expected.high)
+    assert pages.members[0, 0].tolist() == [0, 1] and pages.members[2, 0].tolist() == [0, -1]
 
 
 def test_query_aware_core_options_are_checked():

@@ -41,6 +41,7 @@ from avl_compile.policies.common import (
     last_token_score,
     prefill_attention,
     prefill_logits_bias,
+    score_dtype,
     topk_positions,
 )
 from avl_compile.policies.decode_schedule import (
@@ -49,7 +50,7 @@ from avl_compile.policies.decode_schedule import (
     begin_step_and_grow,
     spare_slots,
 )
-from avl_compile.policies.page_core import page_buckets
+from avl_compile.policies.page_core import CorePages, image_ordinals
 from avl_compile.policies.prefill_scores import attention_and_lse, column_sums_of, last_row_score
 from avl_compile.policies.recall import RecallState, build_pages
 from avl_compile.policies.recall_copies import plan_next_swap, swap_through_copies
@@ -264,7 +265,7 @@ class AvlPolicy:
                 [opts.text_keep, opts.text_heavy_share, opts.text_min_budget],
                 dtype=torch.float64, device=device,
             ),
-            **self._page_buckets(position, role, image_positions),
+            **self._image_ordinals(position, role, image_positions),
             **self._refresh_state(batch, device),
         )  # fmt: skip
         every_step = opts.refresh_every == -1
@@ -284,11 +285,17 @@ class AvlPolicy:
                 context.schedule = schedule  # one schedule for the prompt's layers
             schedule = context.schedule
         state = LayerState(slots=slots, schedule=schedule, combine_heads=context.combine_heads)
-        if opts.recall_pages:  # with the query-aware core a swap re-derives the page buckets
+        slot_keys = pick_rows(keys, safe)
+        if image_positions is not None:
+            assert isinstance(slots, PagedAvlSlots)
+            state.core_pages = CorePages.build(
+                slot_keys, slots.image_ordinal, image_positions, opts.core_page_size,
+                score_dtype(query.dtype),
+            )  # fmt: skip
+        if opts.recall_pages:
             state.recall = RecallState(
                 pages=build_pages(keys, values, evicted, opts.recall_page_size),
                 last_query=query[:, :, -1].contiguous(),  # written in place at each step
-                image_positions=image_positions if opts.core_page_size else None,
             )
             if keys.device.type != "cpu" and state.next_refresh:
                 # a GPU's runtime-call route: the first step's pages chosen now, their
@@ -296,7 +303,7 @@ class AvlPolicy:
                 # staged graphs choose them again at their first step)
                 plan_next_swap(state.recall, 1, opts.recall_pages)
         # free slots hold copies of row 0; they are never attended
-        return output, pick_rows(keys, safe), pick_rows(values, safe), state
+        return output, slot_keys, pick_rows(values, safe), state
 
     def _slots_class(self) -> type[AvlSlots]:
         if self.options.core_page_size:
@@ -312,13 +319,13 @@ class AvlPolicy:
         row = torch.tensor([drop, float("nan"), 0.0], dtype=torch.float64, device=device)
         return {"refresh_state": row.repeat(batch, 1)}
 
-    def _page_buckets(self, position: Tensor, role: Tensor, image_positions: Tensor | None) -> dict:
-        """The query-aware core's page bucket per slot (``PagedAvlSlots``), if it is on."""
+    @staticmethod
+    def _image_ordinals(position: Tensor, role: Tensor, image_positions: Tensor | None) -> dict:
+        """The query-aware core's image ordinal per slot (``PagedAvlSlots``), if it is on."""
         if image_positions is None:
             return {}
         image = (role == OTHER) | (role == CORE)
-        size = self.options.core_page_size
-        return {"page_bucket": page_buckets(position[:, 0], image, image_positions, size)}
+        return {"image_ordinal": image_ordinals(position[:, 0], image, image_positions)}
 
     def _filtered_keys(self, context: PrefillContext) -> Tensor | None:
         if context.filter_keep is None or self.layer_idx < self.options.prefill_filter_layer:
@@ -359,7 +366,7 @@ class AvlPolicy:
         if recall is not None and state.next_refresh:
             swap_through_copies(
                 recall, past_keys, past_values, state.slots, opts.recall_pages,
-                opts.core_page_size, step=state.step + 1,
+                state.core_pages, step=state.step + 1,
             )  # fmt: skip
         schedule, keys, values = begin_step_and_grow(state, past_keys, past_values)
         if recall is not None:
@@ -375,8 +382,7 @@ class AvlPolicy:
             state.slots,
             scale,
             schedule.refresh,
-            opts.core_page_size,
-            recall.core_pages(opts.core_page_size) if recall is not None else None,
+            state.core_pages,
             state.combine_heads,
         )
         return output, keys, values

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from avl_compile.lowering.slot_attention import slot_attention, slot_logits
 from avl_compile.policies.budgets import best_first, lightest
-from avl_compile.policies.page_core import page_bound_per_slot
+from avl_compile.policies.page_core import CorePages
 
 FREE, OTHER, SINK, CORE, TEXT = 0, 1, 2, 3, 4  # slot roles; attended: role >= SINK
 # columns of the per-row counters
@@ -83,23 +83,24 @@ class AvlSlots:
 
 @dataclasses.dataclass
 class PagedAvlSlots(AvlSlots):
-    """A-VL's state with the query-aware core: each image slot's page bucket (below C;
-    ``page_core.page_buckets``), -1 for slots in no page."""
+    """A-VL's state with the query-aware core: each image slot's ordinal among the prompt's
+    image tokens (its page: ordinal // ``core_page_size``; ``page_core.CorePages``), -1 for
+    slots of no image token."""
 
-    page_bucket: Tensor = dataclasses.field(kw_only=True)  # [B, C] int64
+    image_ordinal: Tensor = dataclasses.field(kw_only=True)  # [B, C] int64
 
     def tensors(self) -> tuple[Tensor, ...]:
-        return (*super().tensors(), self.page_bucket)
+        return (*super().tensors(), self.image_ordinal)
 
     @classmethod
     def empty(cls, batch: int, kv_heads: int, capacity: int, scores, device) -> PagedAvlSlots:
         plain = AvlSlots.empty(batch, kv_heads, capacity, scores, device)
-        bucket = torch.empty(batch, capacity, dtype=torch.long, device=device)
-        return cls(*plain.tensors(), page_bucket=bucket)
+        ordinal = torch.empty(batch, capacity, dtype=torch.long, device=device)
+        return cls(*plain.tensors(), image_ordinal=ordinal)
 
     def grown(self, extra: int) -> PagedAvlSlots:
-        bucket = torch.nn.functional.pad(self.page_bucket, (0, extra), value=-1)
-        return PagedAvlSlots(*AvlSlots.grown(self, extra).tensors(), page_bucket=bucket)
+        ordinal = torch.nn.functional.pad(self.image_ordinal, (0, extra), value=-1)
+        return PagedAvlSlots(*AvlSlots.grown(self, extra).tensors(), image_ordinal=ordinal)
 
 
 @dataclasses.dataclass
@@ -162,8 +163,7 @@ def avl_decode_step(
     slots: AvlSlots,
     scale: float,
     refresh: bool,
-    page_size: int = 0,
-    n_pages: int | None = None,
+    core_pages: CorePages | None = None,
     combine_heads: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Write the token into slot ``text_end``, attend sink + core + text (every secondary
@@ -171,8 +171,7 @@ def avl_decode_step(
     the core at a refresh step, then evict at most one text row per head (H2O).
     ``refresh`` is known on the host (the step counter), so it selects code, not data.
     With ``PagedAvlSlots`` the core is the query-aware one, chosen before attention at
-    every step (``page_core.py``; ``page_size``: its pages' image tokens; ``n_pages``:
-    the most page buckets a slot holds, if known, else the capacity); no step attends the
+    every step from the boxes of ``core_pages`` (``page_core.py``); no step attends the
     whole secondary set. ``combine_heads`` (tensor parallel, plain A-VL only) turns the
     refresh's head mean over this rank's heads into the mean over every rank's. With
     ``AdaptiveAvlSlots`` a batch row also refreshes when its core's log-sum-exp has fallen
@@ -195,9 +194,9 @@ def avl_decode_step(
 
     role = slots.role
     if isinstance(slots, PagedAvlSlots):
+        assert core_pages is not None, "the query-aware core needs its page boxes"
         candidate = (role == OTHER) | (role == CORE)
-        bucket = slots.page_bucket
-        score = page_bound_per_slot(query[:, :, -1], keys, candidate, bucket, page_size, n_pages)
+        score = core_pages.bound_per_slot(query[:, :, -1], slots.image_ordinal, candidate)
         _repick_core(slots, score)
         refresh = False
     refreshing, logits = None, None  # [B]: the batch rows that refresh, where that is data

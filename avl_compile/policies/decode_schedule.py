@@ -18,6 +18,7 @@ from torch import Tensor
 from avl_compile.policies.avl_decode import grow_cache
 
 if TYPE_CHECKING:
+    from avl_compile.policies.page_core import CorePages
     from avl_compile.policies.recall import RecallState
 
 
@@ -113,6 +114,8 @@ class LayerState:
     slots: SlotTensors
     schedule: DecodeSchedule
     step: int = 0  # decode steps this layer has run
+    # the query-aware core (A-VL's option): its page boxes
+    core_pages: CorePages | None = None
     # recall (A-VL's option): the evicted rows' pages, the last token's query, ...
     recall: RecallState | None = None
     # tensor parallel: head means over every rank's heads (``PrefillContext.combine_heads``)
@@ -120,9 +123,9 @@ class LayerState:
 
     def tensors(self) -> list[Tensor]:
         """The state tensors a compiled decode graph takes for this layer."""
-        if self.recall is None:
-            return list(self.slots.tensors())
-        return [*self.slots.tensors(), *self.recall.tensors()]
+        pages = () if self.core_pages is None else self.core_pages.tensors()
+        recall = () if self.recall is None else self.recall.tensors()
+        return [*self.slots.tensors(), *pages, *recall]
 
     @property
     def rows_in_use(self) -> int:

@@ -9,16 +9,19 @@ the page's attention from above (Quest's bound). Every secondary row scores its 
 the best ``n_core`` rows are the step's core (the one tie rule: rows already in the core
 stay, then the lower position), so a step attends sink + core + text and never the whole
 secondary set. Fixed shapes and no host sync: the score is one tensor function.
+
+The boxes are decode state (``CorePages``): made at prefill, and changed only where a
+recall swap moves rows (the pages of the rows that leave or come back are boxed again from
+their members), so a step reads one box per page and sorts nothing to find them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 from torch import Tensor
-
-from avl_compile.lowering.slot_attention import score_dtype
 
 
 def digest_bound(query: Tensor, low: Tensor, high: Tensor) -> Tensor:
@@ -27,75 +30,104 @@ def digest_bound(query: Tensor, low: Tensor, high: Tensor) -> Tensor:
     return torch.maximum(query * low, query * high).sum(-1)
 
 
-def page_bound_per_slot(
-    query: Tensor,
-    keys: Tensor,
-    candidate: Tensor,
-    bucket: Tensor,
-    page_size: int,
-    n_buckets: int | None = None,
-) -> Tensor:
-    """For every ``candidate`` slot [B, C] (bool), the digest bound of its page given
-    ``query`` [B, Hq, D]; -inf elsewhere. ``keys`` [B, Hkv, C, D]; ``bucket`` [B, C] the
-    slot's page as an index below ``n_buckets`` (default C; slots of one page share it;
-    ``page_buckets``); a page holds at most ``page_size`` slots. Returns [B, C] in the
-    accumulation dtype (float32, or float64 for float64 queries)."""
-    batch, q_heads, head_dim = query.shape
-    kv_heads, capacity = keys.shape[1], keys.shape[2]
-    n_buckets = capacity if n_buckets is None else min(n_buckets, capacity)
-    acc = score_dtype(query.dtype)
-    members, held = page_members(torch.where(candidate, bucket, capacity), page_size, n_buckets)
-    # each page's keys side by side, then its box: a gather and a reduction Inductor fuses
-    # (a scatter_reduce by bucket is an eager kernel 13x slower here)
-    index = members.view(batch, 1, -1, 1).expand(-1, kv_heads, -1, head_dim)
-    shape = (batch, kv_heads, n_buckets, page_size, head_dim)
-    paged = keys.gather(2, index).view(shape).to(acc)
-    held = held[:, None, :, :, None]
-    low = paged.masked_fill(~held, math.inf).amin(dim=3)  # [B, Hkv, n_buckets, D]
-    high = paged.masked_fill(~held, -math.inf).amax(dim=3)
-    q = query.reshape(batch, kv_heads, q_heads // kv_heads, 1, head_dim).to(acc)
-    bound = digest_bound(q, low[:, :, None], high[:, :, None])  # [B, Hkv, G, n_buckets]
-    bound = bound.reshape(batch, q_heads, n_buckets).mean(dim=1)
-    # empty buckets hold inf/nan, but no candidate reads them
-    score = bound.gather(1, bucket.clamp(min=0, max=n_buckets - 1))
-    return score.masked_fill(~candidate, -math.inf)  # float32-born: one sort (best_first)
-
-
-def page_members(
-    bucket: Tensor, page_size: int, n_buckets: int | None = None
-) -> tuple[Tensor, Tensor]:
-    """The slots of every bucket below ``n_buckets`` (default C) of ``bucket`` [B, C] (C:
-    in no page), at most ``page_size`` each, in slot order: [B, n_buckets, page_size] slot
-    indices and whether each is one (fixed shapes: a stable sort by bucket, then each
-    bucket's run)."""
-    batch, capacity = bucket.shape
-    n_buckets = capacity if n_buckets is None else n_buckets
-    by_bucket, order = torch.sort(bucket, dim=1, stable=True)
-    buckets = torch.arange(n_buckets + 1, device=bucket.device).expand(batch, -1).contiguous()
-    start = torch.searchsorted(by_bucket.contiguous(), buckets)  # each run's start
-    index = start[:, :n_buckets, None] + torch.arange(page_size, device=bucket.device)
-    held = index < start[:, 1:, None]
-    members = order.gather(1, index.clamp(max=capacity - 1).view(batch, -1))
-    return members.view(batch, n_buckets, page_size), held
-
-
 def pages_of(image_tokens: int, page_size: int) -> int:
-    """Pages of ``page_size`` of a prompt of ``image_tokens``: the most page buckets any
-    slot can hold (``page_buckets`` ranks the pages present)."""
+    """Pages of ``page_size`` of a prompt of ``image_tokens``."""
     return -(-image_tokens // page_size)
 
 
-def page_buckets(
-    positions: Tensor, image: Tensor, image_positions: Tensor, page_size: int
+@dataclasses.dataclass
+class CorePages:
+    """One layer's page boxes. Page j holds the prompt's image tokens j*P ... (j+1)*P - 1
+    (their ordinals among the row's image tokens; P = ``core_page_size``); ``members``
+    says which slot holds each of them, so a page's box can be made again from its rows
+    alone. Shapes follow the prompt (image tokens), not the cache."""
+
+    image_positions: Tensor  # [B, N] each row's image positions ascending, padded past all
+    low: Tensor  # [B, Hkv, pages, D] element-wise min of the page's resident keys (+inf: none)
+    high: Tensor  # [B, Hkv, pages, D] element-wise max (-inf: none)
+    members: Tensor  # [B, pages, P] int64: the slot of image token j*P + i, -1: not resident
+
+    NAMES = ("core_image_positions", "core_low", "core_high", "core_members")
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return self.image_positions, self.low, self.high, self.members
+
+    @property
+    def page_size(self) -> int:
+        return self.members.shape[2]
+
+    @classmethod
+    def build(
+        cls, keys: Tensor, ordinal: Tensor, image_positions: Tensor, page_size: int, dtype
+    ) -> CorePages:
+        """The pages of the slots whose ``ordinal`` [B, C] (``image_ordinals``) is >= 0, from
+        the cache's ``keys`` [B, Hkv, C, D]; boxes in ``dtype`` (the score's)."""
+        batch, capacity = ordinal.shape
+        n_pages = pages_of(image_positions.shape[1], page_size)
+        members = torch.full((batch, n_pages * page_size + 1), -1, dtype=torch.long,
+                             device=keys.device)  # fmt: skip
+        # slots in no page write the extra column, dropped after
+        column = torch.where(ordinal >= 0, ordinal, n_pages * page_size)
+        slot = torch.arange(capacity, device=keys.device).expand(batch, -1)
+        members.scatter_(1, column, slot)
+        members = members[:, :-1].reshape(batch, n_pages, page_size).contiguous()
+        low, high = page_boxes(keys, members, dtype)
+        return cls(image_positions, low, high, members)
+
+    def bound_per_slot(self, query: Tensor, ordinal: Tensor, candidate: Tensor) -> Tensor:
+        """For every ``candidate`` slot [B, C] (bool), its page's digest bound under
+        ``query`` [B, Hq, D] (``ordinal`` [B, C] the slot's image token); -inf elsewhere.
+        Returns [B, C] in the boxes' dtype."""
+        batch, q_heads, head_dim = query.shape
+        kv_heads, n_pages = self.low.shape[1], self.low.shape[2]
+        q = query.reshape(batch, kv_heads, q_heads // kv_heads, 1, head_dim).to(self.low.dtype)
+        bound = digest_bound(q, self.low[:, :, None], self.high[:, :, None])
+        bound = bound.reshape(batch, q_heads, n_pages).mean(dim=1)  # [B, pages]
+        # pages with no resident row hold inf/nan, but no candidate reads them
+        page = (ordinal // self.page_size).clamp(min=0, max=n_pages - 1)
+        score = bound.gather(1, page)
+        return score.masked_fill(~candidate, -math.inf)  # float32-born: one sort (best_first)
+
+    def move(self, keys: Tensor, left: Tensor, came: Tensor, slot: Tensor, moving: Tensor) -> None:
+        """A recall swap's rows: the image tokens ``left`` [B, M] (ordinals) are no longer
+        resident, ``came`` [B, M] (ordinals) now are, in ``slot`` [B, M] of ``keys`` [B, Hkv,
+        C, D] (written already); batch rows not ``moving`` [B, 1] keep their members. The
+        boxes of every page either touches are made again from its members."""
+        size = self.page_size
+        rows = torch.arange(left.shape[0], device=left.device)[:, None]
+        for ordinal, value in ((left, torch.full_like(slot, -1)), (came, slot)):
+            at = (rows, ordinal // size, ordinal % size)
+            self.members.index_put_(at, torch.where(moving, value, self.members[at]))
+        touched = torch.cat([left, came], dim=1) // size  # [B, 2M]; a page twice: one value
+        members = self.members.gather(1, touched[:, :, None].expand(-1, -1, size))
+        low, high = page_boxes(keys, members, self.low.dtype)
+        heads = torch.arange(keys.shape[1], device=keys.device)[None, :, None]
+        at = (rows[:, :, None], heads, touched[:, None, :])
+        self.low.index_put_(at, low)
+        self.high.index_put_(at, high)
+
+
+def page_boxes(keys: Tensor, members: Tensor, dtype) -> tuple[Tensor, Tensor]:
+    """The boxes [B, Hkv, A, D] of pages whose slots are ``members`` [B, A, P] (-1: none)
+    in ``keys`` [B, Hkv, C, D]: a gather and a reduction Inductor fuses."""
+    batch, n_pages, size = members.shape
+    kv_heads, head_dim = keys.shape[1], keys.shape[3]
+    index = members.clamp(min=0).view(batch, 1, -1, 1).expand(-1, kv_heads, -1, head_dim)
+    paged = keys.gather(2, index).view(batch, kv_heads, n_pages, size, head_dim).to(dtype)
+    held = (members >= 0)[:, None, :, :, None]
+    low = paged.masked_fill(~held, math.inf).amin(dim=3)
+    return low, paged.masked_fill(~held, -math.inf).amax(dim=3)
+
+
+def image_ordinals(
+    positions: Tensor, image: Tensor, image_positions: Tensor, comparisons: bool = False
 ) -> Tensor:
-    """The page bucket [B, C] of every slot flagged ``image`` [B, C] (-1 elsewhere): the
-    rank of its page (image token index // ``page_size``, from the row's ascending
-    ``image_positions`` [B, N]) among the pages present in the row, so below C. Fixed
-    shapes, no host read (prefill, a recall swap)."""
-    ordinal = torch.searchsorted(image_positions.contiguous(), positions.contiguous())
-    n_pages = -(-image_positions.shape[1] // page_size)
-    page = torch.where(image, ordinal // page_size, n_pages)  # n_pages: in no page
-    present = torch.zeros(page.shape[0], n_pages + 1, dtype=torch.long, device=page.device)
-    present.scatter_(1, page, 1)
-    rank = present[:, :n_pages].cumsum(1) - 1  # [B, n_pages]: among the pages present
-    return torch.where(image, rank.gather(1, page.clamp(max=n_pages - 1)), -1)
+    """The ordinal among the row's image tokens (``image_positions`` [B, N] ascending,
+    padded past every position) of each of ``positions`` [B, M] flagged ``image`` [B, M];
+    -1 elsewhere. ``comparisons``: counted, not searched (a reduction that fuses in a graph,
+    for a swap's few rows; the search is for the cache's slots at prefill)."""
+    if comparisons:
+        before = (image_positions[:, None, :] < positions[:, :, None]).sum(-1)
+    else:
+        before = torch.searchsorted(image_positions.contiguous(), positions.contiguous())
+    return torch.where(image, before, -1)

@@ -15,8 +15,13 @@ swap's pages (their digests are on the device), the host uploads those pages' ro
 the refresh step's graph, which swaps them in and fills buffers with the rows that leave,
 copied back after it (``recall_copies``: pinned buffers, side streams; the host waits on
 the device only for a copy still in flight). The runtime-call graph (a fallback) swaps
-before the step from Python, with the same copies. With the query-aware core the swapped
-rows' page buckets are derived again (``page_core.page_buckets``, fixed shapes too).
+before the step from Python, with the same copies. With the query-aware core the swap
+changes the members of the pages it touches and boxes those pages again
+(``page_core.CorePages.move``).
+
+A swap sorts once (its ranking); which rows leave, in which order they fill the pages,
+and which slots the recalled rows take are counted by comparisons over at most R * S rows
+(they fuse; sorts are kernels of their own, a tenth of a host-bound step at five a layer).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from torch import Tensor
 
 from avl_compile.policies.avl_decode import CORE, OTHER, AvlSlots, PagedAvlSlots
 from avl_compile.policies.budgets import best_first
-from avl_compile.policies.page_core import digest_bound, page_buckets, pages_of
+from avl_compile.policies.page_core import CorePages, digest_bound, image_ordinals
 
 if TYPE_CHECKING:
     from avl_compile.policies.recall_copies import RecallCopies
@@ -79,9 +84,8 @@ class StagedRows:
 
 @dataclasses.dataclass
 class RecallState:
-    """Recall's per-layer tensors besides the slots: the pages, the last token's query
-    (the next refresh step's swap is decided on it) and, with the query-aware core, the
-    prompt's image positions (a swap derives the slots' page buckets again).
+    """Recall's per-layer tensors besides the slots: the pages and the last token's query
+    (the next refresh step's swap is decided on it).
 
     Two ways into a compiled decode graph. In-graph (a CPU's): the host pages are graph
     inputs and the graph swaps by itself. Staged (a GPU's, where a graph cannot index host
@@ -93,7 +97,6 @@ class RecallState:
 
     pages: HostPages
     last_query: Tensor  # [B, Hq, D], written in place at every step
-    image_positions: Tensor | None = None  # [B, N] ascending
     # staged: the next swap's pages [B, R] on the device, chosen by the graph at every step
     chosen: Tensor | None = None
     staged: StagedRows | None = None  # staged, at a refresh step: its rows
@@ -106,58 +109,47 @@ class RecallState:
     def tensors(self) -> tuple[Tensor, ...]:
         """The decode graph's inputs, in the order of ``names``."""
         pages = self.pages
-        extra = () if self.image_positions is None else (self.image_positions,)
         if self.chosen is None:
             return (pages.positions, pages.keys, pages.values, pages.low, pages.high,
-                    self.last_query, *extra)  # fmt: skip
+                    self.last_query)  # fmt: skip
         staged = () if self.staged is None else self.staged.tensors()
-        return (pages.positions, pages.low, pages.high, self.last_query, self.chosen,
-                *extra, *staged)  # fmt: skip
+        return pages.positions, pages.low, pages.high, self.last_query, self.chosen, *staged
 
     @staticmethod
-    def names(paged: bool, staged: bool = False, refresh: bool = False) -> tuple[str, ...]:
+    def names(staged: bool = False, refresh: bool = False) -> tuple[str, ...]:
         names = RecallState.STAGED_NAMES if staged else RecallState.NAMES
-        names = (*names, "image_positions") if paged else names
         return (*names, *StagedRows.NAMES) if staged and refresh else names
 
     @classmethod
-    def from_tensors(
-        cls, tensors: tuple[Tensor, ...], paged: bool, staged: bool = False
-    ) -> RecallState:
+    def from_tensors(cls, tensors: tuple[Tensor, ...], staged: bool = False) -> RecallState:
         """The state a graph's flat inputs hold (``names`` of the same arguments)."""
         if not staged:
-            pages = HostPages(*tensors[:5])
-            return cls(pages, tensors[5], tensors[6] if paged else None)
+            return cls(HostPages(*tensors[:5]), tensors[5])
         positions, low, high, last_query, chosen = tensors[:5]
-        image_positions = tensors[5] if paged else None
-        rows = tensors[6:] if paged else tensors[5:]
-        staged_rows = StagedRows(*rows) if rows else None
+        staged_rows = StagedRows(*tensors[5:]) if tensors[5:] else None
         pages = HostPages(positions, None, None, low, high)  # type: ignore[arg-type]
-        return cls(pages, last_query, image_positions, chosen, staged_rows)
-
-    def core_pages(self, core_page_size: int) -> int | None:
-        """The query-aware core's page buckets at most (its pages of the prompt's image
-        tokens; a static size in a graph compiled per shape of ``image_positions``)."""
-        if self.image_positions is None:
-            return None
-        return pages_of(self.image_positions.shape[1], core_page_size)
+        return cls(pages, last_query, chosen, staged_rows)
 
     def swap(
-        self, keys: Tensor, values: Tensor, slots: AvlSlots, recall_pages: int, core_page_size: int
+        self,
+        keys: Tensor,
+        values: Tensor,
+        slots: AvlSlots,
+        recall_pages: int,
+        core_pages: CorePages | None = None,
     ) -> None:
         """The swap at the start of a refresh step, inside a decode graph: by itself
         (``recall_before_step``), or staged, with the rows the host uploaded."""
         if self.staged is None:
             recall_before_step(
-                self.last_query, keys, values, slots, self.pages, recall_pages,
-                self.image_positions, core_page_size,
-            )  # fmt: skip
+                self.last_query, keys, values, slots, self.pages, recall_pages, core_pages
+            )
             return
         assert self.chosen is not None
         staged = self.staged
         leaving_keys, leaving_values = swap_pages_in(
             self.last_query, keys, values, slots, self.pages, self.chosen,
-            staged.recalled_keys, staged.recalled_values, self.image_positions, core_page_size,
+            staged.recalled_keys, staged.recalled_values, core_pages,
         )  # fmt: skip
         staged.leaving_keys.copy_(leaving_keys)
         staged.leaving_values.copy_(leaving_values)
@@ -218,8 +210,16 @@ def write_pages(store: Tensor, chosen: Tensor, rows: Tensor) -> None:
     the store's device) of ``store`` (a copy to the host on a GPU)."""
     batch, kv_heads, _, size, head_dim = store.shape
     paged = rows.view(batch, kv_heads, -1, size, head_dim).to(store.device)
-    index = chosen[:, None, :, None, None].expand_as(paged)
-    store.scatter_(2, index, paged)
+    store.index_put_(_page_index(chosen.to(store.device), kv_heads), paged)
+
+
+def _page_index(chosen: Tensor, kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Indices of the ``chosen`` [B, R] pages in every kv head of a [B, Hkv, P, ...] tensor:
+    an ``index_put_`` Inductor writes in place (it copies a graph input around a
+    ``scatter_``: the host pages' whole store, at every step)."""
+    rows = torch.arange(chosen.shape[0], device=chosen.device)[:, None, None]
+    heads = torch.arange(kv_heads, device=chosen.device)[None, :, None]
+    return rows, heads, chosen[:, None, :]
 
 
 def _rows_of(cache: Tensor, recalled: Tensor, index: Tensor) -> Tensor:
@@ -257,33 +257,34 @@ def choose_pages(query: Tensor, pages: HostPages, recall_pages: int) -> Tensor:
     return (taken[:, None, :] <= wanted[None, :, None]).sum(-1)
 
 
+def _nth_true(flags: Tensor, nth: Tensor) -> Tensor:
+    """The index of the ``nth`` [B, M] (0-based) set flag of each row of ``flags`` [B, N];
+    N where a row has fewer. Comparisons of the running count (they fuse), not a search."""
+    running = flags.cumsum(1)
+    return (running[:, None, :] <= nth[:, :, None]).sum(-1)
+
+
 def _move_rows_in(
     keys: Tensor,
     values: Tensor,
     recalled_keys: Tensor,
     recalled_values: Tensor,
-    freed_count: Tensor,
-    incoming_order: Tensor,
+    slot: Tensor,
+    row: Tensor,
+    moving: Tensor,
 ) -> None:
-    """The k-th freed slot (slot order; ``freed_count`` [B, C] counts them) takes recalled
-    row ``incoming_order`` [B, M][k]. At most M = R * S rows move, so only M slots are
-    written (a write of the whole cache read and wrote every row at every swap). Fixed
-    shapes: an entry past a row's moves repeats its last move (or rewrites a slot's own
-    row where nothing moves), so no two writes to one slot differ."""
-    batch, kv_heads, capacity, head_dim = keys.shape
-    moves = incoming_order.shape[1]
-    wanted = torch.arange(1, moves + 1, device=keys.device).expand(batch, -1).contiguous()
-    slot = torch.searchsorted(freed_count.contiguous(), wanted).clamp(max=capacity - 1)
-    count = freed_count[:, -1:]  # [B, 1]
-    entry = torch.minimum(wanted - 1, (count - 1).clamp(min=0))  # [B, M]
-    slot, row = slot.gather(1, entry), incoming_order.gather(1, entry)
-    moving = (count > 0)[:, :, None, None]
+    """Slot ``slot`` [B, M] of ``keys``/``values`` takes recalled row ``row`` [B, M], in
+    the batch rows ``moving`` [B, 1]. At most M = R * S rows move, so only M slots are
+    written (a write of the whole cache read and wrote every row at every swap). Entries
+    past a row's moves repeat its last move, and a row that moves nothing rewrites a slot's
+    own row, so no two writes to one slot differ."""
+    batch, kv_heads, _, head_dim = keys.shape
     rows = torch.arange(batch, device=keys.device)[:, None, None]
     heads = torch.arange(kv_heads, device=keys.device)[None, :, None]
     at = (rows, heads, slot[:, None, :])  # an index_put_ Inductor writes in place
     take = row[:, None, :, None].expand(-1, kv_heads, -1, head_dim)
     for cache, recalled in ((keys, recalled_keys), (values, recalled_values)):
-        new = torch.where(moving, recalled.gather(2, take), cache[at])
+        new = torch.where(moving[:, :, None, None], recalled.gather(2, take), cache[at])
         cache.index_put_(at, new)
 
 
@@ -298,23 +299,21 @@ def recall_before_step(
     slots: AvlSlots,
     pages: HostPages,
     recall_pages: int,
-    image_positions: Tensor | None = None,
-    core_page_size: int = 0,
+    core_pages: CorePages | None = None,
 ) -> None:
     """Swap pages in for the step about to run, decided on ``query`` [B, Hq, D] (the last
     token's); writes ``keys``/``values`` [B, Hkv, C, D], ``slots`` and ``pages`` in place.
-    With the query-aware core (``PagedAvlSlots``) the slots' page buckets follow the rows
-    that moved (``image_positions`` [B, N] and ``core_page_size`` define the pages). Fixed
-    shapes; every batch row at once. The compiled decode graph's swap (a CPU's); the
-    runtime-call route overlaps its host copies (``recall_copies.RecallCopies``)."""
+    With the query-aware core (``PagedAvlSlots``) the slots' image ordinals and
+    ``core_pages`` follow the rows that moved. Fixed shapes; every batch row at once. The
+    compiled decode graph's swap (a CPU's); the runtime-call route overlaps its host
+    copies (``recall_copies.RecallCopies``)."""
     chosen = choose_pages(query, pages, recall_pages)
     chosen_on_host = chosen.to(pages.keys.device)  # a read of the device on a GPU
     recalled_keys = gather_pages(pages.keys, chosen_on_host).to(keys.device, non_blocking=True)
     recalled_values = gather_pages(pages.values, chosen_on_host).to(keys.device, non_blocking=True)
     leaving_keys, leaving_values = swap_pages_in(
-        query, keys, values, slots, pages, chosen, recalled_keys, recalled_values,
-        image_positions, core_page_size,
-    )  # fmt: skip
+        query, keys, values, slots, pages, chosen, recalled_keys, recalled_values, core_pages
+    )
     write_pages(pages.keys, chosen_on_host, leaving_keys)
     write_pages(pages.values, chosen_on_host, leaving_values)
 
@@ -328,21 +327,21 @@ def swap_pages_in(
     chosen: Tensor,
     recalled_keys: Tensor,
     recalled_values: Tensor,
-    image_positions: Tensor | None = None,
-    core_page_size: int = 0,
+    core_pages: CorePages | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The swap's device side, given the ``chosen`` pages [B, R] (on the cache's device)
     and their rows on the device (``recalled_keys``/``recalled_values`` [B, Hkv, R * S,
-    D]): ranks the resident and recalled rows, writes the cache, ``slots`` and the pages'
-    positions and digests in place, and returns the rows that leave, page by page [B, Hkv,
-    R * S, D], for the host pages' ``chosen`` pages (``write_pages``)."""
+    D]): ranks the resident and recalled rows, writes the cache, ``slots``, ``core_pages``
+    and the pages' positions and digests in place, and returns the rows that leave, page by
+    page [B, Hkv, R * S, D], for the host pages' ``chosen`` pages (``write_pages``)."""
     batch, kv_heads, capacity, _ = keys.shape
     group = query.shape[1] // kv_heads
     acc = _accumulation(query)
     q = query.to(acc)
     size = pages.positions.shape[2]
     recalled_positions = pages.positions.gather(1, chosen[:, :, None].expand(-1, -1, size))
-    recalled_positions = recalled_positions.reshape(batch, -1)  # [B, R * S], -1: no row
+    recalled_positions = recalled_positions.reshape(batch, -1)  # [B, M = R * S], -1: no row
+    moves = recalled_positions.shape[1]
     # candidates: the resident image rows (every slot, flagged) and the recalled rows,
     # ranked by head-averaged q.k (the tie rule: the lower position first)
     resident = (slots.role == OTHER) | (slots.role == CORE)  # [B, C]
@@ -362,41 +361,60 @@ def swap_pages_in(
         1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
     )
     stays = valid & (rank < resident.sum(1, keepdim=True))
+    # the rows that leave (as many as were recalled: at most M), by position, fill the
+    # chosen pages in page order (their sizes kept): read them before their slots are
+    # written. Each one's rank by position is counted among them alone.
+    every = torch.arange(moves, device=keys.device)
+    leaving = _nth_true(valid & ~stays, every.expand(batch, -1))  # [B, M], C + M: none
+    last = capacity + moves - 1
     far = torch.iinfo(torch.long).max
-    # the rows that leave, by position, fill the chosen pages in page order (their sizes
-    # kept): read them before the slots they leave are written
-    leaving = valid & ~stays
-    leaving_order = torch.sort(torch.where(leaving, positions, far), dim=1, stable=True).indices
+    leaving_position = torch.where(
+        leaving <= last, positions.gather(1, leaving.clamp(max=last)), far
+    )
+    by_position = (leaving_position[:, None, :] < leaving_position[:, :, None]).sum(-1)
     held = recalled.view(batch, -1, size)  # [B, R, S]
     sizes = held.sum(-1)
     starts = sizes.cumsum(-1) - sizes
     destination = (starts[:, :, None] + torch.arange(size, device=keys.device)).view(batch, -1)
-    taken = leaving_order.gather(1, destination.clamp(max=leaving_order.shape[1] - 1))
+    matches = by_position[:, None, :] == destination[:, :, None]  # [B, page slot, leaving]
+    taken = torch.where(matches, leaving[:, None, :], 0).amax(-1).clamp(max=last)
     leaving_keys = _rows_of(keys, recalled_keys, taken)
     leaving_values = _rows_of(values, recalled_values, taken)
     leaving_positions = positions.gather(1, taken).masked_fill(~recalled, -1)
-    # slots whose row leaves take the recalled rows that stay: in slot order, by position
+    # the k-th slot whose row leaves (slot order) takes the k-th recalled row that stays
+    # (page order); entries past a row's count repeat its last one
     freed = resident & ~stays[:, :capacity]
     incoming = recalled & stays[:, capacity:]
-    incoming_order = torch.sort(
-        torch.where(incoming, recalled_positions, far), dim=1, stable=True
-    ).indices
-    freed_count = freed.cumsum(1)  # [B, C]
-    source = incoming_order.gather(1, (freed_count - 1).clamp(min=0))  # [B, C]
-    _move_rows_in(keys, values, recalled_keys, recalled_values, freed_count, incoming_order)
-    moved_in = recalled_positions.gather(1, source)[:, None, :]
-    slots.position.copy_(torch.where(freed[:, None, :], moved_in, slots.position))
-    slots.role.copy_(torch.where(freed, OTHER, slots.role))  # it joins the core at a re-pick
-    pages.positions.scatter_(
-        1, chosen[:, :, None].expand(-1, -1, size), leaving_positions.view(held.shape)
+    count = freed.sum(1, keepdim=True)  # [B, 1], as many as come in
+    entry = torch.minimum(every, (count - 1).clamp(min=0))  # [B, M]
+    slot = _nth_true(freed, entry).clamp(max=capacity - 1)
+    row = _nth_true(incoming, entry).clamp(max=moves - 1)
+    moving = count > 0
+    came = recalled_positions.gather(1, row)  # [B, M]
+    if isinstance(slots, PagedAvlSlots):  # read the leaving rows' ordinals before the writes
+        assert core_pages is not None, "the query-aware core needs its page boxes"
+        left_ordinal = slots.image_ordinal.gather(1, slot).clamp(min=0)
+        came_ordinal = image_ordinals(came, recalled.gather(1, row), core_pages.image_positions,
+                                      comparisons=True).clamp(min=0)  # fmt: skip
+    _move_rows_in(keys, values, recalled_keys, recalled_values, slot, row, moving)
+    rows = torch.arange(batch, device=keys.device)[:, None]
+    heads = torch.arange(kv_heads, device=keys.device)[None, :, None]
+    at = (rows[:, :, None], heads, slot[:, None, :])
+    moved_position = came[:, None, :].expand(-1, kv_heads, -1)
+    slots.position.index_put_(
+        at, torch.where(moving[:, :, None], moved_position, slots.position[at])
     )
+    role = slots.role[rows, slot]  # it joins the core at a re-pick
+    slots.role.index_put_((rows, slot), torch.where(moving, OTHER, role).to(role.dtype))
+    pages.positions.index_put_((rows, chosen), leaving_positions.view(held.shape))
     shape = (batch, kv_heads, -1, size, keys.shape[3])
     low, high = _digest(leaving_keys.view(shape), held)
-    digest_index = chosen[:, None, :, None].expand(-1, kv_heads, -1, keys.shape[3])
-    pages.low.scatter_(2, digest_index, low.to(pages.low.dtype))
-    pages.high.scatter_(2, digest_index, high.to(pages.high.dtype))
+    at_pages = _page_index(chosen, kv_heads)
+    pages.low.index_put_(at_pages, low.to(pages.low.dtype))
+    pages.high.index_put_(at_pages, high.to(pages.high.dtype))
     if isinstance(slots, PagedAvlSlots):
-        image = (slots.role == OTHER) | (slots.role == CORE)
-        buckets = page_buckets(slots.position[:, 0], image, image_positions, core_page_size)
-        slots.page_bucket.copy_(buckets)
+        assert core_pages is not None
+        ordinal = slots.image_ordinal[rows, slot]
+        slots.image_ordinal.index_put_((rows, slot), torch.where(moving, came_ordinal, ordinal))
+        core_pages.move(keys, left_ordinal, came_ordinal, slot, moving)
     return leaving_keys, leaving_values

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from avl_compile.policies.avl_decode import AvlSlots
+from avl_compile.policies.page_core import CorePages
 from avl_compile.policies.recall import (
     HostPages,
     RecallState,
@@ -159,7 +160,7 @@ def swap_through_copies(
     values: Tensor,
     slots: AvlSlots,
     recall_pages: int,
-    core_page_size: int,
+    core_pages: CorePages | None,
     step: int,
 ) -> None:
     """``recall_before_step`` for layer step ``step`` on the runtime-call route, its copies
@@ -170,7 +171,7 @@ def swap_through_copies(
     )
     leaving_keys, leaving_values = swap_pages_in(
         recall.last_query, keys, values, slots, recall.pages, chosen, recalled_keys,
-        recalled_values, recall.image_positions, core_page_size,
+        recalled_values, core_pages,
     )  # fmt: skip
     copies.write_back(recall.pages, on_host, leaving_keys, leaving_values)
 
