@@ -287,8 +287,7 @@ def _decode_steps(kind: str, opts: AvlOptions, device: torch.device) -> dict[boo
     if kind in ("avl-recall", "avl-recall-pages"):
         paged, staged = kind == "avl-recall-pages", _stages_recall(device)
         return {
-            refresh: avl_step(refresh, paged, recall_pages=opts.recall_pages,
-                              core_page_size=opts.core_page_size, staged=staged)
+            refresh: avl_step(refresh, paged, recall_pages=opts.recall_pages, staged=staged)
             for refresh in (False, True)
         }  # fmt: skip
     if kind == "avl":
@@ -296,7 +295,7 @@ def _decode_steps(kind: str, opts: AvlOptions, device: torch.device) -> dict[boo
     if kind == "avl-adaptive":  # a scheduled refresh step is a graph of its own too
         return {refresh: avl_step(refresh, adaptive=True) for refresh in (False, True)}
     if kind == "avl-pages":  # the core is chosen at every step: no refresh step
-        return {False: avl_step(False, paged=True, core_page_size=opts.core_page_size)}
+        return {False: avl_step(False, paged=True)}
     return {False: eviction_step(kind)}
 
 

@@ -48,7 +48,6 @@ def avl_decode_site(
     paged: bool = False,
     adaptive: bool = False,
     recall_pages: int = 0,
-    core_page_size: int = 0,
     staged: bool = False,
 ) -> Tensor:
     """The graph's entry to one A-VL site's decode step (flat tensors, as FX passes them:
@@ -115,7 +114,6 @@ def avl_step(
     paged: bool = False,
     adaptive: bool = False,
     recall_pages: int = 0,
-    core_page_size: int = 0,
     staged: bool = False,
 ) -> DecodeStep:
     """A-VL's decode step (``refresh``: a step that attends every kept image row;
@@ -126,12 +124,12 @@ def avl_step(
     pages = CorePages.NAMES if paged else ()
     if recall_pages:
         kwargs = {"refresh": refresh, "paged": paged, "recall_pages": recall_pages,
-                  "core_page_size": core_page_size, "staged": staged}  # fmt: skip
+                  "staged": staged}  # fmt: skip
         state = PagedAvlSlots if paged else AvlSlots
         names = (*pages, *RecallState.names(staged, refresh))
         return DecodeStep(avl_decode_site, kwargs, state, names)
     if paged:
-        kwargs = {"refresh": False, "paged": True, "core_page_size": core_page_size}
+        kwargs = {"refresh": False, "paged": True}  # the page size: ``CorePages``' shape
         return DecodeStep(avl_decode_site, kwargs, PagedAvlSlots, pages)
     if adaptive:
         kwargs = {"refresh": refresh, "adaptive": True}

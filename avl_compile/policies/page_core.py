@@ -114,9 +114,16 @@ def page_boxes(keys: Tensor, members: Tensor, dtype) -> tuple[Tensor, Tensor]:
     kv_heads, head_dim = keys.shape[1], keys.shape[3]
     index = members.clamp(min=0).view(batch, 1, -1, 1).expand(-1, kv_heads, -1, head_dim)
     paged = keys.gather(2, index).view(batch, kv_heads, n_pages, size, head_dim).to(dtype)
-    held = (members >= 0)[:, None, :, :, None]
-    low = paged.masked_fill(~held, math.inf).amin(dim=3)
-    return low, paged.masked_fill(~held, -math.inf).amax(dim=3)
+    return box_of(paged, members >= 0)
+
+
+def box_of(rows: Tensor, held: Tensor) -> tuple[Tensor, Tensor]:
+    """Element-wise min and max over the ``held`` [B, P, S] rows of ``rows`` [B, Hkv, P, S,
+    D]: [B, Hkv, P, D] each (+inf and -inf for a page that holds none). A recall page's
+    digest and a core page's box alike."""
+    held = held[:, None, :, :, None]
+    low = rows.masked_fill(~held, math.inf).amin(dim=3)
+    return low, rows.masked_fill(~held, -math.inf).amax(dim=3)
 
 
 def image_ordinals(

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from avl_compile.policies.avl_decode import CORE, OTHER, AvlSlots, PagedAvlSlots
 from avl_compile.policies.budgets import best_first
-from avl_compile.policies.page_core import CorePages, digest_bound, image_ordinals
+from avl_compile.policies.page_core import CorePages, box_of, digest_bound, image_ordinals
 
 if TYPE_CHECKING:
     from avl_compile.policies.recall_copies import RecallCopies
@@ -166,14 +166,6 @@ def _to_host(tensor: Tensor) -> Tensor:
     return host.pin_memory() if tensor.is_cuda else host
 
 
-def _digest(page_keys: Tensor, held: Tensor) -> tuple[Tensor, Tensor]:
-    """Element-wise min and max over the held rows of ``page_keys`` [B, Hkv, P, S, D]
-    (``held`` [B, P, S]): [B, Hkv, P, D] each."""
-    held = held[:, None, :, :, None]
-    low = page_keys.masked_fill(~held, float("inf")).amin(dim=3)
-    return low, page_keys.masked_fill(~held, float("-inf")).amax(dim=3)
-
-
 def build_pages(keys: Tensor, values: Tensor, evicted: list[Tensor], page_size: int) -> HostPages:
     """Pages of the ``evicted`` positions (per batch row, ascending) of the prompt's
     ``keys``/``values`` [B, Hkv, L, D], in order of position."""
@@ -187,7 +179,7 @@ def build_pages(keys: Tensor, values: Tensor, evicted: list[Tensor], page_size: 
     shape = (batch, kv_heads, n_pages, page_size, head_dim)
     page_keys = keys.gather(2, index).view(shape)
     page_values = values.gather(2, index).view(shape)
-    low, high = _digest(page_keys, positions >= 0)
+    low, high = box_of(page_keys, positions >= 0)
     return HostPages(positions, _to_host(page_keys), _to_host(page_values), low, high)
 
 
@@ -393,7 +385,7 @@ def swap_pages_in(
     came = recalled_positions.gather(1, row)  # [B, M]
     if isinstance(slots, PagedAvlSlots):  # read the leaving rows' ordinals before the writes
         assert core_pages is not None, "the query-aware core needs its page boxes"
-        left_ordinal = slots.image_ordinal.gather(1, slot).clamp(min=0)
+        left_ordinal = slots.image_ordinal.gather(1, slot)  # -1 only where nothing moves
         came_ordinal = image_ordinals(came, recalled.gather(1, row), core_pages.image_positions,
                                       comparisons=True).clamp(min=0)  # fmt: skip
     _move_rows_in(keys, values, recalled_keys, recalled_values, slot, row, moving)
@@ -408,13 +400,13 @@ def swap_pages_in(
     slots.role.index_put_((rows, slot), torch.where(moving, OTHER, role).to(role.dtype))
     pages.positions.index_put_((rows, chosen), leaving_positions.view(held.shape))
     shape = (batch, kv_heads, -1, size, keys.shape[3])
-    low, high = _digest(leaving_keys.view(shape), held)
+    low, high = box_of(leaving_keys.view(shape), held)
     at_pages = _page_index(chosen, kv_heads)
     pages.low.index_put_(at_pages, low.to(pages.low.dtype))
     pages.high.index_put_(at_pages, high.to(pages.high.dtype))
     if isinstance(slots, PagedAvlSlots):
         assert core_pages is not None
-        ordinal = slots.image_ordinal[rows, slot]
-        slots.image_ordinal.index_put_((rows, slot), torch.where(moving, came_ordinal, ordinal))
-        core_pages.move(keys, left_ordinal, came_ordinal, slot, moving)
+        ordinal = torch.where(moving, came_ordinal, left_ordinal)
+        slots.image_ordinal.index_put_((rows, slot), ordinal)
+        core_pages.move(keys, left_ordinal.clamp(min=0), came_ordinal, slot, moving)
     return leaving_keys, leaving_values
