@@ -243,16 +243,17 @@ def choose_pages(query: Tensor, pages: HostPages, recall_pages: int) -> Tensor:
     other, page = bound[:, None, :], bound[:, :, None]  # [B, p, other page]
     ahead = (other > page) | ((other == page) & (number[None, :] < number[:, None]))
     chosen = ahead.sum(-1) < count  # [B, P]
-    # the j-th chosen page in page order: the pages before the (j + 1)-th chosen one
-    taken = chosen.cumsum(-1)
-    wanted = torch.arange(count, device=bound.device)
-    return (taken[:, None, :] <= wanted[None, :, None]).sum(-1)
+    wanted = torch.arange(count, device=bound.device).expand(bound.shape[0], -1)
+    return _nth_true(chosen, wanted)  # the j-th chosen page in page order
 
 
 def _nth_true(flags: Tensor, nth: Tensor) -> Tensor:
     """The index of the ``nth`` [B, M] (0-based) set flag of each row of ``flags`` [B, N];
-    N where a row has fewer. Comparisons of the running count (they fuse), not a search."""
-    running = flags.cumsum(1)
+    N where a row has fewer. The running count and the search are comparisons over N x N
+    and M x N (they fuse; a cumsum is a kernel of its own, and called for small N)."""
+    index = torch.arange(flags.shape[1], device=flags.device)
+    up_to = index[None, :] <= index[:, None]  # [i, j]: j <= i
+    running = (flags[:, None, :] & up_to).sum(-1)  # [B, N]: set flags up to i
     return (running[:, None, :] <= nth[:, :, None]).sum(-1)
 
 
@@ -352,34 +353,39 @@ def swap_pages_in(
     rank = torch.empty_like(order).scatter_(
         1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
     )
-    stays = valid & (rank < resident.sum(1, keepdim=True))
+    n_resident = resident.sum(1, keepdim=True)
+    stays = valid & (rank < n_resident)
     # the rows that leave (as many as were recalled: at most M), by position, fill the
     # chosen pages in page order (their sizes kept): read them before their slots are
-    # written. Each one's rank by position is counted among them alone.
+    # written. They are the valid rows ranked K ... K + M' - 1 (K resident, M' recalled;
+    # in rank order); each one's rank by position is counted among them alone.
     every = torch.arange(moves, device=keys.device)
-    leaving = _nth_true(valid & ~stays, every.expand(batch, -1))  # [B, M], C + M: none
     last = capacity + moves - 1
+    ranked = order.gather(1, (n_resident + every).clamp(max=last))
+    leaving = torch.where(every < recalled.sum(1, keepdim=True), ranked, last + 1)  # [B, M]
     far = torch.iinfo(torch.long).max
     leaving_position = torch.where(
         leaving <= last, positions.gather(1, leaving.clamp(max=last)), far
     )
     by_position = (leaving_position[:, None, :] < leaving_position[:, :, None]).sum(-1)
     held = recalled.view(batch, -1, size)  # [B, R, S]
-    sizes = held.sum(-1)
-    starts = sizes.cumsum(-1) - sizes
+    sizes = held.sum(-1)  # [B, R]
+    page = torch.arange(sizes.shape[1], device=keys.device)
+    starts = (sizes[:, None, :] * (page[None, :] < page[:, None])).sum(-1)  # rows before
     destination = (starts[:, :, None] + torch.arange(size, device=keys.device)).view(batch, -1)
     matches = by_position[:, None, :] == destination[:, :, None]  # [B, page slot, leaving]
     taken = torch.where(matches, leaving[:, None, :], 0).amax(-1).clamp(max=last)
     leaving_keys = _rows_of(keys, recalled_keys, taken)
     leaving_values = _rows_of(values, recalled_values, taken)
     leaving_positions = positions.gather(1, taken).masked_fill(~recalled, -1)
-    # the k-th slot whose row leaves (slot order) takes the k-th recalled row that stays
-    # (page order); entries past a row's count repeat its last one
-    freed = resident & ~stays[:, :capacity]
+    # the k-th slot whose row leaves (in the order of ``leaving``) takes the k-th recalled
+    # row that stays (page order); entries past a row's count repeat its last one
+    freed = leaving < capacity  # [B, M]: the leaving entries that free a slot
     incoming = recalled & stays[:, capacity:]
     count = freed.sum(1, keepdim=True)  # [B, 1], as many as come in
     entry = torch.minimum(every, (count - 1).clamp(min=0))  # [B, M]
-    slot = _nth_true(freed, entry).clamp(max=capacity - 1)
+    slot = leaving.gather(1, _nth_true(freed, entry).clamp(max=moves - 1))
+    slot = slot.clamp(max=capacity - 1)
     row = _nth_true(incoming, entry).clamp(max=moves - 1)
     moving = count > 0
     came = recalled_positions.gather(1, row)  # [B, M]
