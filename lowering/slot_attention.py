@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from avl_compile.lowering.gathered_attention import TRITON_DTYPES
+from avl_compile.lowering.materialize import materialized
 
 
 def score_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -63,7 +64,7 @@ def _grouped_logits(query: Tensor, keys: Tensor, scale: float) -> Tensor:
     batch, q_heads, _, head_dim = query.shape
     kv_heads = keys.shape[1]
     acc = score_dtype(query.dtype)
-    grouped = query.reshape(batch, kv_heads, q_heads // kv_heads, head_dim).to(acc)
+    grouped = materialized(query.reshape(batch, kv_heads, q_heads // kv_heads, head_dim).to(acc))
     return torch.matmul(grouped, keys.to(acc).transpose(-1, -2)) * scale
 
 

@@ -23,6 +23,8 @@ import math
 import torch
 from torch import Tensor
 
+from avl_compile.lowering.materialize import materialized
+
 
 def digest_bound(query: Tensor, low: Tensor, high: Tensor) -> Tensor:
     """The largest q.k a key inside the box [``low``, ``high``] can give, per query head
@@ -81,6 +83,7 @@ class CorePages:
         batch, q_heads, head_dim = query.shape
         kv_heads, n_pages = self.low.shape[1], self.low.shape[2]
         q = query.reshape(batch, kv_heads, q_heads // kv_heads, 1, head_dim).to(self.low.dtype)
+        q = materialized(q)  # read for every page: its rotary embedding computed once
         bound = digest_bound(q, self.low[:, :, None], self.high[:, :, None])
         bound = bound.reshape(batch, q_heads, n_pages).mean(dim=1)  # [B, pages]
         # pages with no resident row hold inf/nan, but no candidate reads them

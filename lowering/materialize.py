@@ -1,0 +1,26 @@
+"""A tensor Inductor writes once into a buffer instead of recomputing it in every loop that
+reads it.
+
+Inductor inlines a pointwise producer (the query's rotary embedding: a cos and a sin per
+element) into each consumer. Where the consumer is a reduction over many rows, the
+producer runs again for every row: a one-row ``bmm`` on a CPU is lowered to such a
+reduction (q.k over every slot of the cache, ``slot_attention``), and so is an element-wise
+bound over every page (``page_core``). Measured on ``cpu-long``'s decode graph: the cos and
+sin of the query, recomputed for each of ~1,500 slots per head and layer.
+
+``materialized`` asks for the tensor's own layout (Inductor's ``force_stride_order``
+prim): in eager mode a copy at most; in a graph nothing for a tensor that is a buffer
+already, else one copy
+kernel that the consumers then read.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch._inductor.inductor_prims  # noqa: F401  (registers prims.inductor_force_stride_order)
+from torch import Tensor
+
+
+def materialized(tensor: Tensor) -> Tensor:
+    """``tensor``, computed once into a buffer of its layout inside an Inductor graph."""
+    return torch.ops.prims.inductor_force_stride_order(tensor, tensor.stride())
