@@ -17,10 +17,19 @@ kernel that the consumers then read.
 from __future__ import annotations
 
 import torch
-import torch._inductor.inductor_prims  # noqa: F401  (registers prims.inductor_force_stride_order)
 from torch import Tensor
+
+try:  # a private module of Inductor's (torch 2.1 to at least 2.13): without it, no hint
+    import torch._inductor.inductor_prims  # noqa: F401  (registers the prim)
+
+    _FORCE_STRIDE = torch.ops.prims.inductor_force_stride_order
+except (ImportError, AttributeError):
+    _FORCE_STRIDE = None
 
 
 def materialized(tensor: Tensor) -> Tensor:
-    """``tensor``, computed once into a buffer of its layout inside an Inductor graph."""
-    return torch.ops.prims.inductor_force_stride_order(tensor, tensor.stride())
+    """``tensor``, computed once into a buffer of its layout inside an Inductor graph
+    (``tensor`` itself where this torch has no such prim: slower, the same values)."""
+    if _FORCE_STRIDE is None:
+        return tensor
+    return _FORCE_STRIDE(tensor, tensor.stride())
