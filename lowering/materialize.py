@@ -10,8 +10,7 @@ sin of the query, recomputed for each of ~1,500 slots per head and layer.
 
 ``materialized`` asks for the tensor's own layout (Inductor's ``force_stride_order``
 prim): in eager mode a copy at most; in a graph nothing for a tensor that is a buffer
-already, else one copy
-kernel that the consumers then read.
+already, else one copy kernel that the consumers then read.
 """
 
 from __future__ import annotations

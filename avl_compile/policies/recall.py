@@ -19,9 +19,10 @@ before the step from Python, with the same copies. With the query-aware core the
 changes the members of the pages it touches and boxes those pages again
 (``page_core.CorePages.move``).
 
-A swap sorts once (its ranking); which rows leave, in which order they fill the pages,
-and which slots the recalled rows take are counted by comparisons over at most R * S rows
-(they fuse; sorts are kernels of their own, a tenth of a host-bound step at five a layer).
+A swap sorts once (its ranking), and the rows that leave are read off it; in which order
+they fill the pages and which slots the recalled rows take are counted by comparisons over
+at most R * S rows (they fuse; sorts and cumsums are kernels of their own, a tenth of a
+host-bound step at five sorts a layer).
 """
 
 from __future__ import annotations
@@ -250,7 +251,8 @@ def choose_pages(query: Tensor, pages: HostPages, recall_pages: int) -> Tensor:
 def _nth_true(flags: Tensor, nth: Tensor) -> Tensor:
     """The index of the ``nth`` [B, M] (0-based) set flag of each row of ``flags`` [B, N];
     N where a row has fewer. The running count and the search are comparisons over N x N
-    and M x N (they fuse; a cumsum is a kernel of its own, and called for small N)."""
+    and M x N: they fuse with their neighbours, where a cumsum is a fallback kernel of its
+    own (N is at most the pages or the R * S rows of a swap)."""
     index = torch.arange(flags.shape[1], device=flags.device)
     up_to = index[None, :] <= index[:, None]  # [i, j]: j <= i
     running = (flags[:, None, :] & up_to).sum(-1)  # [B, N]: set flags up to i
