@@ -66,12 +66,19 @@ class SiteCall:
             keys = torch.cat([past_keys, new_keys], dim=-2)
             values = torch.cat([past_values, new_values], dim=-2)
             output = query.new_empty((*query.shape[:-1], values.shape[-1]))
-            return output, keys, values
+            return token_major(output), keys, values
         output, keys, values = self.runtime.run_site(
             self, query, past_keys, new_keys, past_values, new_values, attn_mask
         )
-        # Compiled pieces downstream were specialised on contiguous layouts (see the fake path).
-        return output.contiguous(), keys.contiguous(), values.contiguous()
+        # Compiled pieces downstream were specialised on these layouts (see the fake path).
+        return token_major(output), keys.contiguous(), values.contiguous()
+
+
+def token_major(output: Tensor) -> Tensor:
+    """The attention output [B, H, L, D] laid out [B, L, H, D], as SDPA's CPU kernel writes
+    it: the model reads it back as [B, L, H * D], a view of this layout, where a contiguous
+    one costs two copies per layer at prefill (here, then the model's transpose)."""
+    return output.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 class ImageMaskRecorder:

@@ -103,12 +103,36 @@ def _(
 def pick_rows(cache: Tensor, rows: Tensor) -> Tensor:
     """cache [B, H, L, D] at rows [B, H, n] (-1 read as row 0) -> [B, H, n, D].
 
-    One index_select over the flattened cache: on CPUs much faster than ``gather`` with an
-    index expanded over D."""
+    One index_select over the cache's rows: on CPUs much faster than ``gather`` with an
+    index expanded over D. A cache laid out [B, L, H, D] under its [B, H, L, D] view (a
+    prefill's keys straight from the projection) is read in place, not copied first."""
     batch, heads, length, dim = cache.shape
-    base = torch.arange(batch * heads, device=rows.device).view(batch, heads, 1) * length
-    flat = (base + rows.clamp(min=0)).flatten()
-    return cache.reshape(batch * heads * length, dim).index_select(0, flat).view(*rows.shape, dim)
+    table = _row_table(cache)
+    if table is None:
+        base = torch.arange(batch * heads, device=rows.device).view(batch, heads, 1) * length
+        flat = (base + rows.clamp(min=0)).flatten()
+        table = cache.reshape(batch * heads * length, dim)
+    else:
+        table, (row_b, row_h, row_l) = table
+        b = torch.arange(batch, device=rows.device).view(batch, 1, 1) * row_b
+        h = torch.arange(heads, device=rows.device).view(1, heads, 1) * row_h
+        flat = (b + h + rows.clamp(min=0) * row_l).flatten()
+    return table.index_select(0, flat).view(*rows.shape, dim)
+
+
+def _row_table(cache: Tensor) -> tuple[Tensor, tuple[int, int, int]] | None:
+    """A non-contiguous cache [B, H, L, D] whose rows are whole D-vectors of its storage, as
+    a [rows, D] view and the row strides of B, H and L; None if contiguous (its reshape is
+    a view) or not so laid out."""
+    if cache.is_contiguous() or cache.stride(3) != 1 or any(s < 0 for s in cache.stride()):
+        return None
+    dim = cache.shape[3]
+    strides = cache.stride()[:3]
+    if any(s % dim for s in strides):
+        return None
+    last = sum((n - 1) * s for n, s in zip(cache.shape[:3], strides, strict=True))
+    table = cache.as_strided((last // dim + 1, dim), (dim, 1))
+    return table, (strides[0] // dim, strides[1] // dim, strides[2] // dim)
 
 
 def check_gathered_attention_inputs(

@@ -156,6 +156,8 @@ class AvlPolicy:
         context: PrefillContext,
     ) -> tuple[Tensor, Tensor, Tensor, LayerState]:
         opts = self.options
+        # the projection's [B, L, H, D] layout: the scores' matmuls would copy it per use
+        keys = keys.contiguous()
         batch, q_len = query.shape[0], query.shape[2]
         kv_heads, k_len = keys.shape[1], keys.shape[2]
         device = query.device

@@ -112,12 +112,28 @@ class CorePages:
 
 def page_boxes(keys: Tensor, members: Tensor, dtype) -> tuple[Tensor, Tensor]:
     """The boxes [B, Hkv, A, D] of pages whose slots are ``members`` [B, A, P] (-1: none)
-    in ``keys`` [B, Hkv, C, D]: a gather and a reduction Inductor fuses."""
+    in ``keys`` [B, Hkv, C, D] (+inf and -inf for a page with none)."""
     batch, n_pages, size = members.shape
     kv_heads, head_dim = keys.shape[1], keys.shape[3]
-    index = members.clamp(min=0).view(batch, 1, -1, 1).expand(-1, kv_heads, -1, head_dim)
-    paged = keys.gather(2, index).view(batch, kv_heads, n_pages, size, head_dim).to(dtype)
-    return box_of(paged, members >= 0)
+    index = held_members(members).view(batch, 1, -1, 1).expand(-1, kv_heads, -1, head_dim)
+    paged = keys.gather(2, index).view(batch, kv_heads, n_pages, size, head_dim)
+    return box_of_held(paged, members >= 0, dtype)
+
+
+def held_members(members: Tensor) -> Tensor:
+    """``members`` [B, P, S] (-1: none) with each -1 replaced by a member its page holds
+    (0 in a page that holds none): rows gathered at these hold only the page's own rows,
+    so their min and max need no fill (at prefill the fill was two copies of the rows)."""
+    return torch.where(members >= 0, members, members.amax(dim=-1, keepdim=True).clamp(min=0))
+
+
+def box_of_held(rows: Tensor, held: Tensor, dtype) -> tuple[Tensor, Tensor]:
+    """``box_of`` for ``rows`` [B, Hkv, P, S, D] gathered at ``held_members``: the min and
+    max over S in ``dtype`` (a widening cast: the same values), +inf and -inf for a page
+    whose ``held`` [B, P, S] are all False."""
+    empty = ~held.any(dim=-1)[:, None, :, None]
+    low = rows.amin(dim=3).to(dtype).masked_fill(empty, math.inf)
+    return low, rows.amax(dim=3).to(dtype).masked_fill(empty, -math.inf)
 
 
 def box_of(rows: Tensor, held: Tensor) -> tuple[Tensor, Tensor]:

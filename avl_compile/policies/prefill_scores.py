@@ -81,7 +81,9 @@ def _probabilities(query: Tensor, keys: Tensor, bias: Tensor, lse: Tensor, scale
     [B, Hkv, c, D], given the rows' log-sum-exp [B, Hq, r]."""
     acc = score_dtype(query.dtype)
     group = query.shape[1] // keys.shape[1]
-    expanded = keys.to(acc).repeat_interleave(group, dim=1)
+    expanded = keys.to(acc)
+    if group > 1:  # (a repeat by 1 would copy the keys)
+        expanded = expanded.repeat_interleave(group, dim=1)
     logits = torch.matmul(query.to(acc), expanded.transpose(-1, -2)) * scale
     logits = logits + bias.to(acc) - lse.to(acc).unsqueeze(-1)
     return torch.exp(logits).nan_to_num(0.0)  # rows with nothing to attend (padding)

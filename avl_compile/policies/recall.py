@@ -36,7 +36,14 @@ from torch import Tensor
 
 from avl_compile.policies.avl_decode import CORE, OTHER, AvlSlots, PagedAvlSlots
 from avl_compile.policies.budgets import best_first
-from avl_compile.policies.page_core import CorePages, box_of, digest_bound, image_ordinals
+from avl_compile.policies.page_core import (
+    CorePages,
+    box_of,
+    box_of_held,
+    digest_bound,
+    held_members,
+    image_ordinals,
+)
 
 if TYPE_CHECKING:
     from avl_compile.policies.recall_copies import RecallCopies
@@ -163,8 +170,8 @@ class RecallState:
 
 
 def _to_host(tensor: Tensor) -> Tensor:
-    host = tensor.to("cpu", copy=True)
-    return host.pin_memory() if tensor.is_cuda else host
+    """A fresh tensor (a gather's) in host memory: itself on a CPU, pinned from a GPU."""
+    return tensor.to("cpu").pin_memory() if tensor.is_cuda else tensor
 
 
 def build_pages(keys: Tensor, values: Tensor, evicted: list[Tensor], page_size: int) -> HostPages:
@@ -176,11 +183,12 @@ def build_pages(keys: Tensor, values: Tensor, evicted: list[Tensor], page_size: 
     for b, rows in enumerate(evicted):
         positions[b, : rows.numel()] = rows
     positions = positions.view(batch, n_pages, page_size)
-    index = positions.clamp(min=0).view(batch, 1, -1, 1).expand(batch, kv_heads, -1, head_dim)
+    # a page's empty slots hold copies of its rows (never read as rows: position -1)
+    index = held_members(positions).view(batch, 1, -1, 1).expand(batch, kv_heads, -1, head_dim)
     shape = (batch, kv_heads, n_pages, page_size, head_dim)
     page_keys = keys.gather(2, index).view(shape)
     page_values = values.gather(2, index).view(shape)
-    low, high = box_of(page_keys, positions >= 0)
+    low, high = box_of_held(page_keys, positions >= 0, page_keys.dtype)
     return HostPages(positions, _to_host(page_keys), _to_host(page_values), low, high)
 
 
