@@ -631,3 +631,41 @@ def test_switched_recall_and_page_sizes_never_run_a_graph_built_for_others():
         backend.set_options({**options, "inner": "eager"})
         got = greedy(model, prompt.inputs, 12).sequences
         assert torch.equal(got, reference_greedy(_make, prompt.inputs, options, 12)), change
+
+
+def test_page_boxes_are_the_min_and_max_of_the_held_rows_alone():
+    """Boxes gathered at held members (no fill of the rows) are the masked min and max:
+    partial pages ignore their empty entries, an empty page is (+inf, -inf), and the
+    widening to the score's dtype changes no value."""
+    from avl_compile.policies.page_core import page_boxes
+    from avl_compile.policies.recall import build_pages
+
+    torch.manual_seed(2)
+    keys = torch.randn(2, 3, 9, 5)
+    members = torch.tensor(
+        [[[4, -1, 0], [-1, -1, -1], [8, 7, 6]], [[-1, 2, -1], [1, 3, 5], [-1, -1, 0]]]
+    )
+    low, high = page_boxes(keys, members, torch.float64)
+    assert low.dtype == torch.float64
+    for b in range(2):
+        for p in range(3):
+            held = members[b, p][members[b, p] >= 0]
+            if held.numel() == 0:
+                assert torch.isinf(low[b, :, p]).all() and (low[b, :, p] > 0).all()
+                assert torch.isinf(high[b, :, p]).all() and (high[b, :, p] < 0).all()
+                continue
+            rows = keys[b][:, held].double()
+            assert torch.equal(low[b, :, p], rows.amin(1)) and torch.equal(
+                high[b, :, p], rows.amax(1)
+            )
+    # recall's pages: a row with fewer evicted rows holds an empty page; the digests are
+    # the same boxes, and every slot that names a row holds that row's key
+    evicted = [torch.tensor([1, 2, 4, 6, 8]), torch.tensor([0, 3])]
+    pages = build_pages(keys, keys + 1, evicted, 2)
+    assert pages.positions.tolist() == [[[1, 2], [4, 6], [8, -1]], [[0, 3], [-1, -1], [-1, -1]]]
+    low, high = page_boxes(keys, pages.positions, keys.dtype)
+    assert torch.equal(pages.low, low) and torch.equal(pages.high, high)
+    for b, rows in enumerate(evicted):
+        named = pages.keys[b].flatten(1, 2)[:, : rows.numel()]
+        assert torch.equal(named, keys[b][:, rows])
+        assert torch.equal(pages.values[b].flatten(1, 2)[:, : rows.numel()], keys[b][:, rows] + 1)

@@ -14,8 +14,8 @@ from helpers import NEW_TOKENS, compiled_greedy, greedy, reference_greedy, row_a
 
 from avl_compile import kv_rows_in_use
 from avl_compile.cache import generated_cache
-from avl_compile.policies.avl import spare_slots
 from avl_compile.policies.budgets import fraction_count, text_budget
+from avl_compile.policies.decode_schedule import spare_slots
 from avl_compile.tiny_models import llava_prompt, tiny_llava, tiny_llava_next
 
 FULL = {"vision_keep": 1.0, "vision_compute": 1.0, "text_keep": 1.0}

@@ -185,3 +185,19 @@ def test_op_inside_an_inductor_graph():
     compiled = torch.compile(attend, backend="inductor", fullgraph=True)
     for got, expected in zip(compiled(*args), attend(*args), strict=True):
         torch.testing.assert_close(got, expected)
+
+
+def test_pick_rows_reads_a_token_major_cache_in_place():
+    """A [B, H, L, D] view of a [B, L, H, D] tensor (a prefill's keys, as projected) and a
+    slice of a bigger one pick the same rows as their contiguous copies, -1 as row 0."""
+    from avl_compile.lowering.gathered_attention import _row_table, pick_rows
+
+    torch.manual_seed(3)
+    token_major = torch.randn(2, 7, 3, 4).transpose(1, 2)
+    sliced = torch.randn(5, 2, 7, 3, 4).transpose(2, 3)[2]
+    rows = torch.randint(-1, 7, (2, 3, 6))
+    for cache in (token_major, sliced):
+        assert _row_table(cache) is not None  # read in place, not copied
+        assert torch.equal(pick_rows(cache, rows), pick_rows(cache.contiguous(), rows))
+    expected = token_major.contiguous()[0, 1, rows[0, 1].clamp(min=0)]
+    assert torch.equal(pick_rows(token_major, rows)[0, 1], expected)

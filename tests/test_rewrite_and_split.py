@@ -15,7 +15,7 @@ from avl_compile.passes.find_image_mask import find_image_scatters
 from avl_compile.passes.record_image_mask import insert_image_mask_recorders
 from avl_compile.passes.rewrite_attention_sites import rewrite_attention_sites
 from avl_compile.passes.split_at_runtime_calls import is_runtime_call, split_at_runtime_calls
-from avl_compile.policies.avl import spare_slots
+from avl_compile.policies.decode_schedule import spare_slots
 from avl_compile.runtime import AvlRuntime, ImageMaskRecorder, SiteCall, rows_in_use
 from avl_compile.tiny_models import llava_prompt, tiny_llava
 

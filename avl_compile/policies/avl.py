@@ -22,21 +22,17 @@ from torch import Tensor
 from avl_compile.lowering.gathered_attention import pick_rows
 from avl_compile.options import AvlOptions
 from avl_compile.policies.avl_decode import (
-    CORE,
-    OTHER,
-    SINK,
-    TEXT,
     AdaptiveAvlSlots,
     AvlSlots,
     PagedAvlSlots,
     avl_decode_step,
 )
-from avl_compile.policies.budgets import fraction_count, is_refresh_step, text_budget
+from avl_compile.policies.avl_layout import PromptLayout, prompt_layout
+from avl_compile.policies.budgets import is_refresh_step, text_budget
 from avl_compile.policies.common import (
     PrefillContext,
     column_sums,
     heavy_recent_keep,
-    key_is_valid,
     last_token_image_filter,
     last_token_score,
     prefill_attention,
@@ -48,10 +44,8 @@ from avl_compile.policies.decode_schedule import (
     DecodeSchedule,
     LayerState,
     begin_step_and_grow,
-    spare_slots,
 )
 from avl_compile.policies.page_core import CorePages, image_ordinals
-from avl_compile.policies.prefill_scores import attention_and_lse, column_sums_of, last_row_score
 from avl_compile.policies.recall import RecallState, build_pages
 from avl_compile.policies.recall_copies import plan_next_swap, swap_through_copies
 
@@ -101,6 +95,13 @@ class AvlSchedule(DecodeSchedule):
             )
         ]
         return sum(rows) / len(rows)
+
+
+def marked(positions: Tensor, length: int) -> Tensor:
+    """[length] bool, True at ``positions`` (a membership test without ``isin``'s sorts)."""
+    return torch.zeros(length, dtype=torch.bool, device=positions.device).index_fill_(
+        0, positions, True
+    )
 
 
 def decode_kind_of(options: AvlOptions) -> str:
@@ -158,140 +159,66 @@ class AvlPolicy:
         opts = self.options
         # the projection's [B, L, H, D] layout: the scores' matmuls would copy it per use
         keys = keys.contiguous()
-        batch, q_len = query.shape[0], query.shape[2]
-        kv_heads, k_len = keys.shape[1], keys.shape[2]
+        batch, kv_heads, k_len = keys.shape[0], keys.shape[1], keys.shape[2]
         device = query.device
-        filtered = self._filtered_keys(context)
-        key_valid = key_is_valid(attn_mask, batch, k_len, device)
-        if filtered is not None:
-            key_valid = key_valid & filtered
-        image_mask = context.image_mask
-        positions = torch.arange(k_len, device=device)
-        first_image_pos = image_mask.int().argmax(dim=-1, keepdim=True)  # [B, 1]
-        text_mask = key_valid & ~image_mask & (positions >= first_image_pos)  # [B, Lk]
-        query_valid = key_valid[:, k_len - q_len :]
-        window = min(opts.score_window, q_len)
-        vision_keep, vision_compute = opts.layer_budgets(self.layer_idx)
-
-        with_lse = attention_and_lse(query, keys, values, attn_mask, is_causal, scale, filtered)
-        if with_lse is not None:  # the scores from the log-sum-exp: one row, a few columns
-            output, lse = with_lse
-            mask_args = (attn_mask, is_causal, scale, filtered, lse)
-            image_score = last_row_score(query, keys, *mask_args, window, query_valid)
-            columns = torch.nonzero(text_mask.any(dim=0)).flatten()
-            text_scores = column_sums_of(query, keys, *mask_args, columns, query_valid)
+        layout = self._layout(query, keys, attn_mask, is_causal, context)
+        scoring = layout.scoring
+        if scoring is not None:  # the scores from the log-sum-exp: one row, a few columns
+            output, lse = scoring.attend(query, keys, values, scale)
+            image_score = scoring.last_row_score(query, keys, lse, scale, layout.query_valid)
+            text_scores = scoring.column_sums(query, keys, lse, scale, layout.query_valid)
         else:  # recompute the probabilities block by block
+            q_len, filtered = query.shape[2], self._filtered_keys(context)
             bias = prefill_logits_bias(attn_mask, is_causal, q_len, k_len, device)
             output, bias = prefill_attention(
                 query, keys, values, attn_mask, is_causal, scale, bias, filtered
             )
-            image_score = last_token_score(query, keys, bias, scale, window, query_valid)
-            text_scores = column_sums(query, keys, bias, scale, query_valid)
+            image_score = last_token_score(
+                query, keys, bias, scale, layout.window, layout.query_valid
+            )
+            text_scores = column_sums(query, keys, bias, scale, layout.query_valid)
         if context.combine_heads is not None:
             image_score = context.combine_heads(image_score)
-        n_text = text_mask.sum(-1).tolist()
-        text_slots = text_mask[:, None, :].expand(batch, kv_heads, k_len)
-        kept_text = h2o_text_keep(text_slots, text_scores, n_text, opts)
+        text_slots = layout.text_mask[:, None, :].expand(batch, kv_heads, k_len)
+        kept_text = h2o_text_keep(text_slots, text_scores, layout.n_text, opts)
         kept_text = text_slots if kept_text is None else kept_text
-        first_images = first_image_pos[:, 0].tolist()
-        # HF sizes an explicit decode mask (a padded batch) from the first layer's cache: with
-        # per-layer budgets every layer then puts its text where the widest layer's goes
-        widest = max(opts.vision_keep_layers) if opts.vision_keep_layers else vision_keep
-        aligned = attn_mask is not None and widest != vision_keep
-        slot_rows: list[tuple[Tensor, list[Tensor]]] = []
+        position = torch.full(
+            (batch, kv_heads, layout.capacity), -1, dtype=torch.long, device=device
+        )
         evicted: list[Tensor] = []  # image rows that leave the cache (recall keeps them)
-        bounds: list[tuple[int, int, int, int, int]] = []
-        for b in range(batch):
-            image_pos = torch.nonzero(image_mask[b]).flatten()
-            n_images = image_pos.numel()
-            sink = positions[key_valid[b] & (positions < first_images[b])]
-            candidates = image_pos
-            if context.filter_keep is not None and self.layer_idx >= opts.prefill_filter_layer:
-                candidates = torch.nonzero(context.filter_keep[b]).flatten()
-            secondary = topk_positions(
-                image_score[b], candidates, fraction_count(vision_keep, n_images)
-            )
-            core = topk_positions(
-                image_score[b], secondary, fraction_count(vision_compute, n_images)
-            )
-            others = secondary[~torch.isin(secondary, core)]
+        for b, (_, _, image_end, start, end) in enumerate(layout.bounds):
+            secondary = topk_positions(image_score[b], layout.candidates[b], layout.n_secondary[b])
+            core = topk_positions(image_score[b], secondary, layout.n_core[b])
+            others = secondary[~marked(core, k_len)[secondary]]
             if opts.recall_pages:  # only recall keeps them
-                evicted.append(image_pos[~torch.isin(image_pos, secondary)])
-            image_rows = torch.cat([others, sink, core])
-            texts = [positions[kept_text[b, h]] for h in range(kv_heads)]
-            slot_rows.append((image_rows, texts))
-            start = image_rows.numel()
-            if aligned:  # free slots up to the widest layer's text
-                start = sink.numel() + fraction_count(widest, n_images)
-            bounds.append(
-                (others.numel(), others.numel() + sink.numel(), image_rows.numel(), start,
-                 start + texts[0].numel())
-            )  # fmt: skip
-
-        in_use = max(end for *_, end in bounds)
-        capacity = min(in_use + spare_slots(in_use), k_len)
-        position = torch.full((batch, kv_heads, capacity), -1, dtype=torch.long, device=device)
-        for b, ((image_rows, texts), (*_, image_end, start, end)) in enumerate(
-            zip(slot_rows, bounds, strict=True)
-        ):
-            position[b, :, :image_end] = image_rows
-            for h, text in enumerate(texts):
-                position[b, h, start:end] = text
+                image_pos = layout.image_pos[b]
+                evicted.append(image_pos[~marked(secondary, k_len)[image_pos]])
+            position[b, :, :image_end] = torch.cat([others, layout.sink[b], core])
+            # every kv head keeps as many text rows (the budget), in positional order
+            position[b, :, start:end] = torch.nonzero(kept_text[b])[:, 1].view(kv_heads, -1)
         safe = position.clamp(min=0)
-        others_end, core_start, _, text_start, text_end = (
-            list(x) for x in zip(*bounds, strict=True)
-        )
-        n_core = [fraction_count(vision_compute, int(n)) for n in image_mask.sum(-1)]
-        # with refresh_every = -1 every secondary image row is in the core for good
-        other_role = CORE if opts.refresh_every == -1 else OTHER
-        role = torch.zeros(batch, capacity, dtype=torch.int8, device=device)
-        for b, (o, c, i, t, e) in enumerate(bounds):
-            role[b, :o], role[b, o:c], role[b, c:i], role[b, t:e] = other_role, SINK, CORE, TEXT
-        is_text = (role == TEXT).unsqueeze(1)
-        text_rank = (text_mask.cumsum(-1) - 1)[:, None, :].expand(batch, kv_heads, k_len)
-        secondary = [o + i - c for o, c, i, *_ in bounds]
-        n_core = [min(n, s) for n, s in zip(n_core, secondary, strict=True)]
-        per_row = zip(text_start, text_end, n_text, n_core, strict=True)
-        counters = torch.tensor(
-            [[e, n, k_len, k, t] for t, e, n, k in per_row], dtype=torch.long, device=device
-        )
-        # the query-aware core's pages are of the prompt's image tokens
-        image_positions = image_positions_of(image_mask) if opts.core_page_size else None
+        not_text = layout.not_text
         slots = self._slots_class()(
-            role=role,
+            role=layout.role.clone(),
             position=position,
-            text_rank=text_rank.gather(2, safe).masked_fill(~is_text, -1),
-            text_score=text_scores.gather(2, safe).masked_fill(~is_text, 0.0),
-            counters=counters,
-            text_options=torch.tensor(
-                [opts.text_keep, opts.text_heavy_share, opts.text_min_budget],
-                dtype=torch.float64, device=device,
-            ),
-            **self._image_ordinals(position, role, image_positions),
+            text_rank=layout.text_rank.gather(2, safe).masked_fill(not_text, -1),
+            text_score=text_scores.gather(2, safe).masked_fill(not_text, 0.0),
+            counters=layout.counters.clone(),
+            text_options=layout.text_options.clone(),
+            **self._image_ordinals(position, layout.image_slot, layout.image_positions),
             **self._refresh_state(batch, device),
-        )  # fmt: skip
-        every_step = opts.refresh_every == -1
-        core_rows = secondary if every_step else n_core
-        sinks = [c - o for o, c in zip(others_end, core_start, strict=True)]
-        schedule = AvlSchedule(
-            options=opts,
-            text_start=text_start,
-            kept_text=[e - t for t, e in zip(text_start, text_end, strict=True)],
-            n_text=n_text,
-            attended_base=[s + k for s, k in zip(sinks, core_rows, strict=True)],
-            others=[0 if every_step else s - k for s, k in zip(secondary, n_core, strict=True)],
-            position=k_len,
         )
+        schedule = self._schedule(layout, k_len)
         if opts.vision_keep_layers is None:  # else counts differ by layer: one schedule each
             if context.schedule is None:
                 context.schedule = schedule  # one schedule for the prompt's layers
             schedule = context.schedule
         state = LayerState(slots=slots, schedule=schedule, combine_heads=context.combine_heads)
         slot_keys = pick_rows(keys, safe)
-        if image_positions is not None:
+        if layout.image_positions is not None:
             assert isinstance(slots, PagedAvlSlots)
             state.core_pages = CorePages.build(
-                slot_keys, slots.image_ordinal, image_positions, opts.core_page_size,
+                slot_keys, slots.image_ordinal, layout.image_positions, opts.core_page_size,
                 score_dtype(query.dtype),
             )  # fmt: skip
         if opts.recall_pages:
@@ -306,6 +233,46 @@ class AvlPolicy:
                 plan_next_swap(state.recall, 1, opts.recall_pages)
         # free slots hold copies of row 0; they are never attended
         return output, slot_keys, pick_rows(values, safe), state
+
+    def _schedule(self, layout: PromptLayout, k_len: int) -> AvlSchedule:
+        """The host's side of the decode, from the layout's counts."""
+        opts = self.options
+        every_step = opts.refresh_every == -1  # the whole secondary set is the core
+        bounds = layout.bounds
+        core_rows = layout.n_secondary if every_step else layout.n_core
+        return AvlSchedule(
+            options=opts,
+            text_start=[t for *_, t, _ in bounds],
+            kept_text=[e - t for *_, t, e in bounds],
+            n_text=layout.n_text,
+            attended_base=[c - o + k for (o, c, *_), k in zip(bounds, core_rows, strict=True)],
+            others=[
+                0 if every_step else s - k
+                for s, k in zip(layout.n_secondary, layout.n_core, strict=True)
+            ],
+            position=k_len,
+        )
+
+    def _layout(
+        self,
+        query: Tensor,
+        keys: Tensor,
+        attn_mask: Tensor | None,
+        is_causal: bool,
+        context: PrefillContext,
+    ) -> PromptLayout:
+        """This prompt's layout for this layer's filter and budgets: made by the first layer
+        that needs it, shared by the others."""
+        filtered = self._filtered_keys(context)
+        budgets = self.options.layer_budgets(self.layer_idx)
+        # layers of one model may mask differently (sliding-window layers): the layout holds
+        # its mask, so the mask's id is not reused while the prompt's layouts live
+        key = (filtered is not None, *budgets, is_causal, id(attn_mask))
+        if key not in context.layouts:
+            context.layouts[key] = prompt_layout(
+                query, keys, attn_mask, is_causal, context, filtered, budgets, self.options
+            )
+        return context.layouts[key]
 
     def _slots_class(self) -> type[AvlSlots]:
         if self.options.core_page_size:
@@ -322,11 +289,11 @@ class AvlPolicy:
         return {"refresh_state": row.repeat(batch, 1)}
 
     @staticmethod
-    def _image_ordinals(position: Tensor, role: Tensor, image_positions: Tensor | None) -> dict:
-        """The query-aware core's image ordinal per slot (``PagedAvlSlots``), if it is on."""
+    def _image_ordinals(position: Tensor, image: Tensor, image_positions: Tensor | None) -> dict:
+        """The query-aware core's image ordinal per slot (``PagedAvlSlots``), if it is on
+        (``image`` [B, C]: the slots of secondary image rows)."""
         if image_positions is None:
             return {}
-        image = (role == OTHER) | (role == CORE)
         return {"image_ordinal": image_ordinals(position[:, 0], image, image_positions)}
 
     def _filtered_keys(self, context: PrefillContext) -> Tensor | None:
@@ -388,12 +355,3 @@ class AvlPolicy:
             state.combine_heads,
         )
         return output, keys, values
-
-
-def image_positions_of(image_mask: Tensor) -> Tensor:
-    """Each row's image positions [B, N] ascending, padded at the end past every position."""
-    length = image_mask.shape[-1]
-    positions = torch.arange(length, device=image_mask.device).expand_as(image_mask)
-    marked = torch.where(image_mask, positions, length + positions)  # non-image rows last
-    width = int(image_mask.sum(-1).max())
-    return marked.sort(dim=-1).values[:, :width].contiguous()

@@ -24,6 +24,8 @@ class PrefillContext:
     filter_keep: Tensor | None = None  # [B, L] bool, image tokens that pass the prefill filter
     used_by_layers: set[int] = dataclasses.field(default_factory=set)  # a layer seen twice = stale
     schedule: Any = None  # A-VL: the host-side decode schedule the prompt's layers share
+    # A-VL: the prompt's layout (``avl_layout``) per prefill filter and image budgets
+    layouts: dict[tuple, Any] = dataclasses.field(default_factory=dict)
     # where a layer's heads are split over ranks (tensor parallel): turns a mean over this
     # rank's heads into the mean over every head (equal head counts per rank); None: one rank
     combine_heads: Callable[[Tensor], Tensor] | None = None

@@ -8,10 +8,13 @@ a few columns, instead of a second pass over the whole attention.
 
 On CPUs the log-sum-exp comes from the same flash kernel that ``F.scaled_dot_product_attention``
 runs there (its output is bit for bit the dense one); elsewhere the caller falls back to the
-blocked recomputation in ``common.py``.
+blocked recomputation in ``common.py``. The biases are the prompt's, the same in every
+layer: ``LseScoring`` makes them once per prompt.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import Tensor
@@ -21,32 +24,98 @@ from avl_compile.policies.common import score_dtype, window_sum
 _QUERY_BLOCK = 1024  # query rows per block of the column sums
 
 
-def attention_and_lse(
-    query: Tensor,
-    keys: Tensor,
-    values: Tensor,
-    attn_mask: Tensor | None,
-    is_causal: bool,
-    scale: float,
-    visible: Tensor | None,
-) -> tuple[Tensor, Tensor] | None:
-    """(output, lse [B, Hq, Lq]) of the prefill attention on a CPU, None elsewhere.
-    ``visible`` [B, Lk] hides keys from every query row (the prefill filter)."""
-    if query.device.type != "cpu":
-        return None
-    group = query.shape[1] // keys.shape[1]
-    if group > 1:  # the kernel has no grouped-query form; F.sdpa repeats the heads too
-        keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
-    mask = None
-    if attn_mask is not None or visible is not None:
-        q_len, k_len = query.shape[2], keys.shape[2]
-        rows, columns = torch.arange(q_len), torch.arange(k_len)
-        bias = logits_bias(attn_mask, is_causal, visible, rows, columns, q_len, k_len)
-        mask, is_causal = bias.to(query.dtype), False
-    output, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        query, keys, values, 0.0, is_causal, attn_mask=mask, scale=scale
-    )
-    return output, lse
+@dataclasses.dataclass
+class LseScoring:
+    """One prompt's prefill masks for the flash kernel and the scores, shared by its layers
+    (of one prefill filter): the kernel's additive mask (None: causal or none), the last
+    ``window`` rows' bias over every key, and the text ``columns``' bias per block of query
+    rows."""
+
+    kernel_mask: Tensor | None  # [B or 1, 1, Lq, Lk] in the query's dtype
+    is_causal: bool
+    last_rows: Tensor  # [window]
+    last_bias: Tensor  # [B or 1, 1, window, Lk] in the scores' dtype
+    columns: Tensor  # [n] key columns that hold some row's text
+    # (query rows, bias [B or 1, 1, rows, n]) per block, from the first row that sees a column
+    blocks: list[tuple[slice, Tensor]]
+
+    @classmethod
+    def prepare(
+        cls,
+        attn_mask: Tensor | None,
+        is_causal: bool,
+        visible: Tensor | None,
+        q_len: int,
+        k_len: int,
+        window: int,
+        columns: Tensor,
+        dtype: torch.dtype,
+    ) -> LseScoring | None:
+        """The masks on a CPU (``visible`` [B, Lk] hides keys from every query row: the
+        prefill filter); None elsewhere (no log-sum-exp there)."""
+        if columns.device.type != "cpu":
+            return None
+        every_key, acc = torch.arange(k_len), score_dtype(dtype)
+
+        def bias(rows: Tensor, keys: Tensor, to: torch.dtype = acc) -> Tensor:
+            return logits_bias(attn_mask, is_causal, visible, rows, keys, q_len, k_len).to(to)
+
+        kernel_mask = None
+        if attn_mask is not None or visible is not None:
+            kernel_mask = bias(torch.arange(q_len), every_key, dtype)
+        last_rows = torch.arange(q_len - window, q_len)
+        # rows that see no text column add zeros (under a causal mask: every row before the
+        # first text token, most of a prompt whose text follows its image): left out. A
+        # mask's hidden entries are -inf or the dtype's least (HF), exp() of either is 0
+        column_bias = bias(torch.arange(q_len), columns)
+        sees = column_bias > torch.finfo(acc).min / 2
+        seeing = torch.nonzero(sees.any(-1).any(0)[0])
+        first = int(seeing[0, 0]) if seeing.numel() else q_len
+        blocks = [
+            (slice(start, stop), column_bias[:, :, start:stop])
+            for start in range(first, q_len, _QUERY_BLOCK)
+            for stop in [min(start + _QUERY_BLOCK, q_len)]
+        ]
+        return cls(kernel_mask, is_causal and kernel_mask is None, last_rows,
+                   bias(last_rows, every_key), columns, blocks)  # fmt: skip
+
+    def attend(
+        self, query: Tensor, keys: Tensor, values: Tensor, scale: float
+    ) -> tuple[Tensor, Tensor]:
+        """(output, lse [B, Hq, Lq]) of the prefill attention."""
+        group = query.shape[1] // keys.shape[1]
+        if group > 1:  # the kernel has no grouped-query form; F.sdpa repeats the heads too
+            keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+        output, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, keys, values, 0.0, self.is_causal, attn_mask=self.kernel_mask, scale=scale
+        )
+        return output, lse
+
+    def last_row_score(
+        self, query: Tensor, keys: Tensor, lse: Tensor, scale: float, query_valid: Tensor
+    ) -> Tensor:
+        """[B, Lk]: the attention of the last ``window`` prompt tokens (the valid ones of
+        ``query_valid`` [B, Lq]) over the whole row, summed over the tokens, head-averaged."""
+        rows = self.last_rows
+        probs = _probabilities(query[:, :, rows], keys, self.last_bias, lse[:, :, rows], scale)
+        return window_sum(probs, query_valid, rows.numel()).mean(dim=1)
+
+    def column_sums(
+        self, query: Tensor, keys: Tensor, lse: Tensor, scale: float, query_valid: Tensor
+    ) -> Tensor:
+        """Accumulated attention per kv head [B, Hkv, Lk] of the text columns (summed over
+        the valid query rows [B, Lq]); 0 in every other column."""
+        batch, q_heads, _, _ = query.shape
+        kv_heads, k_len = keys.shape[1], keys.shape[2]
+        acc = score_dtype(query.dtype)
+        picked = keys[:, :, self.columns]
+        sums = torch.zeros(batch, q_heads, self.columns.numel(), dtype=acc, device=query.device)
+        for rows, bias in self.blocks:
+            probs = _probabilities(query[:, :, rows], picked, bias, lse[:, :, rows], scale)
+            sums += (probs * query_valid[:, None, rows, None].to(acc)).sum(dim=2)
+        per_kv_head = sums.view(batch, kv_heads, q_heads // kv_heads, -1).sum(dim=2)
+        total = torch.zeros(batch, kv_heads, k_len, dtype=acc, device=query.device)
+        return total.index_copy_(2, self.columns, per_kv_head)
 
 
 def logits_bias(
@@ -87,51 +156,3 @@ def _probabilities(query: Tensor, keys: Tensor, bias: Tensor, lse: Tensor, scale
     logits = torch.matmul(query.to(acc), expanded.transpose(-1, -2)) * scale
     logits = logits + bias.to(acc) - lse.to(acc).unsqueeze(-1)
     return torch.exp(logits).nan_to_num(0.0)  # rows with nothing to attend (padding)
-
-
-def last_row_score(
-    query: Tensor,
-    keys: Tensor,
-    attn_mask: Tensor | None,
-    is_causal: bool,
-    scale: float,
-    visible: Tensor | None,
-    lse: Tensor,
-    window: int = 1,
-    query_valid: Tensor | None = None,
-) -> Tensor:
-    """[B, Lk]: the attention of the last ``window`` prompt tokens (the valid ones of
-    ``query_valid`` [B, Lq]) over the whole row, summed over the tokens, head-averaged."""
-    q_len, k_len = query.shape[2], keys.shape[2]
-    rows, columns = torch.arange(q_len - window, q_len), torch.arange(k_len)
-    bias = logits_bias(attn_mask, is_causal, visible, rows, columns, q_len, k_len)
-    probs = _probabilities(query[:, :, rows], keys, bias, lse[:, :, rows], scale)
-    return window_sum(probs, query_valid, window).mean(dim=1)
-
-
-def column_sums_of(
-    query: Tensor,
-    keys: Tensor,
-    attn_mask: Tensor | None,
-    is_causal: bool,
-    scale: float,
-    visible: Tensor | None,
-    lse: Tensor,
-    columns: Tensor,
-    query_valid: Tensor,
-) -> Tensor:
-    """Accumulated attention per kv head [B, Hkv, Lk] of the key ``columns`` (summed over
-    the valid query rows [B, Lq]); 0 in every other column."""
-    batch, q_heads, q_len, _ = query.shape
-    kv_heads, k_len = keys.shape[1], keys.shape[2]
-    acc = score_dtype(query.dtype)
-    picked = keys[:, :, columns]
-    sums = torch.zeros(batch, q_heads, columns.numel(), dtype=acc, device=query.device)
-    for start in range(0, q_len, _QUERY_BLOCK):
-        rows = torch.arange(start, min(start + _QUERY_BLOCK, q_len))
-        bias = logits_bias(attn_mask, is_causal, visible, rows, columns, q_len, k_len)
-        probs = _probabilities(query[:, :, rows], picked, bias, lse[:, :, rows], scale)
-        sums += (probs * query_valid[:, None, rows, None].to(acc)).sum(dim=2)
-    per_kv_head = sums.view(batch, kv_heads, q_heads // kv_heads, -1).sum(dim=2)
-    total = torch.zeros(batch, kv_heads, k_len, dtype=acc, device=query.device)
-    return total.index_copy_(2, columns, per_kv_head)
