@@ -32,7 +32,7 @@ from avl_compile.policies.budgets import is_refresh_step, text_budget
 from avl_compile.policies.common import (
     PrefillContext,
     column_sums,
-    heavy_recent_keep,
+    keep_heavy,
     last_token_image_filter,
     last_token_score,
     prefill_attention,
@@ -129,15 +129,6 @@ def text_budgets(n_text: list[int], options: AvlOptions) -> list[int]:
     return [text_budget(n, options.text_keep, options.text_min_budget) for n in n_text]
 
 
-def h2o_text_keep(
-    text: Tensor, scores: Tensor, n_text: list[int], options: AvlOptions
-) -> Tensor | None:
-    """The text slots to keep [B, Hkv, L] under A-VL's text budget, or None if all fit:
-    heavy hitters + most recent (H2O)."""
-    budgets = text_budgets(n_text, options)
-    return heavy_recent_keep(text, scores, budgets, options.text_heavy_share)
-
-
 class AvlPolicy:
     """Prefill selection and decode attention of A-VL for one attention site."""
 
@@ -179,9 +170,9 @@ class AvlPolicy:
             text_scores = column_sums(query, keys, bias, scale, layout.query_valid)
         if context.combine_heads is not None:
             image_score = context.combine_heads(image_score)
-        text_slots = layout.text_mask[:, None, :].expand(batch, kv_heads, k_len)
-        kept_text = h2o_text_keep(text_slots, text_scores, layout.n_text, opts)
-        kept_text = text_slots if kept_text is None else kept_text
+        kept_text = layout.text_slots  # heavy hitters + most recent under A-VL's budget
+        if layout.text_split is not None:
+            kept_text = keep_heavy(kept_text, text_scores, layout.text_split)
         position = torch.full(
             (batch, kv_heads, layout.capacity), -1, dtype=torch.long, device=device
         )

@@ -20,7 +20,7 @@ from torch import Tensor
 from avl_compile.options import AvlOptions
 from avl_compile.policies.avl_decode import CORE, OTHER, SINK, TEXT
 from avl_compile.policies.budgets import fraction_count, text_budget
-from avl_compile.policies.common import PrefillContext, key_is_valid
+from avl_compile.policies.common import PrefillContext, RecentSplit, key_is_valid, recent_split
 from avl_compile.policies.decode_schedule import spare_slots
 from avl_compile.policies.prefill_scores import LseScoring
 
@@ -32,6 +32,8 @@ class PromptLayout:
 
     query_valid: Tensor  # [B, Lq] query rows that are not padding
     text_mask: Tensor  # [B, Lk] text tokens after the first image
+    text_slots: Tensor  # [B, Hkv, Lk] the same in every kv head: H2O's candidates
+    text_split: RecentSplit | None  # H2O's score-free half (None: the text fits its budget)
     window: int  # prompt rows the image score sums
     n_text: list[int]  # text tokens per row
     image_pos: list[Tensor]  # each row's image positions
@@ -128,9 +130,12 @@ def prompt_layout(
     scoring = LseScoring.prepare(
         attn_mask, is_causal, filtered, q_len, k_len, window, columns, query.dtype
     )
+    text_slots = text_mask[:, None, :].expand(batch, kv_heads, k_len)
     return PromptLayout(
         query_valid=query_valid,
         text_mask=text_mask,
+        text_slots=text_slots,
+        text_split=recent_split(text_slots, text_budgets, opts.text_heavy_share),
         window=window,
         n_text=n_text,
         image_pos=image_pos,

@@ -175,7 +175,26 @@ def heavy_recent_keep(
     ``slots`` [B, Hkv, L] marks the candidates, in positional order along L (the same count
     in every head of a row). Per (row, kv head) the int(heavy_share * budget) heaviest older
     ones by accumulated attention ``scores`` are kept, and the most recent ones fill the rest
-    of the budget: H2O. Vectorised: it runs at every decode step of every layer."""
+    of the budget: H2O. Vectorised; the score-free half (``recent_split``) can be made once
+    for slots that several layers share."""
+    split = recent_split(slots, budgets, heavy_share)
+    return None if split is None else keep_heavy(slots, scores, split)
+
+
+@dataclasses.dataclass
+class RecentSplit:
+    """The half of H2O's keep that needs no score: per row whether it is over its budget,
+    the slots its recent share keeps, the older ones that compete as heavy hitters."""
+
+    over: Tensor  # [B, 1, 1] bool
+    recent: Tensor  # [B, Hkv, L] bool
+    not_older: Tensor  # [B, Hkv, L] bool: not an older candidate
+    n_heavy: Tensor  # [B, 1, 1] heavy hitters kept
+    most: int  # the largest of them
+
+
+def recent_split(slots: Tensor, budgets: list[int], heavy_share: float) -> RecentSplit | None:
+    """``heavy_recent_keep``'s score-free half; None if every row fits its budget."""
     kept_count = slots[:, 0].sum(-1).tolist()
     over = [int(c) > b for c, b in zip(kept_count, budgets, strict=True)]
     if not any(over):
@@ -188,15 +207,19 @@ def heavy_recent_keep(
     ).view(-1, 1, 1)
     from_end = slots.flip(-1).cumsum(-1).flip(-1)  # 1 for the newest slot
     recent = slots & (from_end <= n_recent)
-    older = slots & ~recent
+    over_rows = torch.tensor(over, device=device).view(-1, 1, 1)
+    return RecentSplit(over_rows, recent, ~slots | recent, n_heavy, max(heavy_counts))
+
+
+def keep_heavy(slots: Tensor, scores: Tensor, split: RecentSplit) -> Tensor:
+    """``heavy_recent_keep`` given its ``recent_split``: the recent slots and the heaviest
+    older ones by ``scores`` [B, Hkv, L]; rows within their budget keep every slot."""
     heavy = torch.zeros_like(slots)
-    most = int(n_heavy.max())
-    if most > 0:
-        masked = scores.masked_fill(~older, float("-inf"))
+    if split.most > 0:
+        masked = scores.masked_fill(split.not_older, float("-inf"))
         # stable: among equal scores the lower position is the heavier (the one tie rule)
         top = torch.sort(masked, dim=-1, descending=True, stable=True)
-        values, indices = top.values[..., :most], top.indices[..., :most]
-        rank = torch.arange(indices.shape[-1], device=device)
-        heavy.scatter_(-1, indices, (rank < n_heavy) & torch.isfinite(values))
-    over_rows = torch.tensor(over, device=device).view(-1, 1, 1)
-    return torch.where(over_rows, recent | heavy, slots)
+        values, indices = top.values[..., : split.most], top.indices[..., : split.most]
+        rank = torch.arange(indices.shape[-1], device=slots.device)
+        heavy.scatter_(-1, indices, (rank < split.n_heavy) & torch.isfinite(values))
+    return torch.where(split.over, split.recent | heavy, slots)
