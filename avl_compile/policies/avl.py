@@ -27,8 +27,8 @@ from avl_compile.policies.avl_decode import (
     PagedAvlSlots,
     avl_decode_step,
 )
-from avl_compile.policies.avl_layout import PromptLayout, prompt_layout
-from avl_compile.policies.budgets import is_refresh_step, text_budget
+from avl_compile.policies.avl_layout import PromptLayout, prompt_layout, text_budgets
+from avl_compile.policies.budgets import is_refresh_step
 from avl_compile.policies.common import (
     PrefillContext,
     column_sums,
@@ -122,11 +122,6 @@ def decode_kind_of(options: AvlOptions) -> str:
 def decode_kind_base(kind: str) -> str:
     """A ``decode_kind_of`` kind without the numbers its step holds."""
     return kind.split(":", 1)[0]
-
-
-def text_budgets(n_text: list[int], options: AvlOptions) -> list[int]:
-    """A-VL's text budget per row: max(round(T * n_text), min)."""
-    return [text_budget(n, options.text_keep, options.text_min_budget) for n in n_text]
 
 
 class AvlPolicy:

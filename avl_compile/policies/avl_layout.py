@@ -12,7 +12,6 @@ prefill's extra time on a host-bound model.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -31,7 +30,6 @@ class PromptLayout:
     per prefill filter, image budgets and attention mask)."""
 
     query_valid: Tensor  # [B, Lq] query rows that are not padding
-    text_mask: Tensor  # [B, Lk] text tokens after the first image
     text_slots: Tensor  # [B, Hkv, Lk] the same in every kv head: H2O's candidates
     text_split: RecentSplit | None  # H2O's score-free half (None: the text fits its budget)
     window: int  # prompt rows the image score sums
@@ -53,7 +51,6 @@ class PromptLayout:
     image_positions: Tensor | None  # [B, N] for the query-aware core's pages
     scoring: LseScoring | None  # the scores' masks (None off CPUs)
     attn_mask: Tensor | None  # the mask it was made for (held: its id keys the layout)
-    schedule: Any = None  # the host's decode schedule (``AvlSchedule``), set by the policy
 
 
 def prompt_layout(
@@ -82,7 +79,7 @@ def prompt_layout(
     query_valid = key_valid[:, k_len - q_len :]
     window = min(opts.score_window, q_len)
     n_text = text_mask.sum(-1).tolist()
-    text_budgets = [text_budget(n, opts.text_keep, opts.text_min_budget) for n in n_text]
+    budgets_of_text = text_budgets(n_text, opts)
     # HF sizes an explicit decode mask (a padded batch) from the first layer's cache: with
     # per-layer budgets every layer then puts its text where the widest layer's goes
     widest = max(opts.vision_keep_layers) if opts.vision_keep_layers else vision_keep
@@ -103,7 +100,7 @@ def prompt_layout(
         if aligned:  # free slots up to the widest layer's text
             start = row_sink.numel() + fraction_count(widest, n_images)
         others = secondary - core
-        kept_text = min(n_text[b], text_budgets[b])  # H2O keeps the budget, if over it
+        kept_text = min(n_text[b], budgets_of_text[b])  # H2O keeps the budget, if over it
         bounds.append((others, others + row_sink.numel(), image_rows, start, start + kept_text))
         image_pos.append(row_images)
         candidates.append(row_candidates)
@@ -133,9 +130,8 @@ def prompt_layout(
     text_slots = text_mask[:, None, :].expand(batch, kv_heads, k_len)
     return PromptLayout(
         query_valid=query_valid,
-        text_mask=text_mask,
         text_slots=text_slots,
-        text_split=recent_split(text_slots, text_budgets, opts.text_heavy_share),
+        text_split=recent_split(text_slots, budgets_of_text, opts.text_heavy_share),
         window=window,
         n_text=n_text,
         image_pos=image_pos,
@@ -156,6 +152,11 @@ def prompt_layout(
         scoring=scoring,
         attn_mask=attn_mask,
     )
+
+
+def text_budgets(n_text: list[int], options: AvlOptions) -> list[int]:
+    """A-VL's text budget per row: max(round(T * n_text), min)."""
+    return [text_budget(n, options.text_keep, options.text_min_budget) for n in n_text]
 
 
 def image_positions_of(image_mask: Tensor) -> Tensor:

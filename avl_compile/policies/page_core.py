@@ -138,8 +138,10 @@ def box_of_held(rows: Tensor, held: Tensor, dtype) -> tuple[Tensor, Tensor]:
 
 def box_of(rows: Tensor, held: Tensor) -> tuple[Tensor, Tensor]:
     """Element-wise min and max over the ``held`` [B, P, S] rows of ``rows`` [B, Hkv, P, S,
-    D]: [B, Hkv, P, D] each (+inf and -inf for a page that holds none). A recall page's
-    digest and a core page's box alike."""
+    D]: [B, Hkv, P, D] each (+inf and -inf for a page that holds none). For rows gathered
+    with no care for the empty entries (a recall swap's leaving rows, inside the decode
+    graph, where the fill fuses into the reduction); ``box_of_held`` where they were
+    gathered at held members (no fill)."""
     held = held[:, None, :, :, None]
     low = rows.masked_fill(~held, math.inf).amin(dim=3)
     return low, rows.masked_fill(~held, -math.inf).amax(dim=3)
