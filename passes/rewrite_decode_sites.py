@@ -66,10 +66,11 @@ def avl_decode_site(
         rest = rest[len(CorePages.NAMES) :]
     recall = RecallState.from_tensors(rest, staged) if recall_pages else None
     if recall is not None and refresh:
-        recall.swap(keys, values, slots, recall_pages, core_pages)
+        recall.swap(keys, values, slots, recall_pages, scale, core_pages)
     output = avl_decode_step(
-        query, new_keys, new_values, keys, values, slots, scale, refresh, core_pages
-    )
+        query, new_keys, new_values, keys, values, slots, scale, refresh, core_pages,
+        keep_qk=recall is not None,
+    )  # fmt: skip
     if recall is not None:
         recall.after_step(query, recall_pages)
     return output

@@ -230,6 +230,7 @@ def _slots(role: list[int], position: list[int], scores: list[float], n_core: in
         text_score=torch.zeros(1, 1, capacity, dtype=torch.float64),
         counters=counters,
         text_options=torch.tensor([1.0, 0.5, 100.0], dtype=torch.float64),
+        last_qk=torch.zeros(1, capacity, dtype=torch.float64),
     ), torch.tensor([scores], dtype=torch.float64)
 
 
@@ -270,6 +271,7 @@ def test_text_eviction_ties_drop_the_higher_position():
         text_score=torch.zeros(1, 1, capacity, dtype=torch.float64),
         counters=torch.tensor([[3, 3, 8, 0, 0]]),  # text_end, n_text, position, n_core, start
         text_options=torch.tensor([0.5, 0.5, 3.0], dtype=torch.float64),
+        last_qk=torch.zeros(1, capacity, dtype=torch.float64),
     )
     query = torch.zeros(1, 1, 1, dim, dtype=torch.float64)
     new = torch.ones(1, 1, 1, dim, dtype=torch.float64)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from avl_compile.lowering.gathered_attention import pick_rows
+from avl_compile.lowering.slot_attention import slot_logits
 from avl_compile.options import AvlOptions
 from avl_compile.policies.avl_decode import (
     AdaptiveAvlSlots,
@@ -183,6 +184,7 @@ class AvlPolicy:
             # every kv head keeps as many text rows (the budget), in positional order
             position[b, :, start:end] = torch.nonzero(kept_text[b])[:, 1].view(kv_heads, -1)
         safe = position.clamp(min=0)
+        slot_keys = pick_rows(keys, safe)
         not_text = layout.not_text
         slots = self._slots_class()(
             role=layout.role.clone(),
@@ -191,6 +193,7 @@ class AvlPolicy:
             text_score=text_scores.gather(2, safe).masked_fill(not_text, 0.0),
             counters=layout.counters.clone(),
             text_options=layout.text_options.clone(),
+            last_qk=self._last_qk(query, slot_keys, scale),
             **self._image_ordinals(position, layout.image_slot, layout.image_positions),
             **self._refresh_state(batch, device),
         )
@@ -200,7 +203,6 @@ class AvlPolicy:
                 context.schedule = schedule  # one schedule for the prompt's layers
             schedule = context.schedule
         state = LayerState(slots=slots, schedule=schedule, combine_heads=context.combine_heads)
-        slot_keys = pick_rows(keys, safe)
         if layout.image_positions is not None:
             assert isinstance(slots, PagedAvlSlots)
             state.core_pages = CorePages.build(
@@ -259,6 +261,14 @@ class AvlPolicy:
                 query, keys, attn_mask, is_causal, context, filtered, budgets, self.options
             )
         return context.layouts[key]
+
+    def _last_qk(self, query: Tensor, slot_keys: Tensor, scale: float) -> Tensor:
+        """``AvlSlots.last_qk`` after prefill: the last prompt token's (the first swap's
+        query); zeros where recall is off (never read)."""
+        if not self.options.recall_pages:
+            shape = (slot_keys.shape[0], slot_keys.shape[2])
+            return torch.zeros(shape, dtype=score_dtype(query.dtype), device=query.device)
+        return slot_logits(query[:, :, -1:].contiguous(), slot_keys, scale).mean(dim=1)
 
     def _slots_class(self) -> type[AvlSlots]:
         if self.options.core_page_size:
@@ -320,7 +330,7 @@ class AvlPolicy:
         recall, opts = state.recall, self.options
         if recall is not None and state.next_refresh:
             swap_through_copies(
-                recall, past_keys, past_values, state.slots, opts.recall_pages,
+                recall, past_keys, past_values, state.slots, opts.recall_pages, scale,
                 state.core_pages, step=state.step + 1,
             )  # fmt: skip
         schedule, keys, values = begin_step_and_grow(state, past_keys, past_values)
@@ -339,5 +349,6 @@ class AvlPolicy:
             schedule.refresh,
             state.core_pages,
             state.combine_heads,
+            keep_qk=recall is not None,
         )
         return output, keys, values

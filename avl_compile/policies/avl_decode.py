@@ -45,11 +45,15 @@ class AvlSlots:
     text_score: Tensor  # [B, Hkv, C] accumulated attention of text slots, 0 elsewhere
     counters: Tensor  # [B, 5] int64, columns TEXT_END ... TEXT_START
     text_options: Tensor  # [3] float64: text_keep, text_heavy_share, text_min_budget
+    # [B, C] the last query's scaled q.k with each slot, averaged over query heads: written
+    # at every step where recall is on (its next swap ranks the resident image rows by it,
+    # so it makes no pass of its own over the cache); unused otherwise
+    last_qk: Tensor
 
     def tensors(self) -> tuple[Tensor, ...]:
         return (
             self.role, self.position, self.text_rank, self.text_score, self.counters,
-            self.text_options,
+            self.text_options, self.last_qk,
         )  # fmt: skip
 
     @classmethod
@@ -63,6 +67,7 @@ class AvlSlots:
             text_score=torch.empty(per_slot, dtype=scores, device=device),
             counters=torch.empty(batch, 5, dtype=torch.long, device=device),
             text_options=torch.empty(3, dtype=torch.float64, device=device),
+            last_qk=torch.empty(batch, capacity, dtype=scores, device=device),
         )
 
     def grown(self, extra: int) -> AvlSlots:
@@ -78,6 +83,7 @@ class AvlSlots:
             text_score=pad(self.text_score, 0.0),
             counters=self.counters,
             text_options=self.text_options,
+            last_qk=pad(self.last_qk, 0.0),
         )
 
 
@@ -165,6 +171,7 @@ def avl_decode_step(
     refresh: bool,
     core_pages: CorePages | None = None,
     combine_heads: Callable[[Tensor], Tensor] | None = None,
+    keep_qk: bool = False,
 ) -> Tensor:
     """Write the token into slot ``text_end``, attend sink + core + text (every secondary
     image row too at a refresh step), add the text rows' attention to their scores, re-pick
@@ -175,7 +182,8 @@ def avl_decode_step(
     whole secondary set. ``combine_heads`` (tensor parallel, plain A-VL only) turns the
     refresh's head mean over this rank's heads into the mean over every rank's. With
     ``AdaptiveAvlSlots`` a batch row also refreshes when its core's log-sum-exp has fallen
-    (``adaptive_refresh_rows``): data, so every step holds both paths, as flags."""
+    (``adaptive_refresh_rows``): data, so every step holds both paths, as flags.
+    ``keep_qk`` (recall): the step's q.k with every slot goes to ``slots.last_qk``."""
     batch, kv_heads = keys.shape[:2]
     counters = slots.counters
     rows = torch.arange(batch, device=keys.device).unsqueeze(1)  # [B, 1]
@@ -206,6 +214,9 @@ def avl_decode_step(
         attend = torch.where(refreshing.unsqueeze(1), role != FREE, role >= SINK)
     else:
         attend = role != FREE if refresh else role >= SINK
+    if keep_qk:
+        logits = slot_logits(query, keys, scale) if logits is None else logits
+        slots.last_qk.copy_(logits.mean(dim=1))
     output, probs = slot_attention(query, keys, values, attend, scale, logits)
     grouped = probs.view(batch, kv_heads, -1, probs.shape[-1]).sum(dim=2)
     is_text = (role == TEXT).unsqueeze(1)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from avl_compile.lowering.slot_attention import slot_logits
 from avl_compile.policies.avl_decode import CORE, OTHER, AvlSlots, PagedAvlSlots
 from avl_compile.policies.budgets import best_first
 from avl_compile.policies.page_core import (
@@ -144,20 +145,22 @@ class RecallState:
         values: Tensor,
         slots: AvlSlots,
         recall_pages: int,
+        scale: float,
         core_pages: CorePages | None = None,
     ) -> None:
         """The swap at the start of a refresh step, inside a decode graph: by itself
         (``recall_before_step``), or staged, with the rows the host uploaded."""
         if self.staged is None:
             recall_before_step(
-                self.last_query, keys, values, slots, self.pages, recall_pages, core_pages
-            )
+                self.last_query, keys, values, slots, self.pages, recall_pages, scale,
+                core_pages,
+            )  # fmt: skip
             return
         assert self.chosen is not None
         staged = self.staged
         leaving_keys, leaving_values = swap_pages_in(
             self.last_query, keys, values, slots, self.pages, self.chosen,
-            staged.recalled_keys, staged.recalled_values, core_pages,
+            staged.recalled_keys, staged.recalled_values, scale, core_pages,
         )  # fmt: skip
         staged.leaving_keys.copy_(leaving_keys)
         staged.leaving_values.copy_(leaving_values)
@@ -302,6 +305,7 @@ def recall_before_step(
     slots: AvlSlots,
     pages: HostPages,
     recall_pages: int,
+    scale: float,
     core_pages: CorePages | None = None,
 ) -> None:
     """Swap pages in for the step about to run, decided on ``query`` [B, Hq, D] (the last
@@ -315,8 +319,9 @@ def recall_before_step(
     recalled_keys = gather_pages(pages.keys, chosen_on_host).to(keys.device, non_blocking=True)
     recalled_values = gather_pages(pages.values, chosen_on_host).to(keys.device, non_blocking=True)
     leaving_keys, leaving_values = swap_pages_in(
-        query, keys, values, slots, pages, chosen, recalled_keys, recalled_values, core_pages
-    )
+        query, keys, values, slots, pages, chosen, recalled_keys, recalled_values, scale,
+        core_pages,
+    )  # fmt: skip
     write_pages(pages.keys, chosen_on_host, leaving_keys)
     write_pages(pages.values, chosen_on_host, leaving_values)
 
@@ -330,6 +335,7 @@ def swap_pages_in(
     chosen: Tensor,
     recalled_keys: Tensor,
     recalled_values: Tensor,
+    scale: float,
     core_pages: CorePages | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The swap's device side, given the ``chosen`` pages [B, R] (on the cache's device)
@@ -338,9 +344,6 @@ def swap_pages_in(
     and the pages' positions and digests in place, and returns the rows that leave, page by
     page [B, Hkv, R * S, D], for the host pages' ``chosen`` pages (``write_pages``)."""
     batch, kv_heads, capacity, _ = keys.shape
-    group = query.shape[1] // kv_heads
-    acc = _accumulation(query)
-    q = query.to(acc)
     size = pages.positions.shape[2]
     recalled_positions = pages.positions.gather(1, chosen[:, :, None].expand(-1, -1, size))
     recalled_positions = recalled_positions.reshape(batch, -1)  # [B, M = R * S], -1: no row
@@ -351,13 +354,10 @@ def swap_pages_in(
     recalled = recalled_positions >= 0
     positions = torch.cat([slots.position[:, 0], recalled_positions], dim=1)
     valid = torch.cat([resident, recalled], dim=1)
-    scores = torch.cat(
-        [
-            torch.einsum("bhd,bhnd->bhn", q, rows.repeat_interleave(group, 1).to(acc)).mean(1)
-            for rows in (keys, recalled_keys)
-        ],
-        dim=1,
-    )
+    # the resident rows' q.k is the last step's (``last_qk``: the step that ran this query
+    # computed it for every slot; a swap moves image rows only before a step's attention)
+    recalled_qk = slot_logits(query[:, :, None], recalled_keys, scale).mean(1)
+    scores = torch.cat([slots.last_qk, recalled_qk], dim=1)
     scores = scores.masked_fill(~valid, -math.inf)  # float32-born: one sort (best_first)
     order = best_first(scores, positions)
     rank = torch.empty_like(order).scatter_(

@@ -160,6 +160,7 @@ def swap_through_copies(
     values: Tensor,
     slots: AvlSlots,
     recall_pages: int,
+    scale: float,
     core_pages: CorePages | None,
     step: int,
 ) -> None:
@@ -171,7 +172,7 @@ def swap_through_copies(
     )
     leaving_keys, leaving_values = swap_pages_in(
         recall.last_query, keys, values, slots, recall.pages, chosen, recalled_keys,
-        recalled_values, core_pages,
+        recalled_values, scale, core_pages,
     )  # fmt: skip
     copies.write_back(recall.pages, on_host, leaving_keys, leaving_values)
 
