@@ -191,6 +191,28 @@ def test_recall_keeps_the_resident_count_and_every_image_row_somewhere(monkeypat
     assert with_recall.shape == without.shape
 
 
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_the_swap_ranks_resident_rows_by_the_last_steps_qk(inner):
+    """After a step, ``AvlSlots.last_qk`` holds that step's scaled q.k, averaged over query
+    heads, with every resident image row (the next swap ranks them by it and makes no pass
+    of its own over the cache): in the runtime-call route and in the decode graph."""
+    from avl_compile.policies.avl_decode import CORE, OTHER
+
+    prompt = llava_prompt(_make(), PREFIXES, SUFFIXES)
+    _, got = compiled_greedy(_make, prompt.inputs, {**PAGE_CORE_RECALL, "inner": inner})
+    checked = 0
+    for layer in generated_cache(got).layers:
+        state = layer_state(layer.keys)
+        query = state.recall.last_query  # [B, Hq, D], the last step's
+        keys = layer.keys.repeat_interleave(query.shape[1] // layer.keys.shape[1], 1)
+        qk = torch.einsum("bhd,bhcd->bhc", query, keys) * query.shape[-1] ** -0.5
+        resident = (state.slots.role == OTHER) | (state.slots.role == CORE)
+        expected = qk.mean(1)[resident]
+        torch.testing.assert_close(state.slots.last_qk[resident], expected)
+        checked += int(resident.sum())
+    assert checked > 0
+
+
 def test_recall_at_full_budgets_generates_the_uncompiled_tokens():
     prompt = llava_prompt(_make(), PREFIXES[:1], SUFFIXES[:1])
     options = {**FULL, "refresh_every": 1, "recall_pages": 3}
