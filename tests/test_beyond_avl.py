@@ -691,3 +691,14 @@ def test_page_boxes_are_the_min_and_max_of_the_held_rows_alone():
         named = pages.keys[b].flatten(1, 2)[:, : rows.numel()]
         assert torch.equal(named, keys[b][:, rows])
         assert torch.equal(pages.values[b].flatten(1, 2)[:, : rows.numel()], keys[b][:, rows] + 1)
+
+
+def test_nth_true_finds_each_set_flag_in_order_and_the_length_past_the_last():
+    from avl_compile.policies.recall import _nth_true
+
+    generator = torch.Generator().manual_seed(0)
+    flags = torch.rand(4, 9, generator=generator) < torch.tensor([[0.0], [0.3], [0.7], [1.0]])
+    nth = torch.tensor([0, 1, 2, 5, 8, 12]).expand(4, -1)
+    for row, wanted in zip(flags.tolist(), _nth_true(flags, nth).tolist(), strict=True):
+        indices = [i for i, flag in enumerate(row) if flag]
+        assert wanted == [indices[n] if n < len(indices) else 9 for n in nth[0].tolist()]

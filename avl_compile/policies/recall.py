@@ -20,9 +20,10 @@ changes the members of the pages it touches and boxes those pages again
 (``page_core.CorePages.move``).
 
 A swap sorts once (its ranking), and the rows that leave are read off it; in which order
-they fill the pages and which slots the recalled rows take are counted by comparisons over
-at most R * S rows (they fuse; sorts and cumsums are kernels of their own, a tenth of a
-host-bound step at five sorts a layer).
+they fill the pages is counted by comparisons over at most R * S rows (they fuse), and the
+k-th chosen page, freed slot and incoming row are found from a cumsum each (``_nth_true``:
+a small kernel of its own, where comparisons over N x N cost three times as much). The
+resident rows' q.k is the last step's (``AvlSlots.last_qk``), not a pass of the swap's own.
 """
 
 from __future__ import annotations
@@ -261,13 +262,17 @@ def choose_pages(query: Tensor, pages: HostPages, recall_pages: int) -> Tensor:
 
 def _nth_true(flags: Tensor, nth: Tensor) -> Tensor:
     """The index of the ``nth`` [B, M] (0-based) set flag of each row of ``flags`` [B, N];
-    N where a row has fewer. The running count and the search are comparisons over N x N
-    and M x N: they fuse with their neighbours, where a cumsum is a fallback kernel of its
-    own (N is at most the pages or the R * S rows of a swap)."""
-    index = torch.arange(flags.shape[1], device=flags.device)
-    up_to = index[None, :] <= index[:, None]  # [i, j]: j <= i
-    running = (flags[:, None, :] & up_to).sum(-1)  # [B, N]: set flags up to i
-    return (running[:, None, :] <= nth[:, :, None]).sum(-1)
+    N where a row has fewer. The set flags' indices are written, in order, to the columns
+    their running count names (a cumsum: one small kernel; the count by comparisons over
+    N x N that it replaces cost a host-bound swap three times as much); unset flags write
+    an extra column, dropped."""
+    length = flags.shape[1]
+    running = flags.cumsum(-1)  # set flags up to and including each
+    column = torch.where(flags, running - 1, length)
+    index = torch.arange(length, device=flags.device).expand_as(column)
+    found = torch.full((flags.shape[0], length + 1), length, dtype=torch.long, device=flags.device)
+    found = found.scatter(1, column, index)[:, :length]
+    return torch.where(nth < length, found.gather(1, nth.clamp(max=length - 1)), length)
 
 
 def _move_rows_in(
