@@ -28,7 +28,14 @@ except (ImportError, AttributeError):
 
 def materialized(tensor: Tensor) -> Tensor:
     """``tensor``, computed once into a buffer of its layout inside an Inductor graph
-    (``tensor`` itself where this torch has no such prim: slower, the same values)."""
-    if _FORCE_STRIDE is None:
+    (``tensor`` itself where this torch has no such prim: slower, the same values; and in
+    eager mode, where nothing recomputes it and the prim's copy cost ~90 us a call)."""
+    if _FORCE_STRIDE is None or (_is_eager(tensor) and not torch.compiler.is_compiling()):
         return tensor
     return _FORCE_STRIDE(tensor, tensor.stride())
+
+
+def _is_eager(tensor: Tensor) -> bool:
+    """A plain tensor: not a fake or functional one of a graph being traced (AOTAutograd's
+    trace of a decode step runs no Dynamo, so ``is_compiling`` alone cannot tell)."""
+    return type(tensor) is torch.Tensor

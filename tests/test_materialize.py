@@ -44,3 +44,11 @@ def test_the_rotation_is_computed_once_and_the_values_are_unchanged():
         torch.testing.assert_close(got, expected)
         counts[hint] = _loop_nests_with_cos_over_the_rows(code)
     assert counts == {False: 1, True: 0}  # the hint is what moves the cos out
+
+
+def test_eager_mode_gets_the_tensor_itself():
+    """Nothing recomputes a tensor in eager mode: no copy (whatever its strides: a prefill's
+    last query row is a view of a [B, L, H, D] projection)."""
+    query = torch.randn(2, 7, 4, 16).transpose(1, 2)[:, :, -1:]  # [B, H, 1, D], strided
+    grouped = query.reshape(2, 2, 2, 16)
+    assert materialized(grouped) is grouped

@@ -268,7 +268,7 @@ class AvlPolicy:
         if not self.options.recall_pages:
             shape = (slot_keys.shape[0], slot_keys.shape[2])
             return torch.zeros(shape, dtype=score_dtype(query.dtype), device=query.device)
-        return slot_logits(query[:, :, -1:].contiguous(), slot_keys, scale).mean(dim=1)
+        return slot_logits(query[:, :, -1:], slot_keys, scale).mean(dim=1)
 
     def _slots_class(self) -> type[AvlSlots]:
         if self.options.core_page_size:
