@@ -22,8 +22,8 @@ changes the members of the pages it touches and boxes those pages again
 A swap sorts once (its ranking), and the rows that leave are read off it; in which order
 they fill the pages is counted by comparisons over at most R * S rows (they fuse), and the
 k-th chosen page, freed slot and incoming row are found from a cumsum each (``_nth_true``:
-a small kernel of its own, where comparisons over N x N cost three times as much). The
-resident rows' q.k is the last step's (``AvlSlots.last_qk``), not a pass of the swap's own.
+a small kernel of its own, O(N) where the comparisons it replaced were N x N). The resident
+rows' q.k is the last step's (``AvlSlots.last_qk``), not a pass of the swap's own.
 """
 
 from __future__ import annotations
@@ -263,9 +263,9 @@ def choose_pages(query: Tensor, pages: HostPages, recall_pages: int) -> Tensor:
 def _nth_true(flags: Tensor, nth: Tensor) -> Tensor:
     """The index of the ``nth`` [B, M] (0-based) set flag of each row of ``flags`` [B, N];
     N where a row has fewer. The set flags' indices are written, in order, to the columns
-    their running count names (a cumsum: one small kernel; the count by comparisons over
-    N x N that it replaces cost a host-bound swap three times as much); unset flags write
-    an extra column, dropped."""
+    their running count names (a cumsum: one small kernel; counts by comparisons over N x
+    N took about three times as long in a graph of such calls, 1 thread); unset flags
+    write an extra column, dropped."""
     length = flags.shape[1]
     running = flags.cumsum(-1)  # set flags up to and including each
     column = torch.where(flags, running - 1, length)
