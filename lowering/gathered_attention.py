@@ -16,7 +16,9 @@ from torch._subclasses.fake_tensor import is_fake
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+def score_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of attention logits, probabilities and scores (the policies' one
+    rule: float64 stays float64, every other dtype accumulates in float32)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -43,7 +45,7 @@ def gathered_attention(
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads = keys.shape[1]
     check_gathered_attention_inputs(query, keys, values, index, ranges, check_range=True)
-    acc = _accumulate_dtype(query.dtype)
+    acc = score_dtype(query.dtype)
     group = q_heads // kv_heads
     grouped_query = query.reshape(batch, kv_heads, group * q_len, head_dim).to(acc)
     # one (logits, values) part per index list or span; values are read in place (slices),
@@ -96,7 +98,7 @@ def _(
     ranges: Tensor | None = None,
 ):
     check_gathered_attention_inputs(query, keys, values, index, ranges)
-    lse = query.new_empty(query.shape[:-1], dtype=_accumulate_dtype(query.dtype))
+    lse = query.new_empty(query.shape[:-1], dtype=score_dtype(query.dtype))
     return torch.empty_like(query), lse
 
 

@@ -16,13 +16,8 @@ import os
 import torch
 from torch import Tensor
 
-from avl_compile.lowering.gathered_attention import TRITON_DTYPES
+from avl_compile.lowering.gathered_attention import TRITON_DTYPES, score_dtype
 from avl_compile.lowering.materialize import materialized
-
-
-def score_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype of attention probabilities and scores."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def slot_attention(

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from avl_compile.lowering.gathered_attention import score_dtype
 from avl_compile.policies.budgets import best_first, fraction_count
 
 _QUERY_CHUNK = 256  # query rows per block when summing prefill attention columns
@@ -29,10 +30,6 @@ class PrefillContext:
     # where a layer's heads are split over ranks (tensor parallel): turns a mean over this
     # rank's heads into the mean over every head (equal head counts per rank); None: one rank
     combine_heads: Callable[[Tensor], Tensor] | None = None
-
-
-def score_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def prefill_logits_bias(

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from avl_compile.lowering.gathered_attention import score_dtype
 from avl_compile.lowering.slot_attention import slot_logits
 from avl_compile.policies.avl_decode import CORE, OTHER, AvlSlots, PagedAvlSlots
 from avl_compile.policies.budgets import best_first
@@ -243,7 +244,7 @@ def choose_pages(query: Tensor, pages: HostPages, recall_pages: int) -> Tensor:
     the head-averaged q.k of ``query`` [B, Hq, D] highest (ties: the earlier page); empty
     pages only after the others."""
     group = query.shape[1] // pages.low.shape[1]
-    q = query.to(_accumulation(query))
+    q = query.to(score_dtype(query.dtype))
     page_held = pages.positions[:, :, 0] >= 0  # a page's rows fill its first slots
     low = pages.low.repeat_interleave(group, 1).to(q.dtype)  # [B, Hq, P, D]
     high = pages.high.repeat_interleave(group, 1).to(q.dtype)
@@ -297,10 +298,6 @@ def _move_rows_in(
     for cache, recalled in ((keys, recalled_keys), (values, recalled_values)):
         new = torch.where(moving[:, :, None, None], recalled.gather(2, take), cache[at])
         cache.index_put_(at, new)
-
-
-def _accumulation(query: Tensor) -> torch.dtype:
-    return torch.float64 if query.dtype == torch.float64 else torch.float32
 
 
 def recall_before_step(
