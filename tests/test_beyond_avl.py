@@ -477,7 +477,7 @@ def test_page_bound_is_an_upper_bound_and_exact_for_one_row_pages():
     exact = torch.einsum("bhgd,bhcd->bhgc", grouped, keys).reshape(batch, q_heads, -1).mean(1)
     ordinal = image_ordinals(positions, candidate, image_positions)
     assert torch.equal(
-        ordinal, image_ordinals(positions, candidate, image_positions, comparisons=True)
+        ordinal, image_ordinals(positions, candidate, image_positions, in_graph=True)
     )
     assert (ordinal[~candidate] == -1).all()
     assert ordinal[0, 3:11].tolist() == list(range(7, -1, -1))
@@ -492,6 +492,29 @@ def test_page_bound_is_an_upper_bound_and_exact_for_one_row_pages():
         else:  # image tokens 0-2 (positions 10-12, slots 8-10) are one page
             assert torch.equal(bound[:, 8], bound[:, 9]) and torch.equal(bound[:, 8], bound[:, 10])
             assert not torch.equal(bound[:, 7], bound[:, 8])
+
+
+def test_image_ordinals_searched_in_a_graph_are_searchsorteds():
+    """The swap's search (gathers that halve the range, in a graph) gives ``searchsorted``'s
+    ordinals: rows of 1 to 13 image tokens (powers of two and not), a row padded past every
+    position, positions before, between, on and past the image tokens, and -1."""
+    from avl_compile.policies.page_core import image_ordinals
+
+    torch.manual_seed(2)
+    for n in (1, 2, 5, 8, 13):
+        rows = [torch.randperm(40)[:n].sort().values for _ in range(3)]
+        rows[2][n // 2 :] = 1000 + torch.arange(n - n // 2)  # fewer image tokens: padded
+        image_positions = torch.stack(rows)
+        positions = torch.randint(-1, 45, (3, 30))
+        image = torch.rand(3, 30) < 0.7
+        expected = image_ordinals(positions.clamp(min=0), image, image_positions)
+        searched = torch.compile(image_ordinals, backend="eager", fullgraph=True)
+        got = searched(positions.clamp(min=0), image, image_positions, in_graph=True)
+        assert torch.equal(got, expected)
+        assert torch.equal(
+            image_ordinals(positions, image, image_positions, in_graph=True)[image],
+            (image_positions[:, None, :] < positions[:, :, None]).sum(-1)[image],
+        )
 
 
 def test_page_boxes_after_a_move_are_the_boxes_made_again_from_scratch():

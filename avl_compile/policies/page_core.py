@@ -148,14 +148,30 @@ def box_of(rows: Tensor, held: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def image_ordinals(
-    positions: Tensor, image: Tensor, image_positions: Tensor, comparisons: bool = False
+    positions: Tensor, image: Tensor, image_positions: Tensor, in_graph: bool = False
 ) -> Tensor:
     """The ordinal among the row's image tokens (``image_positions`` [B, N] ascending,
     padded past every position) of each of ``positions`` [B, M] flagged ``image`` [B, M];
-    -1 elsewhere. ``comparisons``: counted, not searched (a reduction that fuses in a graph,
-    for a swap's few rows; the search is for the cache's slots at prefill)."""
-    if comparisons:
-        before = (image_positions[:, None, :] < positions[:, :, None]).sum(-1)
+    -1 elsewhere. ``in_graph``: a branch-free binary search of gathers, which fuses into
+    one small kernel (a swap's few rows; ``searchsorted`` is an ATen fallback in a CPU
+    graph, and counting by comparisons read all N image positions per row); eager (the
+    cache's slots at prefill): ``searchsorted``."""
+    if in_graph:
+        before = _count_below(image_positions, positions)
     else:
         before = torch.searchsorted(image_positions.contiguous(), positions.contiguous())
     return torch.where(image, before, -1)
+
+
+def _count_below(ascending: Tensor, values: Tensor) -> Tensor:
+    """How many entries of each row of ``ascending`` [B, N] are below each of ``values``
+    [B, M] (``searchsorted``'s left index): log2(N) + 1 halving steps, each a gather."""
+    length = ascending.shape[1]
+    below = torch.zeros_like(values)
+    step = 1 << (length.bit_length() - 1) if length else 0
+    while step:  # ``below`` entries are known to be below; try ``step`` more
+        probe = below + step
+        entry = ascending.gather(1, (probe - 1).clamp(max=length - 1))
+        below = torch.where((probe <= length) & (entry < values), probe, below)
+        step //= 2
+    return below

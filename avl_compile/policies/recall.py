@@ -405,7 +405,7 @@ def swap_pages_in(
         assert core_pages is not None, "the query-aware core needs its page boxes"
         left_ordinal = slots.image_ordinal.gather(1, slot)  # -1 only where nothing moves
         came_ordinal = image_ordinals(came, recalled.gather(1, row), core_pages.image_positions,
-                                      comparisons=True).clamp(min=0)  # fmt: skip
+                                      in_graph=True).clamp(min=0)  # fmt: skip
     _move_rows_in(keys, values, recalled_keys, recalled_values, slot, row, moving)
     rows = torch.arange(batch, device=keys.device)[:, None]
     heads = torch.arange(kv_heads, device=keys.device)[None, :, None]
