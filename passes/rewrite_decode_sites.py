@@ -6,6 +6,10 @@ tensors as extra inputs.
 Before:  keys = cat([past_k, k_new], -2); out = sdpa(q, keys, ...); return (.., keys, ..)
 After:   out = avl_decode_site(q, k_new, v_new, past_k, past_v, *state); return (.., past_k, ..)
 
+With recall, a refresh step's swap is a call of its own per site (``avl_swap_site``), all
+of them at the start of the graph, before the first layer: a swap reads only its site's
+state after the last step, and there Inductor can fuse the layers' swaps with one another.
+
 The result is a new GraphModule (Dynamo's own graph is left as it was: Dynamo reads its
 placeholders after the backend returns); whoever calls it appends the step's state
 tensors per site, in site order, after Dynamo's inputs. (One stacked tensor per field for
@@ -36,6 +40,41 @@ from avl_compile.policies.page_core import CorePages
 from avl_compile.policies.recall import RecallState
 
 
+def _avl_state(
+    state: tuple[Tensor, ...], paged: bool, adaptive: bool, recall_pages: int, staged: bool
+) -> tuple[AvlSlots, CorePages | None, RecallState | None]:
+    """One A-VL site's flat state tensors (``avl_decode_site``'s order) as its objects."""
+    kind = PagedAvlSlots if paged else AdaptiveAvlSlots if adaptive else AvlSlots
+    names = [field.name for field in dataclasses.fields(kind)]
+    slots = kind(**dict(zip(names, state, strict=False)))
+    rest = state[len(names) :]
+    core_pages = None
+    if paged:
+        core_pages = CorePages(*rest[: len(CorePages.NAMES)])
+        rest = rest[len(CorePages.NAMES) :]
+    recall = RecallState.from_tensors(rest, staged) if recall_pages else None
+    return slots, core_pages, recall
+
+
+def avl_swap_site(
+    keys: Tensor,
+    values: Tensor,
+    *state: Tensor,
+    scale: float | None,
+    paged: bool = False,
+    recall_pages: int,
+    staged: bool = False,
+) -> None:
+    """Recall's swap of one A-VL site before a refresh step, as its own call at the start of
+    the decode graph (``rewrite_decode_sites``): it reads only the site's state after the
+    last step (the query it decides on is the last token's), so every layer's swap can run
+    before the first layer, where Inductor fuses the layers' swaps with one another."""
+    scale = scale if scale is not None else keys.shape[-1] ** -0.5
+    slots, core_pages, recall = _avl_state(state, paged, False, recall_pages, staged)
+    assert recall is not None
+    recall.swap(keys, values, slots, recall_pages, scale, core_pages)
+
+
 def avl_decode_site(
     query: Tensor,
     new_keys: Tensor,
@@ -49,23 +88,17 @@ def avl_decode_site(
     adaptive: bool = False,
     recall_pages: int = 0,
     staged: bool = False,
+    swapped: bool = False,
 ) -> Tensor:
     """The graph's entry to one A-VL site's decode step (flat tensors, as FX passes them:
     the fields of the slots class, ``PagedAvlSlots`` for the query-aware core (``paged``;
     then ``CorePages``' tensors), ``AdaptiveAvlSlots`` for adaptive refresh, then with
     recall (``recall_pages``) ``RecallState``'s tensors, ``staged`` where the host copies
-    its pages' rows around the graph; a refresh step swaps pages in before the step)."""
+    its pages' rows around the graph; a refresh step swaps pages in before the step, here
+    or, ``swapped``, by the site's ``avl_swap_site`` call at the start of the graph)."""
     scale = scale if scale is not None else query.shape[-1] ** -0.5
-    kind = PagedAvlSlots if paged else AdaptiveAvlSlots if adaptive else AvlSlots
-    names = [field.name for field in dataclasses.fields(kind)]
-    slots = kind(**dict(zip(names, state, strict=False)))
-    rest = state[len(names) :]
-    core_pages = None
-    if paged:
-        core_pages = CorePages(*rest[: len(CorePages.NAMES)])
-        rest = rest[len(CorePages.NAMES) :]
-    recall = RecallState.from_tensors(rest, staged) if recall_pages else None
-    if recall is not None and refresh:
+    slots, core_pages, recall = _avl_state(state, paged, adaptive, recall_pages, staged)
+    if recall is not None and refresh and not swapped:
         recall.swap(keys, values, slots, recall_pages, scale, core_pages)
     output = avl_decode_step(
         query, new_keys, new_values, keys, values, slots, scale, refresh, core_pages,
@@ -104,6 +137,8 @@ class DecodeStep:
     # ``RecallState.names``); their shapes vary by prompt (image tokens, pages per row),
     # so examples of them come from a prompt's state
     extra_state: tuple[str, ...] = ()
+    # recall's swap, a call of its own per site at the start of the graph (refresh steps)
+    swap: Callable[..., None] | None = None
 
     @property
     def state_names(self) -> list[str]:
@@ -128,7 +163,9 @@ def avl_step(
                   "staged": staged}  # fmt: skip
         state = PagedAvlSlots if paged else AvlSlots
         names = (*pages, *RecallState.names(staged, refresh))
-        return DecodeStep(avl_decode_site, kwargs, state, names)
+        if not refresh:
+            return DecodeStep(avl_decode_site, kwargs, state, names)
+        return DecodeStep(avl_decode_site, {**kwargs, "swapped": True}, state, names, avl_swap_site)
     if paged:
         kwargs = {"refresh": False, "paged": True}  # the page size: ``CorePages``' shape
         return DecodeStep(avl_decode_site, kwargs, PagedAvlSlots, pages)
@@ -219,6 +256,7 @@ def rewrite_decode_sites(
             new._dynamo_source = old._dynamo_source  # AOTAutograd reads it on Dynamo graphs
     last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
     output = graph.output_node()
+    swaps: list[tuple[fx.Node, fx.Node, list[fx.Node], dict[str, Any]]] = []
     for index, site in enumerate(sites):
         state = []
         for name in step.state_names:
@@ -233,11 +271,17 @@ def rewrite_decode_sites(
         if index in growing:  # the concatenated cache, one slot longer
             keys, values = copies[site.key_cat], copies[site.value_cat]
         sdpa = copies[site.sdpa]
+        kwargs = {"scale": site.arguments["scale"], **step.kwargs}
+        if step.swap is not None:
+            if keys is past_keys and not isinstance(kwargs["scale"], fx.Node):
+                swaps.append((keys, values, state, kwargs))
+            else:  # the cache is made in the graph, or its scale is: swap at the site
+                kwargs["swapped"] = False
         with graph.inserting_before(sdpa):
             call = graph.call_function(
                 step.function,
                 (copies[site.arguments["query"]], new_keys, new_values, keys, values, *state),
-                {"scale": site.arguments["scale"], **step.kwargs},
+                kwargs,
             )
         call.meta.update(sdpa.meta)
         sdpa.replace_all_uses_with(call)
@@ -246,6 +290,11 @@ def rewrite_decode_sites(
         graph.erase_node(sdpa)
         chain = [*site.key_chain, *site.value_chain, site.key_cat, site.value_cat]
         erase_unused([copies[n] for n in chain])
+    # every site's swap before the first layer, in site order (after the last input)
+    for keys, values, state, kwargs in reversed(swaps):
+        swap_kwargs = {k: v for k, v in kwargs.items() if k not in ("refresh", "swapped")}
+        with graph.inserting_after(last_input):
+            graph.call_function(step.swap, (keys, values, *state), swap_kwargs)
     rewritten = fx.GraphModule(gm, graph)
     rewritten.meta.update(gm.meta)
     if hasattr(gm, "_param_name_to_source"):
@@ -254,4 +303,5 @@ def rewrite_decode_sites(
 
 
 torch.fx.node.has_side_effect(avl_decode_site)
+torch.fx.node.has_side_effect(avl_swap_site)
 torch.fx.node.has_side_effect(eviction_decode_site)

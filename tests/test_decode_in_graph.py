@@ -113,9 +113,41 @@ def test_decode_steps_run_in_the_graph_with_no_host_sync(monkeypatch, options):
         assert "_decode_site" in record.code_after
 
 
-def test_inductor_writes_the_cache_in_place(monkeypatch):
+def test_recall_swaps_every_layer_before_the_first_layer(monkeypatch):
+    """A refresh step's graph swaps every site's pages at its start, one ``avl_swap_site``
+    call per site before anything else runs (a swap reads only its site's state after the
+    last step); a plain step's graph swaps nothing."""
+    from avl_compile import backend
+    from avl_compile.passes.rewrite_decode_sites import avl_decode_site, avl_swap_site
+
+    rewritten = []
+    original = backend.rewrite_decode_sites
+
+    def recorded(*args, **kwargs):
+        rewritten.append(original(*args, **kwargs))
+        return rewritten[-1]
+
+    monkeypatch.setattr(backend, "rewrite_decode_sites", recorded)
+    model = avl_compile.compile(tiny_llava(), options={"inner": "aot_eager", **RECALL_PAGES})
+    greedy(model, llava_prompt(model, [PREFIX], [SUFFIX]).inputs, new_tokens=6)
+    refreshing = 0
+    for gm in rewritten:
+        body = [node.target for node in gm.graph.nodes if node.op != "placeholder"]
+        sites, swaps = body.count(avl_decode_site), body.count(avl_swap_site)
+        assert sites > 0
+        if "refresh = True" in gm.code:
+            refreshing += 1
+            assert swaps == sites and body[:swaps] == [avl_swap_site] * swaps
+        else:
+            assert swaps == 0
+    assert refreshing > 0
+
+
+@pytest.mark.parametrize("options", [{"refresh_every": 2}, RECALL_PAGES], ids=["avl", "recall"])
+def test_inductor_writes_the_cache_in_place(monkeypatch, options):
     """Every write of the step into the cache stays in place after Inductor's passes: one
-    it cannot re-inplace becomes a copy of the whole cache at every step."""
+    it cannot re-inplace becomes a copy of the whole cache at every step (recall's swaps,
+    at the start of the graph, write the cache too)."""
     from torch._inductor.fx_passes import post_grad
 
     original = post_grad.reinplace_inplaceable_ops
@@ -132,7 +164,7 @@ def test_inductor_writes_the_cache_in_place(monkeypatch):
         )  # fmt: skip
 
     monkeypatch.setattr(post_grad, "reinplace_inplaceable_ops", reinplace)
-    model = avl_compile.compile(tiny_llava(), options={"refresh_every": 2})
+    model = avl_compile.compile(tiny_llava(), options=options)
     uncached = {"fx_graph_cache": False, "fx_graph_remote_cache": False}
     with (
         torch._inductor.config.patch(uncached),

@@ -8,8 +8,9 @@ accelerator never grow.
 
 The swap is a fixed-shape tensor function over every batch row at once (the pages are
 tensors: P pages of S slots per row, empty ones padded). On a CPU it runs inside the
-compiled decode graph, at the start of a refresh step (``RecallState`` holds its tensors,
-graph inputs after the slots'), and reads nothing back to the host. On a GPU a graph cannot
+compiled decode graph, at the start of a refresh step (every layer's swap before the first
+layer: ``rewrite_decode_sites.avl_swap_site``; ``RecallState`` holds its tensors, graph
+inputs after the slots'), and reads nothing back to the host. On a GPU a graph cannot
 index host memory, so its decode graphs are staged: each step's graph chooses the next
 swap's pages (their digests are on the device), the host uploads those pages' rows before
 the refresh step's graph, which swaps them in and fills buffers with the rows that leave,
