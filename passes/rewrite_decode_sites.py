@@ -68,7 +68,7 @@ def avl_swap_site(
     """Recall's swap of one A-VL site before a refresh step, as its own call at the start of
     the decode graph (``rewrite_decode_sites``): it reads only the site's state after the
     last step (the query it decides on is the last token's), so every layer's swap can run
-    before the first layer, where Inductor fuses the layers' swaps with one another."""
+    before the first layer, where Inductor can fuse the layers' swaps with one another."""
     scale = scale if scale is not None else keys.shape[-1] ** -0.5
     slots, core_pages, recall = _avl_state(state, paged, False, recall_pages, staged)
     assert recall is not None
