@@ -163,9 +163,8 @@ def avl_step(
                   "staged": staged}  # fmt: skip
         state = PagedAvlSlots if paged else AvlSlots
         names = (*pages, *RecallState.names(staged, refresh))
-        if not refresh:
-            return DecodeStep(avl_decode_site, kwargs, state, names)
-        return DecodeStep(avl_decode_site, {**kwargs, "swapped": True}, state, names, avl_swap_site)
+        swap = avl_swap_site if refresh else None
+        return DecodeStep(avl_decode_site, kwargs, state, names, swap)
     if paged:
         kwargs = {"refresh": False, "paged": True}  # the page size: ``CorePages``' shape
         return DecodeStep(avl_decode_site, kwargs, PagedAvlSlots, pages)
@@ -272,11 +271,11 @@ def rewrite_decode_sites(
             keys, values = copies[site.key_cat], copies[site.value_cat]
         sdpa = copies[site.sdpa]
         kwargs = {"scale": site.arguments["scale"], **step.kwargs}
-        if step.swap is not None:
-            if keys is past_keys and not isinstance(kwargs["scale"], fx.Node):
-                swaps.append((keys, values, state, kwargs))
-            else:  # the cache is made in the graph, or its scale is: swap at the site
-                kwargs["swapped"] = False
+        # hoisted unless the cache is made in the graph or its scale is: then at the site
+        if step.swap is not None and keys is past_keys and not isinstance(kwargs["scale"], fx.Node):
+            swap_kwargs = {k: v for k, v in kwargs.items() if k != "refresh"}
+            swaps.append((keys, values, state, swap_kwargs))
+            kwargs["swapped"] = True
         with graph.inserting_before(sdpa):
             call = graph.call_function(
                 step.function,
@@ -291,8 +290,7 @@ def rewrite_decode_sites(
         chain = [*site.key_chain, *site.value_chain, site.key_cat, site.value_cat]
         erase_unused([copies[n] for n in chain])
     # every site's swap before the first layer, in site order (after the last input)
-    for keys, values, state, kwargs in reversed(swaps):
-        swap_kwargs = {k: v for k, v in kwargs.items() if k not in ("refresh", "swapped")}
+    for keys, values, state, swap_kwargs in reversed(swaps):
         with graph.inserting_after(last_input):
             graph.call_function(step.swap, (keys, values, *state), swap_kwargs)
     rewritten = fx.GraphModule(gm, graph)

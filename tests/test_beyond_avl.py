@@ -501,6 +501,7 @@ def test_image_ordinals_searched_in_a_graph_are_searchsorteds():
     from avl_compile.policies.page_core import image_ordinals
 
     torch.manual_seed(2)
+    searched = torch.compile(image_ordinals, backend="eager", fullgraph=True)
     for n in (1, 2, 5, 8, 13):
         rows = [torch.randperm(40)[:n].sort().values for _ in range(3)]
         rows[2][n // 2 :] = 1000 + torch.arange(n - n // 2)  # fewer image tokens: padded
@@ -508,7 +509,6 @@ def test_image_ordinals_searched_in_a_graph_are_searchsorteds():
         positions = torch.randint(-1, 45, (3, 30))
         image = torch.rand(3, 30) < 0.7
         expected = image_ordinals(positions.clamp(min=0), image, image_positions)
-        searched = torch.compile(image_ordinals, backend="eager", fullgraph=True)
         got = searched(positions.clamp(min=0), image, image_positions, in_graph=True)
         assert torch.equal(got, expected)
         assert torch.equal(
