@@ -13,7 +13,7 @@ import avl_compile
 from avl_compile.backend import AvlBackend
 from avl_compile.compiled_decode import CompiledDecode
 from avl_compile.policies.avl_decode import CORE, OTHER, TEXT, AvlSlots, avl_decode_step
-from avl_compile.policies.budgets import best_first
+from avl_compile.policies.budgets import best_first, last_ranked
 from avl_compile.tiny_models import llava_prompt, tiny_llava
 
 PREFIX, SUFFIX = [1, 5, 6], [7, 8, 9, 10]
@@ -286,6 +286,21 @@ def test_the_reference_breaks_ties_the_same_way():
     in_core = torch.tensor([False, False, True, False])
     assert best_first(scores, positions, in_core).tolist()[:2] == [2, 0]
     assert best_first(scores, positions).tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_last_ranked_are_best_firsts_tail_reversed(dtype):
+    # ties (equal scores: the higher position ranks later), -inf and +inf, both signs
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randint(-3, 4, (3, 50), generator=generator).to(dtype) / 4
+    scores[0, :5] = float("-inf")
+    scores[1, -5:] = float("inf")
+    positions = torch.randperm(1000, generator=generator)[:50].expand(3, -1)
+    last = last_ranked(scores, positions, 12)
+    assert torch.equal(last, best_first(scores, positions).flip(-1)[:, :12])
+    # row 0's -inf rows are ranked last, among them the higher position later
+    assert sorted(last[0, :5].tolist()) == [0, 1, 2, 3, 4]
+    assert positions[0, last[0, :5]].tolist() == sorted(positions[0, :5].tolist(), reverse=True)
 
 
 def test_text_eviction_ties_drop_the_higher_position():

@@ -20,11 +20,12 @@ before the step from Python, with the same copies. With the query-aware core the
 changes the members of the pages it touches and boxes those pages again
 (``page_core.CorePages.move``).
 
-A swap sorts once (its ranking), and the rows that leave are read off it; in which order
-they fill the pages is counted by comparisons over at most R * S rows (they fuse), and the
-k-th chosen page, freed slot and incoming row are found from a cumsum each (``_nth_true``:
-a small kernel of its own, O(N) where the comparisons it replaced were N x N). The resident
-rows' q.k is the last step's (``AvlSlots.last_qk``), not a pass of the swap's own.
+A swap ranks once, by a selection (a top-k of M, not a sort of every row: the rows that
+leave are the valid ones ranked last); in which order they fill the pages is counted by
+comparisons over at most R * S rows (they fuse), and the k-th chosen page, freed slot and
+incoming row are found from a cumsum each (``_nth_true``: a small kernel of its own, O(N)
+where the comparisons it replaced were N x N). The resident rows' q.k is the last step's
+(``AvlSlots.last_qk``), not a pass of the swap's own.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from torch import Tensor
 from avl_compile.lowering.gathered_attention import score_dtype
 from avl_compile.lowering.slot_attention import slot_logits
 from avl_compile.policies.avl_decode import CORE, OTHER, AvlSlots, PagedAvlSlots
-from avl_compile.policies.budgets import best_first
+from avl_compile.policies.budgets import last_ranked
 from avl_compile.policies.page_core import (
     CorePages,
     box_of,
@@ -361,21 +362,20 @@ def swap_pages_in(
     # computed it for every slot; a swap moves image rows only before a step's attention)
     recalled_qk = slot_logits(query[:, :, None], recalled_keys, scale).mean(1)
     scores = torch.cat([slots.last_qk, recalled_qk], dim=1)
-    scores = scores.masked_fill(~valid, -math.inf)  # float32-born: one sort (best_first)
-    order = best_first(scores, positions)
-    rank = torch.empty_like(order).scatter_(
-        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
-    )
-    n_resident = resident.sum(1, keepdim=True)
-    stays = valid & (rank < n_resident)
-    # the rows that leave (as many as were recalled: at most M), by position, fill the
+    # of the K + M' valid rows (K resident, M' recalled) the M' the tie rule ranks last
+    # leave: one selection of M (float32-born scores), not a sort of all C + M; the
+    # invalid rows score +inf, so none of them is ranked last before a valid one
+    worst = last_ranked(scores.masked_fill(~valid, math.inf), positions, moves)  # [B, M]
+    # the rows that leave, in rank order (ranks K ... K + M' - 1), by position fill the
     # chosen pages in page order (their sizes kept): read them before their slots are
-    # written. They are the valid rows ranked K ... K + M' - 1 (K resident, M' recalled;
-    # in rank order); each one's rank by position is counted among them alone.
+    # written; each one's rank by position is counted among them alone
     every = torch.arange(moves, device=keys.device)
     last = capacity + moves - 1
-    ranked = order.gather(1, (n_resident + every).clamp(max=last))
-    leaving = torch.where(every < recalled.sum(1, keepdim=True), ranked, last + 1)  # [B, M]
+    n_recalled = recalled.sum(1, keepdim=True)  # M'
+    ranked = worst.gather(1, (n_recalled - 1 - every).clamp(min=0))
+    leaving = torch.where(every < n_recalled, ranked, last + 1)  # [B, M]
+    gone = torch.zeros(batch, last + 2, dtype=torch.bool, device=keys.device)
+    stays = valid & ~gone.scatter(1, leaving, True)[:, :-1]
     far = torch.iinfo(torch.long).max
     leaving_position = torch.where(
         leaving <= last, positions.gather(1, leaving.clamp(max=last)), far
