@@ -26,12 +26,17 @@ SYNCING_OPS = {
 
 
 class _OpCounter(TorchDispatchMode):
+    # recall's C swap (``avl::recall_swap``) mutates its inputs: under aot_eager it runs
+    # inside the ``auto_functionalized_v2`` higher-order operator
+    supports_higher_order_operators = True
+
     def __init__(self) -> None:
         super().__init__()
         self.ops: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(func.overloadpacket.__name__)
+        packet = getattr(func, "overloadpacket", func)
+        self.ops.append(packet.__name__)
         return func(*args, **(kwargs or {}))
 
 

@@ -1,5 +1,6 @@
 """passes/ and lowering/ ship inside the package, in a wheel as in an editable install."""
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -24,6 +25,7 @@ def test_wheel_maps_the_folders_into_the_package(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert "avl_compile/passes/find_attention_sites.py" in names
     assert "avl_compile/lowering/gathered_attention.py" in names
+    assert "avl_compile/lowering/recall_swap.c" in names  # built at first use
     assert not any(n.startswith(("passes/", "lowering/")) for n in names)
     # the bench and its bundled trained models ship with the package
     assert "avl_compile/bench/cli.py" in names
@@ -52,15 +54,25 @@ def test_installed_wheel_imports_outside_the_checkout(wheel, tmp_path):
         ],
         check=True,
     )
-    code = "import avl_compile.passes.rewrite_attention_sites, avl_compile.lowering; print('ok')"
+    # recall's C swap builds from the installed copy of its source
+    code = (
+        "import avl_compile.passes.rewrite_attention_sites, avl_compile.lowering\n"
+        "from avl_compile.lowering.native_recall_swap import library\n"
+        "print('ok', library() is not None)"
+    )
     result = subprocess.run(
         [sys.executable, "-c", code],
         cwd=tmp_path,
-        env={"PYTHONPATH": str(target)},
+        env={
+            "PYTHONPATH": str(target),
+            "AVL_CACHE_DIR": str(tmp_path / "cache"),
+            "PATH": os.environ.get("PATH", os.defpath),
+        },
         capture_output=True,
         text=True,
     )
-    assert result.stdout.strip() == "ok", result.stderr
+    assert result.stdout.strip() == "ok True", result.stderr
+    assert list((tmp_path / "cache").glob("recall_swap_*.so"))
 
 
 def test_backend_name_resolves_without_importing_the_package():

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from avl_compile.lowering.gathered_attention import score_dtype
+from avl_compile.lowering.native_recall_swap import recall_swap, why_not_native
 from avl_compile.lowering.slot_attention import slot_logits
 from avl_compile.policies.avl_decode import CORE, OTHER, AvlSlots, PagedAvlSlots
 from avl_compile.policies.budgets import last_ranked
@@ -311,13 +312,17 @@ def recall_before_step(
     recall_pages: int,
     scale: float,
     core_pages: CorePages | None = None,
+    native: bool = True,
 ) -> None:
     """Swap pages in for the step about to run, decided on ``query`` [B, Hq, D] (the last
     token's); writes ``keys``/``values`` [B, Hkv, C, D], ``slots`` and ``pages`` in place.
     With the query-aware core (``PagedAvlSlots``) the slots' image ordinals and
     ``core_pages`` follow the rows that moved. Fixed shapes; every batch row at once. The
     compiled decode graph's swap (a CPU's); the runtime-call route overlaps its host
-    copies (``recall_copies.RecallCopies``)."""
+    copies (``recall_copies.RecallCopies``). On a CPU, with float32 rows, the swap is one
+    call of C code (``native_recall_swap``; ``native=False``: the tensor function)."""
+    if native and _native_swap(query, keys, values, slots, pages, recall_pages, scale, core_pages):
+        return
     chosen = choose_pages(query, pages, recall_pages)
     chosen_on_host = chosen.to(pages.keys.device)  # a read of the device on a GPU
     recalled_keys = gather_pages(pages.keys, chosen_on_host).to(keys.device, non_blocking=True)
@@ -328,6 +333,38 @@ def recall_before_step(
     )  # fmt: skip
     write_pages(pages.keys, chosen_on_host, leaving_keys)
     write_pages(pages.values, chosen_on_host, leaving_values)
+
+
+def _native_swap(
+    query: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    slots: AvlSlots,
+    pages: HostPages,
+    recall_pages: int,
+    scale: float,
+    core_pages: CorePages | None,
+) -> bool:
+    """``recall_before_step`` as ``avl::recall_swap`` where its tensors allow (else False,
+    and nothing done)."""
+    paged = isinstance(slots, PagedAvlSlots)
+    tensors = {
+        "query": query, "keys": keys, "values": values, "role": slots.role,
+        "position": slots.position, "last_qk": slots.last_qk,
+        "page_positions": pages.positions, "page_keys": pages.keys,
+        "page_values": pages.values, "page_low": pages.low, "page_high": pages.high,
+        "image_ordinal": slots.image_ordinal if paged else None,
+        "image_positions": core_pages.image_positions if core_pages is not None else None,
+        "core_low": core_pages.low if core_pages is not None else None,
+        "core_high": core_pages.high if core_pages is not None else None,
+        "members": core_pages.members if core_pages is not None else None,
+    }  # fmt: skip
+    if paged and core_pages is None:
+        return False
+    if why_not_native(tensors) is not None:
+        return False
+    recall_swap(*tensors.values(), recall_pages, scale)
+    return True
 
 
 def swap_pages_in(

@@ -1,0 +1,184 @@
+"""``avl::recall_swap``: recall's swap for one layer as one call of C code, on a CPU.
+
+Written as tensor operations (``policies.recall.recall_before_step``), a swap of 64 rows
+cost Inductor's generated code ~100-200 us a layer and step on ``cpu-host`` (gathers with
+index checks, N x N counts, ATen sorts and cumsums: docs/history.md, sessions 15-20), and
+the recommended option set swaps at every step. The same swap in C (``recall_swap.c``:
+a heap for the rows ranked last, qsorts of at most a few hundred entries, row copies)
+is the work itself. The op mutates its inputs in place; a graph calls it as an extern
+kernel (no copies: ``Tensor(a!)`` arguments of graph inputs are written in place).
+
+The C file is built once per source with the system C compiler (``$CC``, else ``cc``) into
+``$AVL_CACHE_DIR`` (default ``~/.cache/avl_compile``) and loaded with ``ctypes``; no torch
+headers, so any torch. Where it cannot be built, or the tensors are not float32 rows on
+the CPU, the swap stays the tensor function (one warning says why).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+_SOURCE = Path(__file__).with_name("recall_swap.c")
+_FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC")
+_library: ctypes.CDLL | None = None
+_load_failed = False
+
+
+def _cache_dir() -> Path:
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "avl_compile"
+    return Path(os.environ.get("AVL_CACHE_DIR", default))
+
+
+def _build() -> Path:
+    """The shared library of ``recall_swap.c``, compiled if this source and compiler have
+    not been (concurrent builders each write a temporary file and rename it)."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler found (set CC)")
+    source = _SOURCE.read_bytes()
+    digest = hashlib.sha256(source + " ".join((compiler, *_FLAGS)).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"recall_swap_{digest}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(handle)
+    try:
+        done = subprocess.run(
+            [compiler, *_FLAGS, str(_SOURCE), "-o", partial, "-lm"],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[:500]}")
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded C swap, or None (with one warning) where it cannot be built."""
+    global _library, _load_failed
+    if _library is None and not _load_failed:
+        try:
+            lib = ctypes.CDLL(str(_build()))
+        except (OSError, RuntimeError) as error:
+            _load_failed = True
+            warnings.warn(
+                f"avl: recall's swap runs as tensor operations (slower on a CPU): its C "
+                f"version could not be built or loaded ({error})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return None
+        pointer, size = ctypes.c_void_p, ctypes.c_int64
+        lib.avl_recall_swap.restype = ctypes.c_int
+        lib.avl_recall_swap.argtypes = (
+            [size] * 8 + [ctypes.c_double] + [pointer] * 11 + [pointer, pointer, size]
+            + [pointer] * 3 + [size, size]
+        )  # fmt: skip
+        _library = lib
+    return _library
+
+
+_SCHEMA = (
+    "recall_swap(Tensor query, Tensor(a!) keys, Tensor(b!) values, Tensor(c!) role, "
+    "Tensor(d!) position, Tensor last_qk, Tensor(e!) page_positions, Tensor(f!) page_keys, "
+    "Tensor(g!) page_values, Tensor(h!) page_low, Tensor(i!) page_high, "
+    "Tensor(j!)? image_ordinal, Tensor? image_positions, Tensor(k!)? core_low, "
+    "Tensor(l!)? core_high, Tensor(m!)? members, int recall_pages, float scale) -> ()"
+)
+# the op's namespace fragment (the ``avl`` namespace's other ops: ``custom_op``)
+_OPS = torch.library.Library("avl", "FRAGMENT")
+_OPS.define(_SCHEMA)
+
+
+def _pointer(tensor: Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+def _recall_swap_cpu(
+    query: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    role: Tensor,
+    position: Tensor,
+    last_qk: Tensor,
+    page_positions: Tensor,
+    page_keys: Tensor,
+    page_values: Tensor,
+    page_low: Tensor,
+    page_high: Tensor,
+    image_ordinal: Tensor | None,
+    image_positions: Tensor | None,
+    core_low: Tensor | None,
+    core_high: Tensor | None,
+    members: Tensor | None,
+    recall_pages: int,
+    scale: float,
+) -> None:
+    lib = library()
+    if lib is None:
+        raise RuntimeError("avl::recall_swap called where its C library could not be loaded")
+    batch, q_heads, head_dim = query.shape
+    kv_heads, capacity = keys.shape[1], keys.shape[2]
+    n_pages, page_size = page_positions.shape[1], page_positions.shape[2]
+    n_image = 0 if image_positions is None else image_positions.shape[1]
+    n_core, core_size = (0, 0) if members is None else (members.shape[1], members.shape[2])
+    status = lib.avl_recall_swap(
+        batch, q_heads, kv_heads, capacity, head_dim, n_pages, page_size,
+        min(recall_pages, n_pages), scale,
+        query.data_ptr(), keys.data_ptr(), values.data_ptr(), role.data_ptr(),
+        position.data_ptr(), last_qk.data_ptr(), page_positions.data_ptr(),
+        page_keys.data_ptr(), page_values.data_ptr(), page_low.data_ptr(),
+        page_high.data_ptr(), _pointer(image_ordinal), _pointer(image_positions), n_image,
+        _pointer(core_low), _pointer(core_high), _pointer(members), n_core, core_size,
+    )  # fmt: skip
+    if status != 0:
+        raise MemoryError("avl::recall_swap: no memory for the swap's scratch rows")
+
+
+_OPS.impl("recall_swap", _recall_swap_cpu, "CPU")
+
+
+@torch.library.register_fake("avl::recall_swap")
+def _recall_swap_fake(*args, **kwargs) -> None:
+    return None
+
+
+recall_swap = torch.ops.avl.recall_swap.default
+
+
+def why_not_native(tensors: dict[str, Tensor | None]) -> str | None:
+    """Why these tensors (by the op's argument names) cannot take the C swap, or None:
+    every one on the CPU, contiguous, rows and scores float32, roles int8, the rest int64;
+    and the C library loads."""
+    for name, tensor in tensors.items():
+        if tensor is None:
+            continue
+        if tensor.device.type != "cpu":
+            return f"{name} is on {tensor.device}"
+        if not tensor.is_contiguous():
+            return f"{name} is not contiguous"
+        wanted = {"role": torch.int8}.get(
+            name, torch.int64 if name in _INDEX_NAMES else torch.float32
+        )
+        if tensor.dtype != wanted:
+            return f"{name} is {tensor.dtype}, not {wanted}"
+    if library() is None:
+        return "its C library could not be built"
+    return None
+
+
+_INDEX_NAMES = ("position", "page_positions", "image_ordinal", "image_positions", "members")
