@@ -86,7 +86,7 @@ def library() -> ctypes.CDLL | None:
         lib.avl_recall_swap.restype = ctypes.c_int
         lib.avl_recall_swap.argtypes = (
             [size] * 8 + [ctypes.c_double] + [pointer] * 11 + [pointer, pointer, size]
-            + [pointer] * 3 + [size, size]
+            + [pointer] * 3 + [size, size, pointer]
         )  # fmt: skip
         _library = lib
     return _library
@@ -97,7 +97,8 @@ _SCHEMA = (
     "Tensor(d!) position, Tensor last_qk, Tensor(e!) page_positions, Tensor(f!) page_keys, "
     "Tensor(g!) page_values, Tensor(h!) page_low, Tensor(i!) page_high, "
     "Tensor(j!)? image_ordinal, Tensor? image_positions, Tensor(k!)? core_low, "
-    "Tensor(l!)? core_high, Tensor(m!)? members, int recall_pages, float scale) -> ()"
+    "Tensor(l!)? core_high, Tensor(m!)? members, Tensor? chosen, int recall_pages, "
+    "float scale) -> ()"
 )
 # the op's namespace fragment (the ``avl`` namespace's other ops: ``custom_op``)
 _OPS = torch.library.Library("avl", "FRAGMENT")
@@ -125,6 +126,7 @@ def _recall_swap_cpu(
     core_low: Tensor | None,
     core_high: Tensor | None,
     members: Tensor | None,
+    chosen: Tensor | None,
     recall_pages: int,
     scale: float,
 ) -> None:
@@ -144,6 +146,7 @@ def _recall_swap_cpu(
         page_keys.data_ptr(), page_values.data_ptr(), page_low.data_ptr(),
         page_high.data_ptr(), _pointer(image_ordinal), _pointer(image_positions), n_image,
         _pointer(core_low), _pointer(core_high), _pointer(members), n_core, core_size,
+        _pointer(chosen),
     )  # fmt: skip
     if status != 0:
         raise MemoryError("avl::recall_swap: no memory for the swap's scratch rows")
@@ -181,4 +184,5 @@ def why_not_native(tensors: dict[str, Tensor | None]) -> str | None:
     return None
 
 
-_INDEX_NAMES = ("position", "page_positions", "image_ordinal", "image_positions", "members")
+_INDEX_NAMES = ("position", "page_positions", "image_ordinal", "image_positions", "members",
+                "chosen")  # fmt: skip

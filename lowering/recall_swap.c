@@ -96,6 +96,37 @@ static float box_bound(const float *restrict q, const float *restrict low,
     return lanes_total(lane);
 }
 
+/* the recall_pages pages whose digest bounds the head-averaged q.k highest (ties: the lower
+ * page; pages holding nothing last), in page order */
+static void choose_pages(int64_t *chosen, PageBound *best, const float *q, const int64_t *pos_b,
+                         const float *page_low, const float *page_high, int64_t b,
+                         int64_t q_heads, int64_t kv_heads, int64_t n_pages, int64_t page_size,
+                         int64_t dim, int64_t recall_pages) {
+    const int64_t group = q_heads / kv_heads;
+    int64_t n_best = 0; /* the best pages so far, best first */
+    for (int64_t p = 0; p < n_pages; p++) {
+        PageBound page = {-INFINITY, p};
+        if (pos_b[p * page_size] >= 0) {
+            float total = 0.0f;
+            for (int64_t h = 0; h < q_heads; h++) {
+                int64_t at = ((b * kv_heads + h / group) * n_pages + p) * dim;
+                total += box_bound(q + h * dim, page_low + at, page_high + at, dim);
+            }
+            page.bound = total / (float)q_heads;
+        }
+        if (n_best == recall_pages && page_ahead(&best[n_best - 1], &page) <= 0) continue;
+        int64_t at = n_best < recall_pages ? n_best++ : n_best - 1;
+        for (; at > 0 && page_ahead(&page, &best[at - 1]) < 0; at--) best[at] = best[at - 1];
+        best[at] = page;
+    }
+    for (int64_t j = 0; j < recall_pages; j++) chosen[j] = best[j].page;
+    for (int64_t j = 1; j < recall_pages; j++) { /* in page order */
+        int64_t page = chosen[j], at = j;
+        for (; at > 0 && chosen[at - 1] > page; at--) chosen[at] = chosen[at - 1];
+        chosen[at] = page;
+    }
+}
+
 /* the element-wise min and max of n rows of dim floats (+inf and -inf for none): LANES
  * columns at a time, held in registers over the rows, branch-free (a compare-and-branch
  * on random keys mispredicts) */
@@ -156,7 +187,8 @@ int avl_recall_swap(
     int64_t n_image,
     float *core_low, float *core_high, /* [B, Hkv, NP, D] */
     int64_t *members,                  /* [B, NP, PS] */
-    int64_t n_core_pages, int64_t core_page_size) {
+    int64_t n_core_pages, int64_t core_page_size,
+    const int64_t *chosen_in) { /* [B, R] the pages to bring, in page order; or NULL */
     const float scale = (float)scale_in;
     const int64_t group = q_heads / kv_heads;
     const int64_t moves = recall_pages * page_size;
@@ -198,29 +230,11 @@ int avl_recall_swap(
         const float *q = query + b * q_heads * dim;
         int64_t *pos_b = page_positions + b * n_pages * page_size;
 
-        /* the pages whose digest bounds the head-averaged q.k highest (ties: the lower
-         * page; pages holding nothing last), in page order */
-        int64_t n_best = 0; /* the best pages so far, best first */
-        for (int64_t p = 0; p < n_pages; p++) {
-            PageBound page = {-INFINITY, p};
-            if (pos_b[p * page_size] >= 0) {
-                float total = 0.0f;
-                for (int64_t h = 0; h < q_heads; h++) {
-                    int64_t at = ((b * kv_heads + h / group) * n_pages + p) * dim;
-                    total += box_bound(q + h * dim, page_low + at, page_high + at, dim);
-                }
-                page.bound = total / (float)q_heads;
-            }
-            if (n_best == recall_pages && page_ahead(&best[n_best - 1], &page) <= 0) continue;
-            int64_t at = n_best < recall_pages ? n_best++ : n_best - 1;
-            for (; at > 0 && page_ahead(&page, &best[at - 1]) < 0; at--) best[at] = best[at - 1];
-            best[at] = page;
-        }
-        for (int64_t j = 0; j < recall_pages; j++) chosen[j] = best[j].page;
-        for (int64_t j = 1; j < recall_pages; j++) { /* in page order */
-            int64_t page = chosen[j], at = j;
-            for (; at > 0 && chosen[at - 1] > page; at--) chosen[at] = chosen[at - 1];
-            chosen[at] = page;
+        if (chosen_in != NULL) { /* chosen by the caller (large digests: see the Python) */
+            memcpy(chosen, chosen_in + b * recall_pages, sizeof(int64_t) * (size_t)recall_pages);
+        } else {
+            choose_pages(chosen, best, q, pos_b, page_low, page_high, b, q_heads, kv_heads,
+                         n_pages, page_size, dim, recall_pages);
         }
 
         /* their rows, copied: the pages take the rows that leave */

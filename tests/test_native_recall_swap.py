@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from avl_compile.lowering.native_recall_swap import library, why_not_native
+from avl_compile.policies import recall
 from avl_compile.policies.avl_decode import CORE, FREE, OTHER, SINK, TEXT, AvlSlots, PagedAvlSlots
 from avl_compile.policies.page_core import CorePages, image_ordinals
 from avl_compile.policies.recall import HostPages, build_pages, recall_before_step
@@ -100,11 +101,17 @@ def _assert_same(got, expected) -> None:
 @pytest.mark.parametrize("paged", [False, True], ids=["recall", "recall+core"])
 @pytest.mark.parametrize("exact", [True, False], ids=["ties", "randn"])
 @pytest.mark.parametrize("recall_pages", [2, 3, 20])
-def test_the_c_swap_leaves_the_state_the_tensor_swap_leaves(paged, exact, recall_pages):
+@pytest.mark.parametrize("chooser", ["c", "tensor"])
+def test_the_c_swap_leaves_the_state_the_tensor_swap_leaves(
+    monkeypatch, paged, exact, recall_pages, chooser
+):
     """Three swaps in a row (new queries and last q.k each time), both routes from the
     same state: the cache, the slots, the host pages' held rows and digests, and the core's
     boxes and members are equal. ``ties``: scores on a grid, so the tie rule decides;
-    20 pages: more than row 0 has (10 pages of 4), and row 1 has 2 pages and 4 empty ones."""
+    20 pages: more than row 0 has (10 pages of 4), and row 1 has 2 pages and 4 empty ones.
+    ``tensor``: the pages chosen by the tensor function, as for large digests."""
+    if chooser == "tensor":
+        monkeypatch.setattr(recall, "_C_CHOICE_DIGEST_BYTES", 0)
     state = _state(0, paged, exact)
     draw = state[5]
     native, plain = _copy(state), _copy(state)

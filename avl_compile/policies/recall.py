@@ -335,6 +335,9 @@ def recall_before_step(
     write_pages(pages.values, chosen_on_host, leaving_values)
 
 
+_C_CHOICE_DIGEST_BYTES = 512 * 1024  # per batch row and layer
+
+
 def _native_swap(
     query: Tensor,
     keys: Tensor,
@@ -358,11 +361,18 @@ def _native_swap(
         "core_low": core_pages.low if core_pages is not None else None,
         "core_high": core_pages.high if core_pages is not None else None,
         "members": core_pages.members if core_pages is not None else None,
+        "chosen": None,  # the C swap chooses the pages itself
     }  # fmt: skip
     if paged and core_pages is None:
         return False
+    # the pages to bring: the C swap's own choice reads every page's digest on one thread;
+    # past about an L2's worth of digests (``cpu-long``: 2.9 MB a layer) the graph's
+    # parallel, vectorized kernel reads them faster (measured: docs/history.md, session 21)
     if why_not_native(tensors) is not None:
         return False
+    digest_bytes = 2 * pages.low[0].numel() * pages.low.element_size()
+    if digest_bytes > _C_CHOICE_DIGEST_BYTES:
+        tensors["chosen"] = choose_pages(query, pages, recall_pages)
     recall_swap(*tensors.values(), recall_pages, scale)
     return True
 
