@@ -12,7 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { ROLE_OTHER = 1, ROLE_CORE = 3 };
+enum { ROLE_OTHER = 1, ROLE_CORE = 3 }; /* policies/avl_decode.py's OTHER and CORE */
 
 typedef struct {
     float score;
@@ -45,10 +45,10 @@ typedef struct {
     int64_t page;
 } PageBound;
 
-static int page_ahead(const void *x, const void *y) {
-    const PageBound *a = x, *b = y;
-    if (a->bound != b->bound) return a->bound > b->bound ? -1 : 1;
-    return a->page < b->page ? -1 : (a->page > b->page);
+/* a ranks ahead of b: a higher bound, or as high and a lower page number */
+static int page_ahead(const PageBound *a, const PageBound *b) {
+    if (a->bound != b->bound) return a->bound > b->bound;
+    return a->page < b->page;
 }
 
 static int64_t count_below(const int64_t *ascending, int64_t length, int64_t value) {
@@ -114,9 +114,9 @@ static void choose_pages(int64_t *chosen, PageBound *best, const float *q, const
             }
             page.bound = total / (float)q_heads;
         }
-        if (n_best == recall_pages && page_ahead(&best[n_best - 1], &page) <= 0) continue;
+        if (n_best == recall_pages && page_ahead(&best[n_best - 1], &page)) continue;
         int64_t at = n_best < recall_pages ? n_best++ : n_best - 1;
-        for (; at > 0 && page_ahead(&page, &best[at - 1]) < 0; at--) best[at] = best[at - 1];
+        for (; at > 0 && page_ahead(&page, &best[at - 1]); at--) best[at] = best[at - 1];
         best[at] = page;
     }
     for (int64_t j = 0; j < recall_pages; j++) chosen[j] = best[j].page;

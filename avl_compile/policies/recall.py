@@ -365,11 +365,11 @@ def _native_swap(
     }  # fmt: skip
     if paged and core_pages is None:
         return False
+    if why_not_native(tensors) is not None:
+        return False
     # the pages to bring: the C swap's own choice reads every page's digest on one thread;
     # past about an L2's worth of digests (``cpu-long``: 2.9 MB a layer) the graph's
     # parallel, vectorized kernel reads them faster (measured: docs/history.md, session 21)
-    if why_not_native(tensors) is not None:
-        return False
     digest_bytes = 2 * pages.low[0].numel() * pages.low.element_size()
     if digest_bytes > _C_CHOICE_DIGEST_BYTES:
         tensors["chosen"] = choose_pages(query, pages, recall_pages)
