@@ -32,7 +32,9 @@ def materialized(tensor: Tensor) -> Tensor:
     eager mode, where nothing recomputes it and the prim's copy cost ~90 us a call)."""
     if _FORCE_STRIDE is None or (_is_eager(tensor) and not torch.compiler.is_compiling()):
         return tensor
-    return _FORCE_STRIDE(tensor, tensor.stride())
+    # a view with gaps (a slice's) gets a dense layout: the prim's eager form (a traced
+    # graph run by aot_eager) allocates exactly the strides it is given
+    return _FORCE_STRIDE(tensor, torch.empty_like(tensor).stride())
 
 
 def _is_eager(tensor: Tensor) -> bool:

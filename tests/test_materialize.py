@@ -52,3 +52,18 @@ def test_eager_mode_gets_the_tensor_itself():
     query = torch.randn(2, 7, 4, 16).transpose(1, 2)[:, :, -1:]  # [B, H, 1, D], strided
     grouped = query.reshape(2, 2, 2, 16)
     assert materialized(grouped) is grouped
+
+
+@pytest.mark.skipif(_FORCE_STRIDE is None, reason="this torch has no force_stride_order prim")
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+def test_a_sliced_view_is_materialized_densely(inner):
+    """A view with gaps (the last row of a prompt's query, regrouped by kv head) run by a
+    graph that executes the prim itself (aot_eager) as well as by Inductor."""
+
+    def last_row_grouped(query: torch.Tensor) -> torch.Tensor:
+        last = query[:, :, -1:].reshape(query.shape[0], 2, 2, query.shape[-1])
+        return materialized(last) * 2
+
+    query = torch.randn(1, 4, 9, 16)
+    got = torch.compile(last_row_grouped, backend=inner, fullgraph=True)(query)
+    torch.testing.assert_close(got, query[:, :, -1].reshape(1, 2, 2, 16) * 2)

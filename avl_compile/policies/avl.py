@@ -19,8 +19,6 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from avl_compile.lowering.gathered_attention import pick_rows
-from avl_compile.lowering.slot_attention import slot_logits
 from avl_compile.options import AvlOptions
 from avl_compile.policies.avl_decode import (
     AdaptiveAvlSlots,
@@ -29,25 +27,29 @@ from avl_compile.policies.avl_decode import (
     avl_decode_step,
 )
 from avl_compile.policies.avl_layout import PromptLayout, prompt_layout, text_budgets
+from avl_compile.policies.avl_prefill_rows import (
+    RowPlan,
+    compiled_prefill_rows,
+    prefill_rows,
+    scored_prefill_rows,
+)
 from avl_compile.policies.budgets import is_refresh_step
 from avl_compile.policies.common import (
     PrefillContext,
     column_sums,
-    keep_heavy,
     last_token_image_filter,
     last_token_score,
     prefill_attention,
     prefill_logits_bias,
     score_dtype,
-    topk_positions,
 )
 from avl_compile.policies.decode_schedule import (
     DecodeSchedule,
     LayerState,
     begin_step_and_grow,
 )
-from avl_compile.policies.page_core import CorePages, image_ordinals
-from avl_compile.policies.recall import RecallState, build_pages
+from avl_compile.policies.page_core import CorePages
+from avl_compile.policies.recall import HostPages, RecallState, to_host
 from avl_compile.policies.recall_copies import plan_next_swap, swap_through_copies
 
 
@@ -98,13 +100,6 @@ class AvlSchedule(DecodeSchedule):
         return sum(rows) / len(rows)
 
 
-def marked(positions: Tensor, length: int) -> Tensor:
-    """[length] bool, True at ``positions`` (a membership test without ``isin``'s sorts)."""
-    return torch.zeros(length, dtype=torch.bool, device=positions.device).index_fill_(
-        0, positions, True
-    )
-
-
 def decode_kind_of(options: AvlOptions) -> str:
     """The decode step an A-VL option set needs: "avl-recall" or "avl-recall-pages"
     (recall, without or with the query-aware core), "avl-pages" (the query-aware core),
@@ -146,55 +141,51 @@ class AvlPolicy:
         opts = self.options
         # the projection's [B, L, H, D] layout: the scores' matmuls would copy it per use
         keys = keys.contiguous()
-        batch, kv_heads, k_len = keys.shape[0], keys.shape[1], keys.shape[2]
-        device = query.device
+        batch, k_len, device = keys.shape[0], keys.shape[2], query.device
         layout = self._layout(query, keys, attn_mask, is_causal, context)
         scoring = layout.scoring
-        if scoring is not None:  # the scores from the log-sum-exp: one row, a few columns
-            output, lse = scoring.attend(query, keys, values, scale)
-            image_score = scoring.last_row_score(query, keys, lse, scale, layout.query_valid)
-            text_scores = scoring.column_sums(query, keys, lse, scale, layout.query_valid)
-        else:  # recompute the probabilities block by block
-            q_len, filtered = query.shape[2], self._filtered_keys(context)
-            bias = prefill_logits_bias(attn_mask, is_causal, q_len, k_len, device)
-            output, bias = prefill_attention(
-                query, keys, values, attn_mask, is_causal, scale, bias, filtered
-            )
-            image_score = last_token_score(
-                query, keys, bias, scale, layout.window, layout.query_valid
-            )
-            text_scores = column_sums(query, keys, bias, scale, layout.query_valid)
-        if context.combine_heads is not None:
-            image_score = context.combine_heads(image_score)
-        kept_text = layout.text_slots  # heavy hitters + most recent under A-VL's budget
-        if layout.text_split is not None:
-            kept_text = keep_heavy(kept_text, text_scores, layout.text_split)
-        position = torch.full(
-            (batch, kv_heads, layout.capacity), -1, dtype=torch.long, device=device
+        plan = RowPlan(
+            recall_page_size=opts.recall_page_size if opts.recall_pages else 0,
+            core_page_size=opts.core_page_size if layout.image_positions is not None else 0,
         )
-        evicted: list[Tensor] = []  # image rows that leave the cache (recall keeps them)
-        for b, (_, _, image_end, start, end) in enumerate(layout.bounds):
-            secondary = topk_positions(image_score[b], layout.candidates[b], layout.n_secondary[b])
-            core = topk_positions(image_score[b], secondary, layout.n_core[b])
-            others = secondary[~marked(core, k_len)[secondary]]
-            if opts.recall_pages:  # only recall keeps them
-                image_pos = layout.image_pos[b]
-                evicted.append(image_pos[~marked(secondary, k_len)[image_pos]])
-            position[b, :, :image_end] = torch.cat([others, layout.sink[b], core])
-            # every kv head keeps as many text rows (the budget), in positional order
-            position[b, :, start:end] = torch.nonzero(kept_text[b])[:, 1].view(kv_heads, -1)
-        safe = position.clamp(min=0)
-        slot_keys = pick_rows(keys, safe)
-        not_text = layout.not_text
-        slots = self._slots_class()(
+        if scoring is not None and context.combine_heads is None:  # a CPU's, one rank
+            # the scores from the log-sum-exp: one row, a few columns
+            output, lse = scoring.attend(query, keys, values, scale)
+            select = compiled_prefill_rows() if opts.inner == "inductor" else scored_prefill_rows
+            rows = select(query, keys, values, lse, scale, layout, plan)
+        else:
+            if scoring is not None:
+                output, lse = scoring.attend(query, keys, values, scale)
+                image_score = scoring.last_row_score(query, keys, lse, scale, layout.query_valid)
+                text_scores = scoring.column_sums(query, keys, lse, scale, layout.query_valid)
+            else:  # recompute the probabilities block by block
+                q_len, filtered = query.shape[2], self._filtered_keys(context)
+                bias = prefill_logits_bias(attn_mask, is_causal, q_len, k_len, device)
+                output, bias = prefill_attention(
+                    query, keys, values, attn_mask, is_causal, scale, bias, filtered
+                )
+                image_score = last_token_score(
+                    query, keys, bias, scale, layout.window, layout.query_valid
+                )
+                text_scores = column_sums(query, keys, bias, scale, layout.query_valid)
+            if context.combine_heads is not None:
+                image_score = context.combine_heads(image_score)
+            rows = prefill_rows(query, keys, values, image_score, text_scores, scale, layout, plan)
+        slots_class = self._slots_class()
+        acc = score_dtype(query.dtype)
+        last_qk = rows.last_qk
+        if last_qk is None:  # never read where recall is off
+            last_qk = torch.zeros((batch, layout.capacity), dtype=acc, device=device)
+        paged = {} if rows.image_ordinal is None else {"image_ordinal": rows.image_ordinal}
+        slots = slots_class(
             role=layout.role.clone(),
-            position=position,
-            text_rank=layout.text_rank.gather(2, safe).masked_fill(not_text, -1),
-            text_score=text_scores.gather(2, safe).masked_fill(not_text, 0.0),
+            position=rows.position,
+            text_rank=rows.text_rank,
+            text_score=rows.text_score,
             counters=layout.counters.clone(),
             text_options=layout.text_options.clone(),
-            last_qk=self._last_qk(query, slot_keys, scale),
-            **self._image_ordinals(position, layout.image_slot, layout.image_positions),
+            last_qk=last_qk,
+            **paged,
             **self._refresh_state(batch, device),
         )
         schedule = self._schedule(layout, k_len)
@@ -203,15 +194,13 @@ class AvlPolicy:
                 context.schedule = schedule  # one schedule for the prompt's layers
             schedule = context.schedule
         state = LayerState(slots=slots, schedule=schedule, combine_heads=context.combine_heads)
-        if layout.image_positions is not None:
-            assert isinstance(slots, PagedAvlSlots)
-            state.core_pages = CorePages.build(
-                slot_keys, slots.image_ordinal, layout.image_positions, opts.core_page_size,
-                score_dtype(query.dtype),
-            )  # fmt: skip
-        if opts.recall_pages:
+        if rows.core_pages is not None:
+            assert isinstance(slots, PagedAvlSlots) and layout.image_positions is not None
+            state.core_pages = CorePages(layout.image_positions, *rows.core_pages)
+        if rows.recall_pages is not None:
+            positions, page_keys, page_values, low, high = rows.recall_pages
             state.recall = RecallState(
-                pages=build_pages(keys, values, evicted, opts.recall_page_size),
+                pages=HostPages(positions, to_host(page_keys), to_host(page_values), low, high),
                 last_query=query[:, :, -1].contiguous(),  # written in place at each step
             )
             if keys.device.type != "cpu" and state.next_refresh:
@@ -220,7 +209,7 @@ class AvlPolicy:
                 # staged graphs choose them again at their first step)
                 plan_next_swap(state.recall, 1, opts.recall_pages)
         # free slots hold copies of row 0; they are never attended
-        return output, slot_keys, pick_rows(values, safe), state
+        return output, rows.slot_keys, rows.slot_values, state
 
     def _schedule(self, layout: PromptLayout, k_len: int) -> AvlSchedule:
         """The host's side of the decode, from the layout's counts."""
@@ -262,14 +251,6 @@ class AvlPolicy:
             )
         return context.layouts[key]
 
-    def _last_qk(self, query: Tensor, slot_keys: Tensor, scale: float) -> Tensor:
-        """``AvlSlots.last_qk`` after prefill: the last prompt token's (the first swap's
-        query); zeros where recall is off (never read)."""
-        if not self.options.recall_pages:
-            shape = (slot_keys.shape[0], slot_keys.shape[2])
-            return torch.zeros(shape, dtype=score_dtype(query.dtype), device=query.device)
-        return slot_logits(query[:, :, -1:], slot_keys, scale).mean(dim=1)
-
     def _slots_class(self) -> type[AvlSlots]:
         if self.options.core_page_size:
             return PagedAvlSlots
@@ -283,14 +264,6 @@ class AvlPolicy:
             return {}
         row = torch.tensor([drop, float("nan"), 0.0], dtype=torch.float64, device=device)
         return {"refresh_state": row.repeat(batch, 1)}
-
-    @staticmethod
-    def _image_ordinals(position: Tensor, image: Tensor, image_positions: Tensor | None) -> dict:
-        """The query-aware core's image ordinal per slot (``PagedAvlSlots``), if it is on
-        (``image`` [B, C]: the slots of secondary image rows)."""
-        if image_positions is None:
-            return {}
-        return {"image_ordinal": image_ordinals(position[:, 0], image, image_positions)}
 
     def _filtered_keys(self, context: PrefillContext) -> Tensor | None:
         if context.filter_keep is None or self.layer_idx < self.options.prefill_filter_layer:

@@ -64,17 +64,8 @@ class CorePages:
     ) -> CorePages:
         """The pages of the slots whose ``ordinal`` [B, C] (``image_ordinals``) is >= 0, from
         the cache's ``keys`` [B, Hkv, C, D]; boxes in ``dtype`` (the score's)."""
-        batch, capacity = ordinal.shape
-        n_pages = pages_of(image_positions.shape[1], page_size)
-        members = torch.full((batch, n_pages * page_size + 1), -1, dtype=torch.long,
-                             device=keys.device)  # fmt: skip
-        # slots in no page write the extra column, dropped after
-        column = torch.where(ordinal >= 0, ordinal, n_pages * page_size)
-        slot = torch.arange(capacity, device=keys.device).expand(batch, -1)
-        members.scatter_(1, column, slot)
-        members = members[:, :-1].reshape(batch, n_pages, page_size).contiguous()
-        low, high = page_boxes(keys, members, dtype)
-        return cls(image_positions, low, high, members)
+        tensors = core_page_tensors(keys, ordinal, image_positions.shape[1], page_size, dtype)
+        return cls(image_positions, *tensors)
 
     def bound_per_slot(self, query: Tensor, ordinal: Tensor, candidate: Tensor) -> Tensor:
         """For every ``candidate`` slot [B, C] (bool), its page's digest bound under
@@ -108,6 +99,24 @@ class CorePages:
         at = (rows[:, :, None], heads, touched[:, None, :])
         self.low.index_put_(at, low)
         self.high.index_put_(at, high)
+
+
+def core_page_tensors(
+    keys: Tensor, ordinal: Tensor, image_tokens: int, page_size: int, dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``CorePages``' low, high and members (its fields' order) for ``image_tokens`` per
+    row (``build``)."""
+    batch, capacity = ordinal.shape
+    n_pages = pages_of(image_tokens, page_size)
+    members = torch.full((batch, n_pages * page_size + 1), -1, dtype=torch.long,
+                         device=keys.device)  # fmt: skip
+    # slots in no page write the extra column, dropped after
+    column = torch.where(ordinal >= 0, ordinal, n_pages * page_size)
+    slot = torch.arange(capacity, device=keys.device).expand(batch, -1)
+    members.scatter_(1, column, slot)
+    members = members[:, :-1].reshape(batch, n_pages, page_size).contiguous()
+    low, high = page_boxes(keys, members, dtype)
+    return low, high, members
 
 
 def page_boxes(keys: Tensor, members: Tensor, dtype) -> tuple[Tensor, Tensor]:

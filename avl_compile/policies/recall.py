@@ -177,7 +177,7 @@ class RecallState:
             self.chosen.copy_(choose_pages(self.last_query, self.pages, recall_pages))
 
 
-def _to_host(tensor: Tensor) -> Tensor:
+def to_host(tensor: Tensor) -> Tensor:
     """A fresh tensor (a gather's) in host memory: itself on a CPU, pinned from a GPU."""
     return tensor.to("cpu").pin_memory() if tensor.is_cuda else tensor
 
@@ -185,6 +185,14 @@ def _to_host(tensor: Tensor) -> Tensor:
 def build_pages(keys: Tensor, values: Tensor, evicted: list[Tensor], page_size: int) -> HostPages:
     """Pages of the ``evicted`` positions (per batch row, ascending) of the prompt's
     ``keys``/``values`` [B, Hkv, L, D], in order of position."""
+    positions, page_keys, page_values, low, high = page_tensors(keys, values, evicted, page_size)
+    return HostPages(positions, to_host(page_keys), to_host(page_values), low, high)
+
+
+def page_tensors(
+    keys: Tensor, values: Tensor, evicted: list[Tensor], page_size: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``build_pages``' positions, keys, values, low and high, all on the keys' device."""
     batch, kv_heads, _, head_dim = keys.shape
     n_pages = max(max(-(-rows.numel() // page_size) for rows in evicted), 1)
     positions = torch.full((batch, n_pages * page_size), -1, dtype=torch.long, device=keys.device)
@@ -197,7 +205,7 @@ def build_pages(keys: Tensor, values: Tensor, evicted: list[Tensor], page_size: 
     page_keys = keys.gather(2, index).view(shape)
     page_values = values.gather(2, index).view(shape)
     low, high = box_of_held(page_keys, positions >= 0, page_keys.dtype)
-    return HostPages(positions, _to_host(page_keys), _to_host(page_values), low, high)
+    return positions, page_keys, page_values, low, high
 
 
 def gather_pages(store: Tensor, chosen: Tensor, pinned: bool = False) -> Tensor:

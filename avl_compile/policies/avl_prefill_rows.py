@@ -1,0 +1,177 @@
+"""Which prompt rows one layer keeps at prefill, as one pure tensor function of fixed shapes.
+
+Given the layer's scores and its prompt's layout (``avl_layout``), the rows each slot holds,
+their keys and values, and the decode state the slots start with. Every count comes from
+the layout (not from the scores), so every shape is known before the scores are: no
+``nonzero``, no boolean indexing. On a host-bound model the same ~150 small ops per layer
+as separate eager calls were most of the prefill's extra time over dense attention; with
+fixed shapes Inductor can compile the whole function once and run it as a few fused
+kernels per layer (``compiled_prefill_rows``). Eager and compiled run this same code.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from avl_compile.lowering.gathered_attention import pick_rows, score_dtype
+from avl_compile.lowering.slot_attention import slot_logits
+from avl_compile.policies.avl_layout import PromptLayout
+from avl_compile.policies.budgets import best_first
+from avl_compile.policies.common import keep_heavy
+from avl_compile.policies.page_core import core_page_tensors, image_ordinals
+from avl_compile.policies.recall import page_tensors
+
+
+class RowPlan(NamedTuple):
+    """The options the selection reads (hashable: a compiled selection specializes on it)."""
+
+    recall_page_size: int  # 0: recall off (no evicted pages)
+    core_page_size: int  # 0: the query-aware core off
+
+
+class PrefillRows(NamedTuple):
+    """One layer's kept rows and the decode state they start."""
+
+    position: Tensor  # [B, Hkv, C] prompt position per slot, -1: free
+    slot_keys: Tensor  # [B, Hkv, C, D]
+    slot_values: Tensor
+    text_rank: Tensor  # [B, Hkv, C]
+    text_score: Tensor  # [B, Hkv, C]
+    last_qk: Tensor | None  # [B, C] the last prompt token's q.k per slot (recall)
+    image_ordinal: Tensor | None  # [B, C] (the query-aware core)
+    core_pages: tuple[Tensor, Tensor, Tensor] | None  # low, high, members (``CorePages``)
+    # positions, keys, values, low, high of the evicted rows' pages (recall)
+    recall_pages: tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None
+
+
+def marked(positions: Tensor, length: int) -> Tensor:
+    """[length] bool, True at ``positions`` (a membership test without ``isin``'s sorts)."""
+    return torch.zeros(length, dtype=torch.bool, device=positions.device).index_fill_(
+        0, positions, True
+    )
+
+
+def without(positions: Tensor, leaving: Tensor, length: int) -> Tensor:
+    """``positions`` (ascending, < ``length``) less ``leaving`` (a subset of them), still
+    ascending: a fixed count, unlike a boolean index."""
+    gone = marked(leaving, length)[positions]
+    kept = positions.numel() - leaving.numel()
+    return torch.where(gone, length, positions).sort().values[:kept]
+
+
+def ranked_groups(
+    scores: Tensor, candidates: Tensor, n_core: int, n_secondary: int, length: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``candidates`` positions (ascending, < ``length``) split by their rank under the
+    tie rule (``best_first``) of ``scores`` [length]: the core (the ``n_core`` best), the
+    other secondary rows (the next ``n_secondary - n_core``) and the rest, each ascending.
+    One ranking and one sort of group-major keys: the core is the best of the secondary
+    set, so the best of the candidates (as two top-k's of the rule would choose)."""
+    order = best_first(scores[candidates], candidates)
+    ordinal = torch.arange(candidates.numel(), device=candidates.device)
+    rank = torch.empty_like(order).scatter_(0, order, ordinal)
+    group = (rank >= n_core).long() + (rank >= n_secondary).long()  # core, others, the rest
+    grouped = (group * length + candidates).sort().values % length
+    return grouped[:n_core], grouped[n_core:n_secondary], grouped[n_secondary:]
+
+
+def first_marked(mask: Tensor, count: int) -> Tensor:
+    """The first ``count`` True positions of every row of ``mask`` [H, L] (each holds
+    exactly ``count``): ``nonzero``'s columns in a fixed shape."""
+    length = mask.shape[-1]
+    columns = torch.arange(length, device=mask.device).expand_as(mask)
+    return torch.where(mask, columns, length).sort(dim=-1).values[:, :count]
+
+
+def prefill_rows(
+    query: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    image_score: Tensor,
+    text_scores: Tensor,
+    scale: float,
+    layout: PromptLayout,
+    plan: RowPlan,
+) -> PrefillRows:
+    """The rows a layer keeps under ``layout``, from its scores: ``image_score`` [B, Lk]
+    (the last tokens' attention, head-averaged) and ``text_scores`` [B, Hkv, Lk] (the text
+    columns' accumulated attention), with ``query`` [B, Hq, Lq, D] and the prompt's
+    contiguous ``keys``/``values`` [B, Hkv, Lk, D]."""
+    batch, kv_heads, k_len = keys.shape[0], keys.shape[1], keys.shape[2]
+    kept_text = layout.text_slots  # heavy hitters + most recent under A-VL's budget
+    if layout.text_split is not None:
+        kept_text = keep_heavy(kept_text, text_scores, layout.text_split)
+    position = torch.full((batch, kv_heads, layout.capacity), -1, dtype=torch.long,
+                          device=keys.device)  # fmt: skip
+    evicted: list[Tensor] = []  # image rows that leave the cache (recall keeps them)
+    for b, (_, _, image_end, start, end) in enumerate(layout.bounds):
+        candidates, n_secondary = layout.candidates[b], layout.n_secondary[b]
+        core, others, rest = ranked_groups(
+            image_score[b], candidates, layout.n_core[b], n_secondary, k_len
+        )
+        if plan.recall_page_size:  # only recall keeps them
+            image_pos = layout.image_pos[b]
+            if candidates.numel() == image_pos.numel():  # no prefill filter
+                evicted.append(rest)
+            else:  # the filter's survivors are a subset of the image tokens
+                secondary = torch.cat([core, others])
+                evicted.append(without(image_pos, secondary, k_len))
+        position[b, :, :image_end] = torch.cat([others, layout.sink[b], core])
+        # every kv head keeps as many text rows (the budget), in positional order
+        position[b, :, start:end] = first_marked(kept_text[b], end - start)
+    safe = position.clamp(min=0)
+    slot_keys = pick_rows(keys, safe)  # free slots hold copies of row 0; never attended
+    not_text = layout.not_text
+    last_qk = image_ordinal = core_pages = recall_pages = None
+    if plan.recall_page_size:  # the first swap's query: the last prompt token's
+        last_qk = slot_logits(query[:, :, -1:], slot_keys, scale).mean(dim=1)
+        recall_pages = page_tensors(keys, values, evicted, plan.recall_page_size)
+    if plan.core_page_size:
+        assert layout.image_positions is not None
+        image_ordinal = image_ordinals(position[:, 0], layout.image_slot, layout.image_positions)
+        core_pages = core_page_tensors(
+            slot_keys, image_ordinal, layout.image_positions.shape[1], plan.core_page_size,
+            score_dtype(query.dtype),
+        )  # fmt: skip
+    return PrefillRows(
+        position=position,
+        slot_keys=slot_keys,
+        slot_values=pick_rows(values, safe),
+        text_rank=layout.text_rank.gather(2, safe).masked_fill(not_text, -1),
+        text_score=text_scores.gather(2, safe).masked_fill(not_text, 0.0),
+        last_qk=last_qk,
+        image_ordinal=image_ordinal,
+        core_pages=core_pages,
+        recall_pages=recall_pages,
+    )
+
+
+def scored_prefill_rows(
+    query: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    lse: Tensor,
+    scale: float,
+    layout: PromptLayout,
+    plan: RowPlan,
+) -> PrefillRows:
+    """``prefill_rows`` with the scores taken from the attention's log-sum-exp ``lse``
+    [B, Hq, Lq] (``LseScoring``: a CPU's)."""
+    scoring = layout.scoring
+    assert scoring is not None
+    image_score = scoring.last_row_score(query, keys, lse, scale, layout.query_valid)
+    text_scores = scoring.column_sums(query, keys, lse, scale, layout.query_valid)
+    return prefill_rows(query, keys, values, image_score, text_scores, scale, layout, plan)
+
+
+@functools.cache
+def compiled_prefill_rows():
+    """``scored_prefill_rows`` compiled by Inductor, made at first use (a compiled function
+    is a cache of graphs keyed by guards, not a registry: one serves every model). Not
+    ``fullgraph``: past dynamo's recompile limit (many prompt layouts in one process) it
+    runs eagerly, the same rows, instead of failing."""
+    return torch.compile(scored_prefill_rows)
