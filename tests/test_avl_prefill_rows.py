@@ -94,10 +94,7 @@ def test_compiled_selection_keeps_the_eager_rows(name):
     the same function run op by op: the same rows, pages and state, for prompts of three
     lengths (the second compiles for any length), and in one graph."""
     options = AvlOptions(text_min_budget=4, text_keep=0.2, **OPTION_SETS[name])
-    plan = RowPlan(
-        recall_page_size=options.recall_page_size if options.recall_pages else 0,
-        core_page_size=options.core_page_size,
-    )
+    plan = RowPlan.of(options)
     for length in (60, 52, 71):
         query, keys, values, context = _prompt(length)
         layout = AvlPolicy(options, 0)._layout(query, keys, None, True, context)

@@ -49,7 +49,7 @@ from avl_compile.policies.decode_schedule import (
     begin_step_and_grow,
 )
 from avl_compile.policies.page_core import CorePages
-from avl_compile.policies.recall import HostPages, RecallState, to_host
+from avl_compile.policies.recall import RecallState, host_pages
 from avl_compile.policies.recall_copies import plan_next_swap, swap_through_copies
 
 
@@ -144,30 +144,22 @@ class AvlPolicy:
         batch, k_len, device = keys.shape[0], keys.shape[2], query.device
         layout = self._layout(query, keys, attn_mask, is_causal, context)
         scoring = layout.scoring
-        plan = RowPlan(
-            recall_page_size=opts.recall_page_size if opts.recall_pages else 0,
-            core_page_size=opts.core_page_size if layout.image_positions is not None else 0,
-        )
-        if scoring is not None and context.combine_heads is None:  # a CPU's, one rank
-            # the scores from the log-sum-exp: one row, a few columns
+        plan = RowPlan.of(opts)
+        if scoring is not None:  # a CPU's: the scores from the log-sum-exp
             output, lse = scoring.attend(query, keys, values, scale)
-            select = compiled_prefill_rows() if opts.inner == "inductor" else scored_prefill_rows
-            rows = select(query, keys, values, lse, scale, layout, plan)
-        else:
-            if scoring is not None:
-                output, lse = scoring.attend(query, keys, values, scale)
-                image_score = scoring.last_row_score(query, keys, lse, scale, layout.query_valid)
-                text_scores = scoring.column_sums(query, keys, lse, scale, layout.query_valid)
-            else:  # recompute the probabilities block by block
-                q_len, filtered = query.shape[2], self._filtered_keys(context)
-                bias = prefill_logits_bias(attn_mask, is_causal, q_len, k_len, device)
-                output, bias = prefill_attention(
-                    query, keys, values, attn_mask, is_causal, scale, bias, filtered
-                )
-                image_score = last_token_score(
-                    query, keys, bias, scale, layout.window, layout.query_valid
-                )
-                text_scores = column_sums(query, keys, bias, scale, layout.query_valid)
+            compiled = opts.inner == "inductor" and context.combine_heads is None
+            select = compiled_prefill_rows() if compiled else scored_prefill_rows
+            rows = select(query, keys, values, lse, scale, layout, plan, context.combine_heads)
+        else:  # recompute the probabilities block by block
+            q_len, filtered = query.shape[2], self._filtered_keys(context)
+            bias = prefill_logits_bias(attn_mask, is_causal, q_len, k_len, device)
+            output, bias = prefill_attention(
+                query, keys, values, attn_mask, is_causal, scale, bias, filtered
+            )
+            image_score = last_token_score(
+                query, keys, bias, scale, layout.window, layout.query_valid
+            )
+            text_scores = column_sums(query, keys, bias, scale, layout.query_valid)
             if context.combine_heads is not None:
                 image_score = context.combine_heads(image_score)
             rows = prefill_rows(query, keys, values, image_score, text_scores, scale, layout, plan)
@@ -198,9 +190,8 @@ class AvlPolicy:
             assert isinstance(slots, PagedAvlSlots) and layout.image_positions is not None
             state.core_pages = CorePages(layout.image_positions, *rows.core_pages)
         if rows.recall_pages is not None:
-            positions, page_keys, page_values, low, high = rows.recall_pages
             state.recall = RecallState(
-                pages=HostPages(positions, to_host(page_keys), to_host(page_values), low, high),
+                pages=host_pages(rows.recall_pages),
                 last_query=query[:, :, -1].contiguous(),  # written in place at each step
             )
             if keys.device.type != "cpu" and state.next_refresh:

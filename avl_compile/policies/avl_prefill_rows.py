@@ -12,6 +12,7 @@ kernels per layer (``compiled_prefill_rows``). Eager and compiled run this same 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -19,6 +20,7 @@ from torch import Tensor
 
 from avl_compile.lowering.gathered_attention import pick_rows, score_dtype
 from avl_compile.lowering.slot_attention import slot_logits
+from avl_compile.options import AvlOptions
 from avl_compile.policies.avl_layout import PromptLayout
 from avl_compile.policies.budgets import best_first
 from avl_compile.policies.common import keep_heavy
@@ -31,6 +33,11 @@ class RowPlan(NamedTuple):
 
     recall_page_size: int  # 0: recall off (no evicted pages)
     core_page_size: int  # 0: the query-aware core off
+
+    @classmethod
+    def of(cls, options: AvlOptions) -> RowPlan:
+        recall = options.recall_page_size if options.recall_pages else 0
+        return cls(recall_page_size=recall, core_page_size=options.core_page_size)
 
 
 class PrefillRows(NamedTuple):
@@ -158,12 +165,16 @@ def scored_prefill_rows(
     scale: float,
     layout: PromptLayout,
     plan: RowPlan,
+    combine_heads: Callable[[Tensor], Tensor] | None = None,
 ) -> PrefillRows:
     """``prefill_rows`` with the scores taken from the attention's log-sum-exp ``lse``
-    [B, Hq, Lq] (``LseScoring``: a CPU's)."""
+    [B, Hq, Lq] (``LseScoring``: a CPU's); ``combine_heads``: the image score's mean over
+    every rank's heads (tensor parallel; never compiled: it talks to the other ranks)."""
     scoring = layout.scoring
     assert scoring is not None
     image_score = scoring.last_row_score(query, keys, lse, scale, layout.query_valid)
+    if combine_heads is not None:
+        image_score = combine_heads(image_score)
     text_scores = scoring.column_sums(query, keys, lse, scale, layout.query_valid)
     return prefill_rows(query, keys, values, image_score, text_scores, scale, layout, plan)
 

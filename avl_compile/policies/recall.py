@@ -177,7 +177,7 @@ class RecallState:
             self.chosen.copy_(choose_pages(self.last_query, self.pages, recall_pages))
 
 
-def to_host(tensor: Tensor) -> Tensor:
+def _to_host(tensor: Tensor) -> Tensor:
     """A fresh tensor (a gather's) in host memory: itself on a CPU, pinned from a GPU."""
     return tensor.to("cpu").pin_memory() if tensor.is_cuda else tensor
 
@@ -185,8 +185,13 @@ def to_host(tensor: Tensor) -> Tensor:
 def build_pages(keys: Tensor, values: Tensor, evicted: list[Tensor], page_size: int) -> HostPages:
     """Pages of the ``evicted`` positions (per batch row, ascending) of the prompt's
     ``keys``/``values`` [B, Hkv, L, D], in order of position."""
-    positions, page_keys, page_values, low, high = page_tensors(keys, values, evicted, page_size)
-    return HostPages(positions, to_host(page_keys), to_host(page_values), low, high)
+    return host_pages(page_tensors(keys, values, evicted, page_size))
+
+
+def host_pages(tensors: tuple[Tensor, Tensor, Tensor, Tensor, Tensor]) -> HostPages:
+    """``HostPages`` from ``page_tensors``' five, the rows moved to host memory."""
+    positions, keys, values, low, high = tensors
+    return HostPages(positions, _to_host(keys), _to_host(values), low, high)
 
 
 def page_tensors(
