@@ -8,63 +8,25 @@ a heap for the rows ranked last, insertion sorts of at most R pages and M rows, 
 copies) is the work itself. The op mutates its inputs in place; a graph calls it as an extern
 kernel (no copies: ``Tensor(a!)`` arguments of graph inputs are written in place).
 
-The C file is built once per source with the system C compiler (``$CC``, else ``cc``) into
-``$AVL_CACHE_DIR`` (default ``~/.cache/avl_compile``) and loaded with ``ctypes``; no torch
-headers, so any torch. Where it cannot be built, or the tensors are not float32 rows on
+The C file is built at first use (``native_build``: the system C compiler, no torch
+headers). Where it cannot be built, or the tensors are not float32 rows on
 the CPU, the swap stays the tensor function (one warning says why).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from avl_compile.lowering import native_build
+
 _SOURCE = Path(__file__).with_name("recall_swap.c")
-_FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC")
 _library: ctypes.CDLL | None = None
 _load_failed = False
-
-
-def _cache_dir() -> Path:
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "avl_compile"
-    return Path(os.environ.get("AVL_CACHE_DIR", default))
-
-
-def _build() -> Path:
-    """The shared library of ``recall_swap.c``, compiled if this source and compiler have
-    not been (concurrent builders each write a temporary file and rename it)."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise RuntimeError("no C compiler found (set CC)")
-    source = _SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join((compiler, *_FLAGS)).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"recall_swap_{digest}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(handle)
-    try:
-        done = subprocess.run(
-            [compiler, *_FLAGS, str(_SOURCE), "-o", partial, "-lm"],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        if done.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[:500]}")
-        os.replace(partial, target)
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
-    return target
 
 
 def library() -> ctypes.CDLL | None:
@@ -72,7 +34,7 @@ def library() -> ctypes.CDLL | None:
     global _library, _load_failed
     if _library is None and not _load_failed:
         try:
-            lib = ctypes.CDLL(str(_build()))
+            lib = native_build.load(_SOURCE)
         except (OSError, RuntimeError) as error:
             _load_failed = True
             warnings.warn(

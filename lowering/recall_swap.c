@@ -5,7 +5,7 @@
  * budgets.best_first's (higher score first, then the lower position); float sums may
  * differ from torch's in the last bit, as Inductor's do.
  *
- * Built by lowering/native_recall_swap.py with the system C compiler; no torch headers. */
+ * Built by lowering/native_build.py with the system C compiler; no torch headers. */
 
 #include <math.h>
 #include <stdint.h>

@@ -26,6 +26,7 @@ def test_wheel_maps_the_folders_into_the_package(wheel):
     assert "avl_compile/passes/find_attention_sites.py" in names
     assert "avl_compile/lowering/gathered_attention.py" in names
     assert "avl_compile/lowering/recall_swap.c" in names  # built at first use
+    assert "avl_compile/lowering/core_choice.c" in names
     assert not any(n.startswith(("passes/", "lowering/")) for n in names)
     # the bench and its bundled trained models ship with the package
     assert "avl_compile/bench/cli.py" in names

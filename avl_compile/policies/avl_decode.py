@@ -24,6 +24,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from avl_compile.lowering.native_core_choice import C_BOUND_BOX_BYTES, core_choice
+from avl_compile.lowering.native_core_choice import why_not_native as why_not_native_core_choice
 from avl_compile.lowering.slot_attention import slot_attention, slot_logits
 from avl_compile.policies.budgets import best_first, lightest
 from avl_compile.policies.page_core import CorePages
@@ -203,9 +205,7 @@ def avl_decode_step(
     role = slots.role
     if isinstance(slots, PagedAvlSlots):
         assert core_pages is not None, "the query-aware core needs its page boxes"
-        candidate = (role == OTHER) | (role == CORE)
-        score = core_pages.bound_per_slot(query[:, :, -1], slots.image_ordinal, candidate)
-        _repick_core(slots, score)
+        choose_query_aware_core(query[:, :, -1], slots, core_pages)
         refresh = False
     refreshing, logits = None, None  # [B]: the batch rows that refresh, where that is data
     if isinstance(slots, AdaptiveAvlSlots):
@@ -258,6 +258,28 @@ def _remember_core_lse(slots: AdaptiveAvlSlots, logits: Tensor, refreshed: Tenso
     renew = refreshed | state[:, CORE_LSE].isnan()
     lse = core_lse(logits, slots.role).to(state.dtype)
     state[:, CORE_LSE] = torch.where(renew, lse, state[:, CORE_LSE])
+
+
+def choose_query_aware_core(
+    query: Tensor, slots: PagedAvlSlots, core_pages: CorePages, native: bool = True
+) -> None:
+    """This step's core from its ``query`` [B, Hq, D]: the secondary rows whose pages'
+    digests bound the query's attention highest (``CorePages.bound_per_slot``, then
+    ``_repick_core``). On a CPU one call of C code, ``avl::core_choice`` (``native=False``:
+    the tensor function)."""
+    tensors = {
+        "query": query, "low": core_pages.low, "high": core_pages.high,
+        "image_ordinal": slots.image_ordinal, "role": slots.role, "position": slots.position,
+        "counters": slots.counters,
+    }  # fmt: skip
+    if native and why_not_native_core_choice(tensors) is None:
+        box_bytes = 2 * core_pages.low[0].numel() * core_pages.low.element_size()
+        bound = core_pages.page_bounds(query) if box_bytes > C_BOUND_BOX_BYTES else None
+        core_choice(query, core_pages.low, core_pages.high, bound, slots.image_ordinal,
+                    slots.role, slots.position, slots.counters, core_pages.page_size)  # fmt: skip
+        return
+    candidate = (slots.role == OTHER) | (slots.role == CORE)
+    _repick_core(slots, core_pages.bound_per_slot(query, slots.image_ordinal, candidate))
 
 
 def _repick_core(slots: AvlSlots, score: Tensor, rows: Tensor | None = None) -> None:

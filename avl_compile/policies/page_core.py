@@ -67,18 +67,23 @@ class CorePages:
         tensors = core_page_tensors(keys, ordinal, image_positions.shape[1], page_size, dtype)
         return cls(image_positions, *tensors)
 
-    def bound_per_slot(self, query: Tensor, ordinal: Tensor, candidate: Tensor) -> Tensor:
-        """For every ``candidate`` slot [B, C] (bool), its page's digest bound under
-        ``query`` [B, Hq, D] (``ordinal`` [B, C] the slot's image token); -inf elsewhere.
-        Returns [B, C] in the boxes' dtype."""
+    def page_bounds(self, query: Tensor) -> Tensor:
+        """Every page's digest bound under ``query`` [B, Hq, D], averaged over the query
+        heads: [B, pages] in the boxes' dtype."""
         batch, q_heads, head_dim = query.shape
         kv_heads, n_pages = self.low.shape[1], self.low.shape[2]
         q = query.reshape(batch, kv_heads, q_heads // kv_heads, 1, head_dim).to(self.low.dtype)
         q = materialized(q)  # read for every page: its rotary embedding computed once
         bound = digest_bound(q, self.low[:, :, None], self.high[:, :, None])
-        bound = bound.reshape(batch, q_heads, n_pages).mean(dim=1)  # [B, pages]
+        return bound.reshape(batch, q_heads, n_pages).mean(dim=1)
+
+    def bound_per_slot(self, query: Tensor, ordinal: Tensor, candidate: Tensor) -> Tensor:
+        """For every ``candidate`` slot [B, C] (bool), its page's digest bound under
+        ``query`` [B, Hq, D] (``ordinal`` [B, C] the slot's image token); -inf elsewhere.
+        Returns [B, C] in the boxes' dtype."""
+        bound = self.page_bounds(query)
         # pages with no resident row hold inf/nan, but no candidate reads them
-        page = (ordinal // self.page_size).clamp(min=0, max=n_pages - 1)
+        page = (ordinal // self.page_size).clamp(min=0, max=bound.shape[1] - 1)
         score = bound.gather(1, page)
         return score.masked_fill(~candidate, -math.inf)  # float32-born: one sort (best_first)
 
