@@ -16,7 +16,6 @@ float32 on the CPU, the choice stays the tensor function (one warning says why).
 from __future__ import annotations
 
 import ctypes
-import warnings
 from pathlib import Path
 
 import torch
@@ -25,30 +24,17 @@ from torch import Tensor
 from avl_compile.lowering import native_build
 
 _SOURCE = Path(__file__).with_name("core_choice.c")
-_library: ctypes.CDLL | None = None
-_load_failed = False
+_CHOICE = native_build.NativeFunction(
+    _SOURCE,
+    "avl_core_choice",
+    [ctypes.c_int64] * 7 + [ctypes.c_void_p] * 8,
+    "the query-aware core's choice runs as tensor operations",
+)
 
 
-def library() -> ctypes.CDLL | None:
-    """The loaded C choice, or None (with one warning) where it cannot be built."""
-    global _library, _load_failed
-    if _library is None and not _load_failed:
-        try:
-            lib = native_build.load(_SOURCE)
-        except (OSError, RuntimeError) as error:
-            _load_failed = True
-            warnings.warn(
-                f"avl: the query-aware core's choice runs as tensor operations (slower on a "
-                f"CPU): its C version could not be built or loaded ({error})",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            return None
-        pointer, size = ctypes.c_void_p, ctypes.c_int64
-        lib.avl_core_choice.restype = ctypes.c_int
-        lib.avl_core_choice.argtypes = [size] * 7 + [pointer] * 8
-        _library = lib
-    return _library
+def library():
+    """The loaded C choice function, or None (with one warning) where it cannot be built."""
+    return _CHOICE.get()
 
 
 _SCHEMA = (
@@ -71,13 +57,13 @@ def _core_choice_cpu(
     counters: Tensor,
     page_size: int,
 ) -> None:
-    lib = library()
-    if lib is None:
+    choice = library()
+    if choice is None:
         raise RuntimeError("avl::core_choice called where its C library could not be loaded")
     query = query.contiguous()  # a graph may hand over a view of the step's query
     batch, q_heads, head_dim = query.shape
     kv_heads, n_pages = low.shape[1], low.shape[2]
-    status = lib.avl_core_choice(
+    status = choice(
         batch, q_heads, kv_heads, role.shape[1], head_dim, n_pages, page_size,
         query.data_ptr(), low.data_ptr(), high.data_ptr(),
         None if page_bound is None else page_bound.contiguous().data_ptr(),
@@ -105,17 +91,15 @@ C_BOUND_BOX_BYTES = 512 * 1024  # per batch row and layer
 
 def why_not_native(tensors: dict[str, Tensor]) -> str | None:
     """Why these tensors (by the op's argument names) cannot take the C choice, or None:
-    every one on the CPU and contiguous, the query, boxes and bounds float32, roles int8,
-    the rest int64; and the C library loads."""
-    for name, tensor in tensors.items():
-        if tensor.device.type != "cpu":
-            return f"{name} is on {tensor.device}"
-        if name != "query" and not tensor.is_contiguous():
-            return f"{name} is not contiguous"
-        wanted = {"role": torch.int8, "image_ordinal": torch.int64, "position": torch.int64,
-                  "counters": torch.int64}.get(name, torch.float32)  # fmt: skip
-        if tensor.dtype != wanted:
-            return f"{name} is {tensor.dtype}, not {wanted}"
-    if library() is None:
+    every one on the CPU and contiguous (the query may be a view: the op copies it), the
+    query, boxes and bounds float32, roles int8, the rest int64; and the C library loads."""
+    reason = native_build.why_not_native(tensors, _dtype_of, strided_ok=("query",))
+    if reason is None and library() is None:
         return "its C library could not be built"
-    return None
+    return reason
+
+
+def _dtype_of(name: str) -> torch.dtype:
+    if name == "role":
+        return torch.int8
+    return torch.int64 if name in ("image_ordinal", "position", "counters") else torch.float32

@@ -16,7 +16,6 @@ the CPU, the swap stays the tensor function (one warning says why).
 from __future__ import annotations
 
 import ctypes
-import warnings
 from pathlib import Path
 
 import torch
@@ -25,33 +24,19 @@ from torch import Tensor
 from avl_compile.lowering import native_build
 
 _SOURCE = Path(__file__).with_name("recall_swap.c")
-_library: ctypes.CDLL | None = None
-_load_failed = False
+_pointer_type, _size = ctypes.c_void_p, ctypes.c_int64
+_SWAP = native_build.NativeFunction(
+    _SOURCE,
+    "avl_recall_swap",
+    [_size] * 8 + [ctypes.c_double] + [_pointer_type] * 11 + [_pointer_type] * 2 + [_size]
+    + [_pointer_type] * 3 + [_size, _size, _pointer_type],
+    "recall's swap runs as tensor operations",
+)  # fmt: skip
 
 
-def library() -> ctypes.CDLL | None:
-    """The loaded C swap, or None (with one warning) where it cannot be built."""
-    global _library, _load_failed
-    if _library is None and not _load_failed:
-        try:
-            lib = native_build.load(_SOURCE)
-        except (OSError, RuntimeError) as error:
-            _load_failed = True
-            warnings.warn(
-                f"avl: recall's swap runs as tensor operations (slower on a CPU): its C "
-                f"version could not be built or loaded ({error})",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            return None
-        pointer, size = ctypes.c_void_p, ctypes.c_int64
-        lib.avl_recall_swap.restype = ctypes.c_int
-        lib.avl_recall_swap.argtypes = (
-            [size] * 8 + [ctypes.c_double] + [pointer] * 11 + [pointer, pointer, size]
-            + [pointer] * 3 + [size, size, pointer]
-        )  # fmt: skip
-        _library = lib
-    return _library
+def library():
+    """The loaded C swap function, or None (with one warning) where it cannot be built."""
+    return _SWAP.get()
 
 
 _SCHEMA = (
@@ -92,15 +77,15 @@ def _recall_swap_cpu(
     recall_pages: int,
     scale: float,
 ) -> None:
-    lib = library()
-    if lib is None:
+    swap = library()
+    if swap is None:
         raise RuntimeError("avl::recall_swap called where its C library could not be loaded")
     batch, q_heads, head_dim = query.shape
     kv_heads, capacity = keys.shape[1], keys.shape[2]
     n_pages, page_size = page_positions.shape[1], page_positions.shape[2]
     n_image = 0 if image_positions is None else image_positions.shape[1]
     n_core, core_size = (0, 0) if members is None else (members.shape[1], members.shape[2])
-    status = lib.avl_recall_swap(
+    status = swap(
         batch, q_heads, kv_heads, capacity, head_dim, n_pages, page_size,
         min(recall_pages, n_pages), scale,
         query.data_ptr(), keys.data_ptr(), values.data_ptr(), role.data_ptr(),
@@ -129,21 +114,16 @@ def why_not_native(tensors: dict[str, Tensor | None]) -> str | None:
     """Why these tensors (by the op's argument names) cannot take the C swap, or None:
     every one on the CPU, contiguous, rows and scores float32, roles int8, the rest int64;
     and the C library loads."""
-    for name, tensor in tensors.items():
-        if tensor is None:
-            continue
-        if tensor.device.type != "cpu":
-            return f"{name} is on {tensor.device}"
-        if not tensor.is_contiguous():
-            return f"{name} is not contiguous"
-        wanted = {"role": torch.int8}.get(
-            name, torch.int64 if name in _INDEX_NAMES else torch.float32
-        )
-        if tensor.dtype != wanted:
-            return f"{name} is {tensor.dtype}, not {wanted}"
-    if library() is None:
+    reason = native_build.why_not_native(tensors, _dtype_of)
+    if reason is None and library() is None:
         return "its C library could not be built"
-    return None
+    return reason
+
+
+def _dtype_of(name: str) -> torch.dtype:
+    if name == "role":
+        return torch.int8
+    return torch.int64 if name in _INDEX_NAMES else torch.float32
 
 
 _INDEX_NAMES = ("position", "page_positions", "image_ordinal", "image_positions", "members",
