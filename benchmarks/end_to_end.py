@@ -10,16 +10,20 @@ compiled decode loop (``compile_config``: a static cache for dense, ``AvlCache``
 Random weights (speed needs no trained weights). Each configuration generates the same
 prompt greedily; a logits processor stamps the time of every new token, and decode time per
 token is (last stamp - first stamp) / (N - 1): the prefill is excluded. Time to first token
-(prefill, vision tower included) is from the call of generate to the first stamp. Best of
-the repeats (on a shared machine interference only adds time); every configuration is compiled
-and warmed up first, then the repeats run interleaved (A B, B A, ...), since whichever runs
-first in a process is slower. Resident KV is the bytes of
-the cache tensors after generate.
+(prefill, vision tower included) is from the call of generate to the first stamp. Every
+configuration is compiled and warmed up first, then the repeats run interleaved in rounds
+(A B C, B C A, ...), since whichever runs first in a process is slower. Times are the best
+of the repeats (interference only adds time). Ratios to dense Inductor are the median over
+rounds of the ratio within a round: this machine's speed drifts by tens of percent over
+seconds (a fixed matmul loop: 50 to 75 ms), so two configurations' best times may come from
+different phases; neighbours in one round share a phase. Resident KV is the bytes of the
+cache tensors after generate.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 import traceback
 from collections.abc import Callable
@@ -234,27 +238,38 @@ def main() -> None:
         for repeat in range(args.repeats):
             for i in range(len(prepared)):
                 prepared[(i + repeat) % len(prepared)].time_once()
-        rows.extend(p.row() for p in prepared)
+        baseline = _compiled_baseline(prepared)
         for p in prepared:
-            print(p.row(), flush=True)
+            row = p.row()
+            if baseline is not None:
+                row["speedup vs dense inductor"] = paired_ratio(baseline.decode, p.decode)
+                row["first token vs dense inductor"] = paired_ratio(
+                    p.first_token, baseline.first_token
+                )
+            rows.append(row)
+            print(row, flush=True)
         del prepared
         if args.device == "cuda":
             torch.cuda.empty_cache()
     dense = {r["batch"]: r for r in rows if r["config"] == "dense eager"}
-    inductor = {r["batch"]: r for r in rows if r["config"] == "dense inductor"}
-    # on a GPU the compiled baseline is dense Inductor with CUDA graphs where it ran
-    inductor.update({r["batch"]: r for r in rows if r["config"] == "dense inductor (cudagraphs)"})
     for row in rows:
-        base, compiled = dense.get(row["batch"]), inductor.get(row["batch"])
+        base = dense.get(row["batch"])
         if base:
             row["speedup vs dense eager"] = base["ms/token"] / row["ms/token"]
             row["KV vs dense"] = row["resident KV MB"] / base["resident KV MB"]
-        if compiled:
-            row["speedup vs dense inductor"] = compiled["ms/token"] / row["ms/token"]
-            row["first token vs dense inductor"] = (
-                row["first token ms"] / compiled["first token ms"]
-            )
     print(tabulate(rows, headers="keys", floatfmt=".3g"))
+
+
+def _compiled_baseline(prepared: list[Prepared]) -> Prepared | None:
+    """Dense Inductor, or on a GPU dense Inductor with CUDA graphs where it ran."""
+    by_name = {p.name: p for p in prepared}
+    return by_name.get("dense inductor (cudagraphs)") or by_name.get("dense inductor")
+
+
+def paired_ratio(numerators: list[float], denominators: list[float]) -> float:
+    """The median over rounds of numerator / denominator within a round (the repeats of
+    two configurations, index by index, ran next to each other)."""
+    return statistics.median(n / d for n, d in zip(numerators, denominators, strict=True))
 
 
 if __name__ == "__main__":
