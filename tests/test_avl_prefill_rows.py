@@ -103,6 +103,8 @@ def test_compiled_selection_keeps_the_eager_rows(name):
         arguments = (query, keys, values, lse, 0.25, layout, plan)
         eager = scored_prefill_rows(*arguments)
         compiled = avl_prefill_rows.compiled_prefill_rows()(*arguments)
+        if eager.recall_pages is not None:  # the count the runtime reports without a read
+            assert int((eager.recall_pages[0] >= 0).sum()) == layout.evicted_rows > 0
         for field, want in eager._asdict().items():
             got = getattr(compiled, field)
             if want is None:

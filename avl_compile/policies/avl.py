@@ -191,7 +191,8 @@ class AvlPolicy:
             state.core_pages = CorePages(layout.image_positions, *rows.core_pages)
         if rows.recall_pages is not None:
             state.recall = RecallState(
-                pages=host_pages(rows.recall_pages),
+                # every image row outside the secondary set is evicted to a page
+                pages=host_pages(rows.recall_pages, held_rows=layout.evicted_rows),
                 last_query=query[:, :, -1].contiguous(),  # written in place at each step
             )
             if keys.device.type != "cpu" and state.next_refresh:

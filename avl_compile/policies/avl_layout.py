@@ -52,6 +52,12 @@ class PromptLayout:
     scoring: LseScoring | None  # the scores' masks (None off CPUs)
     attn_mask: Tensor | None  # the mask it was made for (held: its id keys the layout)
 
+    @property
+    def evicted_rows(self) -> int:
+        """Image rows outside the secondary set, every batch row's (recall's pages hold
+        them): known from the shapes, no read of a device."""
+        return sum(p.numel() - s for p, s in zip(self.image_pos, self.n_secondary, strict=True))
+
 
 def prompt_layout(
     query: Tensor,

@@ -67,11 +67,17 @@ class HostPages:
     values: Tensor  # [B, Hkv, P, S, D]
     low: Tensor  # [B, Hkv, P, D] the digest, on the cache's device (+inf: an empty page)
     high: Tensor  # [B, Hkv, P, D] (-inf: an empty page)
+    # the rows held, every batch row's, where the builder knows it from the prompt's layout
+    # (swaps keep it: a page keeps its row count); None: counted from the positions
+    held_rows: int | None = None
 
     @property
     def nbytes(self) -> int:
-        """Host-resident KV bytes (of the rows held; one read of the positions)."""
-        rows = int((self.positions >= 0).sum())
+        """Host-resident KV bytes of the rows held (without ``held_rows``, one read of the
+        positions: a sync on a GPU)."""
+        rows = self.held_rows
+        if rows is None:
+            rows = int((self.positions >= 0).sum())
         per_row = 2 * self.keys.shape[1] * self.keys.shape[-1] * self.keys.element_size()
         return rows * per_row
 
@@ -188,10 +194,12 @@ def build_pages(keys: Tensor, values: Tensor, evicted: list[Tensor], page_size: 
     return host_pages(page_tensors(keys, values, evicted, page_size))
 
 
-def host_pages(tensors: tuple[Tensor, Tensor, Tensor, Tensor, Tensor]) -> HostPages:
+def host_pages(
+    tensors: tuple[Tensor, Tensor, Tensor, Tensor, Tensor], held_rows: int | None = None
+) -> HostPages:
     """``HostPages`` from ``page_tensors``' five, the rows moved to host memory."""
     positions, keys, values, low, high = tensors
-    return HostPages(positions, _to_host(keys), _to_host(values), low, high)
+    return HostPages(positions, _to_host(keys), _to_host(values), low, high, held_rows)
 
 
 def page_tensors(
