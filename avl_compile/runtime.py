@@ -229,7 +229,7 @@ class AvlRuntime:
                 f"the recorded image mask {tuple(context.image_mask.shape)} does not match the "
                 f"prompt {(batch, q_len)}"
             )
-        elif not bool(context.image_mask.any(dim=-1).all()):
+        elif not context.rows_all_hold_images():
             reason = "a prompt in the batch holds no image tokens"
         if reason is not None:
             if context is not None:  # spent on this prompt, even though it runs dense

@@ -15,6 +15,7 @@ from avl_compile.passes.find_image_mask import find_image_scatters
 from avl_compile.passes.record_image_mask import insert_image_mask_recorders
 from avl_compile.passes.rewrite_attention_sites import rewrite_attention_sites
 from avl_compile.passes.split_at_runtime_calls import is_runtime_call, split_at_runtime_calls
+from avl_compile.policies.common import PrefillContext
 from avl_compile.policies.decode_schedule import spare_slots
 from avl_compile.runtime import AvlRuntime, ImageMaskRecorder, SiteCall, rows_in_use
 from avl_compile.tiny_models import llava_prompt, tiny_llava
@@ -70,6 +71,38 @@ def test_a_text_only_generate_warns_once_not_once_per_layer():
         "avl: this prompt runs dense attention in every decoder layer: no image tokens were "
         "found for this prompt"
     ]
+
+
+def test_a_batch_with_a_text_only_prompt_runs_dense_with_one_warning(monkeypatch):
+    """Row 1 holds no image token: the prompt runs dense in every layer (the same tokens as
+    the uncompiled model) and says why once; the mask is read by the first layer only."""
+    model = tiny_llava()
+    prompt = llava_prompt(model, [[1, 5]], [[7]])
+    with_image = prompt.inputs["input_ids"][0]
+    text_only = torch.full_like(with_image, 6)
+    inputs = {**prompt.inputs, "input_ids": torch.stack([with_image, text_only])}
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    expected = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    reads = []
+    original = PrefillContext.rows_all_hold_images
+
+    def counted(self):
+        reads.append(self.every_row_has_image is None)
+        return original(self)
+
+    monkeypatch.setattr(PrefillContext, "rows_all_hold_images", counted)
+    compiled = avl_compile.compile(tiny_llava(), options={"inner": "eager"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = compiled.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert torch.equal(got, expected)
+    messages = [str(w.message) for w in caught if str(w.message).startswith("avl")]
+    assert messages == [
+        "avl: this prompt runs dense attention in every decoder layer: a prompt in the batch "
+        "holds no image tokens"
+    ]
+    layers = model.config.text_config.num_hidden_layers
+    assert reads == [True] + [False] * (layers - 1)  # one read of the mask, then the answer
 
 
 def test_recorder_is_inserted_after_the_scatter_and_survives_dead_code_elimination():

@@ -30,6 +30,14 @@ class PrefillContext:
     # where a layer's heads are split over ranks (tensor parallel): turns a mean over this
     # rank's heads into the mean over every head (equal head counts per rank); None: one rank
     combine_heads: Callable[[Tensor], Tensor] | None = None
+    # whether every prompt of the batch holds an image token: read from the mask by the
+    # first layer (a read of the device), not by every layer
+    every_row_has_image: bool | None = None
+
+    def rows_all_hold_images(self) -> bool:
+        if self.every_row_has_image is None:
+            self.every_row_has_image = bool(self.image_mask.any(dim=-1).all())
+        return self.every_row_has_image
 
 
 def prefill_logits_bias(
