@@ -243,6 +243,8 @@ def main() -> None:
             row = p.row()
             if baseline is not None:
                 row["speedup vs dense inductor"] = paired_ratio(baseline.decode, p.decode)
+                # this machine's rounds spread by tens of percent: the range says how much
+                row["speedup rounds' range"] = ratio_range(baseline.decode, p.decode)
                 row["first token vs dense inductor"] = paired_ratio(
                     p.first_token, baseline.first_token
                 )
@@ -270,6 +272,13 @@ def paired_ratio(numerators: list[float], denominators: list[float]) -> float:
     """The median over rounds of numerator / denominator within a round (the repeats of
     two configurations, index by index, ran next to each other)."""
     return statistics.median(n / d for n, d in zip(numerators, denominators, strict=True))
+
+
+def ratio_range(numerators: list[float], denominators: list[float]) -> str:
+    """The lowest and highest within-round ratio, as "low-high" (``paired_ratio``'s
+    rounds)."""
+    ratios = [n / d for n, d in zip(numerators, denominators, strict=True)]
+    return f"{min(ratios):.2f}-{max(ratios):.2f}"
 
 
 if __name__ == "__main__":
