@@ -268,16 +268,20 @@ def _compiled_baseline(prepared: list[Prepared]) -> Prepared | None:
     return by_name.get("dense inductor (cudagraphs)") or by_name.get("dense inductor")
 
 
+def round_ratios(numerators: list[float], denominators: list[float]) -> list[float]:
+    """numerator / denominator within each round (the repeats of two configurations, index
+    by index, ran next to each other)."""
+    return [n / d for n, d in zip(numerators, denominators, strict=True)]
+
+
 def paired_ratio(numerators: list[float], denominators: list[float]) -> float:
-    """The median over rounds of numerator / denominator within a round (the repeats of
-    two configurations, index by index, ran next to each other)."""
-    return statistics.median(n / d for n, d in zip(numerators, denominators, strict=True))
+    """The median over rounds of the ratio within a round."""
+    return statistics.median(round_ratios(numerators, denominators))
 
 
 def ratio_range(numerators: list[float], denominators: list[float]) -> str:
-    """The lowest and highest within-round ratio, as "low-high" (``paired_ratio``'s
-    rounds)."""
-    ratios = [n / d for n, d in zip(numerators, denominators, strict=True)]
+    """The lowest and highest ratio within a round, as "low-high"."""
+    ratios = round_ratios(numerators, denominators)
     return f"{min(ratios):.2f}-{max(ratios):.2f}"
 
 
