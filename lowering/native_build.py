@@ -1,14 +1,17 @@
-"""The C sources of ``lowering`` built into shared libraries at first use.
+"""The C sources of ``lowering`` and their torch bindings built into one shared library at
+first use.
 
-Each source is compiled once per content and compiler with the system C compiler (``$CC``,
-else ``cc``) into ``$AVL_CACHE_DIR`` (default ``~/.cache/avl_compile``) and loaded with
-``ctypes``; no torch headers, so any torch. Concurrent builders each write a temporary
-file and rename it.
+``recall_swap.c`` and ``core_choice.c`` are compiled with the system C compiler (``$CC``,
+else ``cc``; no torch headers), ``torch_kernels.cpp`` with the C++ compiler (``$CXX``, else
+``c++``) against the running torch's headers, and linked into one library per content,
+compilers and torch version in ``$AVL_CACHE_DIR`` (default ``~/.cache/avl_compile``).
+Loading it registers the CPU kernels of ``avl::recall_swap`` and ``avl::core_choice`` (the
+schemas are defined in Python), so a compiled graph's call goes through the dispatcher
+straight to the C code. Concurrent builders each write a temporary file and rename it.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 import shutil
@@ -21,7 +24,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-_FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC")
+_HERE = Path(__file__).parent
+C_SOURCES = (_HERE / "recall_swap.c", _HERE / "core_choice.c")
+BINDING = _HERE / "torch_kernels.cpp"
+_C_FLAGS = ("-O3", "-std=c99", "-fPIC")
+# torch 2.13's headers use C++20 (default member initializers of bit-fields)
+_CXX_FLAGS = ("-O2", "-std=c++20", "-fPIC", "-w")
 
 
 def cache_dir() -> Path:
@@ -29,67 +37,74 @@ def cache_dir() -> Path:
     return Path(os.environ.get("AVL_CACHE_DIR", default))
 
 
-def build(source: Path) -> Path:
-    """The shared library of ``source`` (``<stem>_<digest>.so`` in ``cache_dir()``),
-    compiled if this source and compiler have not been. Raises RuntimeError where no
-    compiler runs it."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise RuntimeError("no C compiler found (set CC)")
-    text = source.read_bytes()
-    digest = hashlib.sha256(text + " ".join((compiler, *_FLAGS)).encode()).hexdigest()[:16]
-    target = cache_dir() / f"{source.stem}_{digest}.so"
+def _compiler(variable: str, language: str, *names: str) -> str:
+    found = os.environ.get(variable) or next(filter(None, map(shutil.which, names)), None)
+    if found is None:
+        raise RuntimeError(f"no {language} compiler found (set {variable})")
+    return found
+
+
+def _run(command: list[str]) -> None:
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{command[0]} failed: {done.stderr.strip()[:500]}")
+
+
+def build(c_sources: tuple[Path, ...] = C_SOURCES, binding: Path = BINDING) -> Path:
+    """The shared library of ``c_sources`` and ``binding`` (``<binding stem>_<digest>.so``
+    in ``cache_dir()``), built if these sources, compilers and torch have not been.
+    Raises RuntimeError where a compiler is missing or fails."""
+    cc, cxx = _compiler("CC", "C", "cc", "gcc"), _compiler("CXX", "C++", "c++", "g++")
+    torch_dir = Path(torch.__file__).parent
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    include, lib = torch_dir / "include", torch_dir / "lib"
+    cxx_flags = (*_CXX_FLAGS, abi, f"-I{include}")
+    digest = hashlib.sha256()
+    for source in (*c_sources, binding):
+        digest.update(source.read_bytes())
+    digest.update(" ".join((cc, *_C_FLAGS, cxx, *cxx_flags, torch.__version__)).encode())
+    target = cache_dir() / f"{binding.stem}_{digest.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(handle)
-    try:
-        done = subprocess.run(
-            [compiler, *_FLAGS, str(source), "-o", partial, "-lm"],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        if done.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[:500]}")
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        objects = []
+        for source in c_sources:
+            objects.append(str(Path(scratch) / f"{source.stem}.o"))
+            _run([cc, *_C_FLAGS, "-c", str(source), "-o", objects[-1]])
+        partial = str(Path(scratch) / target.name)
+        _run([cxx, *cxx_flags, "-shared", str(binding), *objects, "-o", partial,
+              f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}", "-lm"])  # fmt: skip
         os.replace(partial, target)
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
     return target
 
 
-def load(source: Path) -> ctypes.CDLL:
-    """``source`` built (``build``) and loaded; raises OSError or RuntimeError."""
-    return ctypes.CDLL(str(build(source)))
+class TorchKernels:
+    """The library of ``build``, loaded at its first use (``loaded``); where building or
+    loading fails, False from then on and one warning of what runs instead."""
 
+    def __init__(self, fallback: str) -> None:
+        self.fallback = fallback
+        self._state: bool | None = None
 
-class NativeFunction:
-    """One C function of one source, built and loaded at its first use (``get``); where
-    that fails, None from then on and one warning that ``fallback`` runs instead."""
-
-    def __init__(self, source: Path, name: str, argtypes: list, fallback: str) -> None:
-        self.source, self.name, self.argtypes, self.fallback = source, name, argtypes, fallback
-        self._function = None
-        self._failed = False
-
-    def get(self):
-        """The ``ctypes`` function (returning a C int), or None where it cannot be had."""
-        if self._function is None and not self._failed:
+    def loaded(self) -> bool:
+        if self._state is None:
             try:
-                function = getattr(load(self.source), self.name)
-            except (OSError, RuntimeError, AttributeError) as error:
-                self._failed = True
+                torch.ops.load_library(str(build()))
+                self._state = True
+            except (OSError, RuntimeError) as error:
+                self._state = False
                 warnings.warn(
-                    f"avl: {self.fallback} (slower on a CPU): its C version could not be "
+                    f"avl: {self.fallback} (slower on a CPU): their C kernels could not be "
                     f"built or loaded ({error})",
                     RuntimeWarning,
                     stacklevel=3,
                 )
-                return None
-            function.restype = ctypes.c_int
-            function.argtypes = self.argtypes
-            self._function = function
-        return self._function
+        return self._state
+
+
+# one library for both ops: the first op that asks builds and loads it
+KERNELS = TorchKernels("recall's swap and the query-aware core's choice run as tensor operations")
 
 
 def why_not_native(

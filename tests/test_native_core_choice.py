@@ -20,7 +20,7 @@ from avl_compile.policies.avl_decode import (
 )
 from avl_compile.policies.page_core import CorePages, image_ordinals
 
-pytestmark = pytest.mark.skipif(library() is None, reason="no C compiler for the C choice")
+pytestmark = pytest.mark.skipif(not library(), reason="no C compiler for the C choice")
 
 KV_HEADS, Q_HEADS, CAPACITY = 2, 4, 30
 

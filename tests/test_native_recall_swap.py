@@ -12,7 +12,7 @@ from avl_compile.policies.avl_decode import CORE, FREE, OTHER, SINK, TEXT, AvlSl
 from avl_compile.policies.page_core import CorePages, image_ordinals
 from avl_compile.policies.recall import HostPages, build_pages, recall_before_step
 
-pytestmark = pytest.mark.skipif(library() is None, reason="no C compiler for the C swap")
+pytestmark = pytest.mark.skipif(not library(), reason="no C compiler for the C swap")
 
 KV_HEADS, Q_HEADS = 2, 4
 

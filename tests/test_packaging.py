@@ -73,7 +73,7 @@ def test_installed_wheel_imports_outside_the_checkout(wheel, tmp_path):
         text=True,
     )
     assert result.stdout.strip() == "ok True", result.stderr
-    assert list((tmp_path / "cache").glob("recall_swap_*.so"))
+    assert list((tmp_path / "cache").glob("torch_kernels_*.so"))
 
 
 def test_backend_name_resolves_without_importing_the_package():
