@@ -12,6 +12,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 enum { ROLE_OTHER = 1, ROLE_CORE = 3 }; /* policies/avl_decode.py's OTHER and CORE */
 enum { N_CORE_COLUMN = 3 };             /* avl_decode.py's N_CORE, of counters [B, 5] */
@@ -23,25 +24,37 @@ typedef struct {
     int64_t slot;
 } Candidate;
 
-/* a ranks below b under the tie rule */
-static int ranks_below(const Candidate *a, const Candidate *b) {
-    if (a->score != b->score) return a->score < b->score;
-    if (a->preferred != b->preferred) return a->preferred < b->preferred;
-    return a->position > b->position;
+/* a ranks ahead of b among equal scores: in the core before, then the lower position */
+static int compare_tied(const void *x, const void *y) {
+    const Candidate *a = x, *b = y;
+    if (a->preferred != b->preferred) return b->preferred - a->preferred;
+    return (a->position > b->position) - (a->position < b->position);
 }
 
-/* min-heap under the rule: its root is the lowest-ranked candidate kept so far */
-static void sift_down(Candidate *heap, int64_t size, int64_t at) {
-    for (;;) {
-        int64_t child = 2 * at + 1, low = at;
-        if (child < size && ranks_below(&heap[child], &heap[low])) low = child;
-        if (child + 1 < size && ranks_below(&heap[child + 1], &heap[low])) low = child + 1;
-        if (low == at) return;
-        Candidate t = heap[at];
-        heap[at] = heap[low];
-        heap[low] = t;
-        at = low;
+/* the float's bits as an unsigned key in the float's order (-0 as +0: equal scores, equal
+ * keys), so a choice by score is a choice by key */
+static uint32_t ordered_key(float score) {
+    score += 0.0f;
+    uint32_t bits;
+    memcpy(&bits, &score, sizeof bits);
+    return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+/* the n-th largest (1-based, n <= count) of keys: a radix select, a byte at a time from the
+ * top, counting only keys that share the bytes chosen so far (branch-free counts: the heap
+ * it replaced mispredicted its comparisons of random scores) */
+static uint32_t nth_largest(const uint32_t *keys, int64_t count, int64_t n) {
+    uint32_t prefix = 0, mask = 0;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        int64_t histogram[256] = {0};
+        for (int64_t i = 0; i < count; i++)
+            histogram[(keys[i] >> shift) & 255u] += (keys[i] & mask) == prefix;
+        int digit = 255;
+        for (; digit > 0 && n > histogram[digit]; digit--) n -= histogram[digit];
+        prefix |= (uint32_t)digit << shift;
+        mask |= 255u << shift;
     }
+    return prefix;
 }
 
 /* sums in 8 lanes, added pairwise at the end (as recall_swap.c's) */
@@ -78,17 +91,19 @@ int avl_core_choice(
     if (batch <= 0 || capacity <= 0) return 0;
     float *bound = malloc(sizeof(float) * (size_t)(n_pages > 0 ? n_pages : 1));
     char *known = calloc((size_t)(n_pages > 0 ? n_pages : 1), 1);
-    Candidate *best = malloc(sizeof(Candidate) * (size_t)capacity);
-    if (!bound || !known || !best) {
+    Candidate *candidates = malloc(sizeof(Candidate) * (size_t)capacity);
+    uint32_t *keys = malloc(sizeof(uint32_t) * (size_t)capacity);
+    if (!bound || !known || !candidates || !keys) {
         free(bound);
         free(known);
-        free(best);
+        free(candidates);
+        free(keys);
         return -1;
     }
     for (int64_t b = 0; b < batch; b++) {
         int8_t *role_b = role + b * capacity;
         const int64_t n_core = counters[b * 5 + N_CORE_COLUMN];
-        int64_t kept = 0;
+        int64_t count = 0;
         if (page_bound == NULL)
             for (int64_t p = 0; p < n_pages; p++) known[p] = 0;
         for (int64_t i = 0; i < capacity; i++) {
@@ -112,21 +127,33 @@ int avl_core_choice(
                 score = bound[page];
             }
             Candidate c = {score, r == ROLE_CORE, position[b * kv_heads * capacity + i], i};
+            candidates[count] = c;
+            keys[count++] = ordered_key(score);
             role_b[i] = ROLE_OTHER;
-            if (n_core <= 0) continue;
-            if (kept < n_core) {
-                best[kept++] = c;
-                if (kept == n_core)
-                    for (int64_t at = kept / 2 - 1; at >= 0; at--) sift_down(best, kept, at);
-            } else if (ranks_below(&best[0], &c)) {
-                best[0] = c;
-                sift_down(best, kept, 0);
+        }
+        if (n_core <= 0 || count == 0) continue;
+        if (n_core >= count) {
+            for (int64_t k = 0; k < count; k++) role_b[candidates[k].slot] = ROLE_CORE;
+            continue;
+        }
+        /* the rows scored above the n_core-th score are in; of the rows at that score, the
+         * tie rule takes as many as are left */
+        const uint32_t threshold = nth_largest(keys, count, n_core);
+        int64_t chosen = 0, tied = 0;
+        for (int64_t k = 0; k < count; k++) {
+            if (keys[k] > threshold) {
+                role_b[candidates[k].slot] = ROLE_CORE;
+                chosen++;
+            } else if (keys[k] == threshold) {
+                candidates[tied++] = candidates[k]; /* tied <= k: nothing unread is overwritten */
             }
         }
-        for (int64_t k = 0; k < kept; k++) role_b[best[k].slot] = ROLE_CORE;
+        qsort(candidates, (size_t)tied, sizeof(Candidate), compare_tied);
+        for (int64_t k = 0; k < n_core - chosen; k++) role_b[candidates[k].slot] = ROLE_CORE;
     }
     free(bound);
     free(known);
-    free(best);
+    free(candidates);
+    free(keys);
     return 0;
 }
