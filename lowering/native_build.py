@@ -52,7 +52,8 @@ def _run(command: list[str]) -> None:
 
 def build(c_sources: tuple[Path, ...] = C_SOURCES, binding: Path = BINDING) -> Path:
     """The shared library of ``c_sources`` and ``binding`` (``<binding stem>_<digest>.so``
-    in ``cache_dir()``), built if these sources, compilers and torch have not been.
+    in ``cache_dir()``), built if these sources, compilers and torch (version and install:
+    the include path is among the flags) have not been.
     Raises RuntimeError where a compiler is missing or fails."""
     cc, cxx = _compiler("CC", "C", "cc", "gcc"), _compiler("CXX", "C++", "c++", "g++")
     torch_dir = Path(torch.__file__).parent
@@ -62,6 +63,7 @@ def build(c_sources: tuple[Path, ...] = C_SOURCES, binding: Path = BINDING) -> P
     digest = hashlib.sha256()
     for source in (*c_sources, binding):
         digest.update(source.read_bytes())
+    # the torch it binds to, by version and place (a library links that install's libc10)
     digest.update(" ".join((cc, *_C_FLAGS, cxx, *cxx_flags, torch.__version__)).encode())
     target = cache_dir() / f"{binding.stem}_{digest.hexdigest()[:16]}.so"
     if target.exists():
