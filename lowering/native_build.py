@@ -115,7 +115,8 @@ def why_not_native(
     strided_ok: tuple[str, ...] = (),
 ) -> str | None:
     """Why these tensors (by a C op's argument names; None: absent) cannot go to C code, or
-    None: every one on the CPU, contiguous (but ``strided_ok``), of ``dtype_of(name)``."""
+    None: every one on the CPU, contiguous (but ``strided_ok``), of ``dtype_of(name)``; and
+    the C kernels load."""
     for name, tensor in tensors.items():
         if tensor is None:
             continue
@@ -125,4 +126,4 @@ def why_not_native(
             return f"{name} is not contiguous"
         if tensor.dtype != dtype_of(name):
             return f"{name} is {tensor.dtype}, not {dtype_of(name)}"
-    return None
+    return None if KERNELS.loaded() else "its C library could not be built"

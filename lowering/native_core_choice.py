@@ -6,9 +6,9 @@ rule key, a scatter of ranks and a role write) the choice cost Inductor's genera
 ~70 us a layer and step on ``cpu-host`` (docs/history.md, session 23), and the recommended
 option set chooses at every step. ``core_choice.c`` bounds only the pages that hold a
 candidate and finds the ``n_core``-th score by a radix select (rows above it are in, ties
-at it go by the tie rule). The op writes the roles in
-place; a graph calls it as an extern kernel. Where the pages' boxes are large (``cpu-long``:
-3 MB a layer) the graph's own parallel kernel bounds the pages and the op takes the bounds.
+at it go by the tie rule). The op writes the roles in place; a graph calls it as an extern
+kernel. Where the pages' boxes are large (``cpu-long``: 3 MB a layer) the graph's own
+parallel kernel bounds the pages and the op takes the bounds.
 
 Its CPU kernel (``torch_kernels.cpp``) is built at first use (``native_build``); where it
 cannot be built, or the tensors are not float32 on the CPU, the choice stays the tensor
@@ -22,10 +22,8 @@ from torch import Tensor
 
 from avl_compile.lowering import native_build
 
-
-def library() -> bool:
-    """Whether the C kernels are loaded (built at the first call; one warning where not)."""
-    return native_build.KERNELS.loaded()
+# whether the C kernels are loaded (built at the first call; one warning where not)
+library = native_build.KERNELS.loaded
 
 
 _SCHEMA = (
@@ -55,10 +53,7 @@ def why_not_native(tensors: dict[str, Tensor]) -> str | None:
     """Why these tensors (by the op's argument names) cannot take the C choice, or None:
     every one on the CPU and contiguous (the query may be a view: the op copies it), the
     query, boxes and bounds float32, roles int8, the rest int64; and the C library loads."""
-    reason = native_build.why_not_native(tensors, _dtype_of, strided_ok=("query",))
-    if reason is None and not library():
-        return "its C library could not be built"
-    return reason
+    return native_build.why_not_native(tensors, _dtype_of, strided_ok=("query",))
 
 
 def _dtype_of(name: str) -> torch.dtype:

@@ -20,10 +20,8 @@ from torch import Tensor
 
 from avl_compile.lowering import native_build
 
-
-def library() -> bool:
-    """Whether the C kernels are loaded (built at the first call; one warning where not)."""
-    return native_build.KERNELS.loaded()
+# whether the C kernels are loaded (built at the first call; one warning where not)
+library = native_build.KERNELS.loaded
 
 
 _SCHEMA = (
@@ -52,10 +50,7 @@ def why_not_native(tensors: dict[str, Tensor | None]) -> str | None:
     """Why these tensors (by the op's argument names) cannot take the C swap, or None:
     every one on the CPU, contiguous, rows and scores float32, roles int8, the rest int64;
     and the C library loads."""
-    reason = native_build.why_not_native(tensors, _dtype_of)
-    if reason is None and not library():
-        return "its C library could not be built"
-    return reason
+    return native_build.why_not_native(tensors, _dtype_of)
 
 
 def _dtype_of(name: str) -> torch.dtype:
