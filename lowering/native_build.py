@@ -1,13 +1,14 @@
 """The C sources of ``lowering`` and their torch bindings built into one shared library at
 first use.
 
-``recall_swap.c`` and ``core_choice.c`` are compiled with the system C compiler (``$CC``,
-else ``cc``; no torch headers), ``torch_kernels.cpp`` with the C++ compiler (``$CXX``, else
-``c++``) against the running torch's headers, and linked into one library per content,
-compilers and torch version in ``$AVL_CACHE_DIR`` (default ``~/.cache/avl_compile``).
-Loading it registers the CPU kernels of ``avl::recall_swap`` and ``avl::core_choice`` (the
-schemas are defined in Python), so a compiled graph's call goes through the dispatcher
-straight to the C code. Concurrent builders each write a temporary file and rename it.
+``recall_swap.c``, ``core_choice.c`` and ``prefill_rows.c`` are compiled with the system C
+compiler (``$CC``, else ``cc``; no torch headers), ``torch_kernels.cpp`` with the C++
+compiler (``$CXX``, else ``c++``) against the running torch's headers, and linked into one
+library per content, compilers and torch version in ``$AVL_CACHE_DIR`` (default
+``~/.cache/avl_compile``). Loading it registers the CPU kernels of ``avl::recall_swap``,
+``avl::core_choice`` and ``avl::prefill_rows`` (the schemas are defined in Python), so an
+op's call goes through the dispatcher straight to the C code. Concurrent builders each
+write a temporary file and rename it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import torch
 from torch import Tensor
 
 _HERE = Path(__file__).parent
-C_SOURCES = (_HERE / "recall_swap.c", _HERE / "core_choice.c")
+C_SOURCES = (_HERE / "recall_swap.c", _HERE / "core_choice.c", _HERE / "prefill_rows.c")
+HEADERS = (_HERE / "prefill_rows.h",)  # included by a C source and the binding
 BINDING = _HERE / "torch_kernels.cpp"
 _C_FLAGS = ("-O3", "-std=c99", "-fPIC")
 # torch 2.13's headers use C++20 (default member initializers of bit-fields)
@@ -50,7 +52,11 @@ def _run(command: list[str]) -> None:
         raise RuntimeError(f"{command[0]} failed: {done.stderr.strip()[:500]}")
 
 
-def build(c_sources: tuple[Path, ...] = C_SOURCES, binding: Path = BINDING) -> Path:
+def build(
+    c_sources: tuple[Path, ...] = C_SOURCES,
+    binding: Path = BINDING,
+    headers: tuple[Path, ...] = HEADERS,
+) -> Path:
     """The shared library of ``c_sources`` and ``binding`` (``<binding stem>_<digest>.so``
     in ``cache_dir()``), built if these sources, compilers and torch (version and install:
     the include path is among the flags) have not been.
@@ -61,7 +67,7 @@ def build(c_sources: tuple[Path, ...] = C_SOURCES, binding: Path = BINDING) -> P
     include, lib = torch_dir / "include", torch_dir / "lib"
     cxx_flags = (*_CXX_FLAGS, abi, f"-I{include}")
     digest = hashlib.sha256()
-    for source in (*c_sources, binding):
+    for source in (*c_sources, *headers, binding):
         digest.update(source.read_bytes())
     # the torch it binds to, by version and place (a library links that install's libc10)
     digest.update(" ".join((cc, *_C_FLAGS, cxx, *cxx_flags, torch.__version__)).encode())
@@ -105,8 +111,11 @@ class TorchKernels:
         return self._state
 
 
-# one library for both ops: the first op that asks builds and loads it
-KERNELS = TorchKernels("recall's swap and the query-aware core's choice run as tensor operations")
+# one library for the three ops: the first op that asks builds and loads it
+KERNELS = TorchKernels(
+    "the prefill's selection, recall's swap and the query-aware core's choice run as tensor "
+    "operations"
+)
 
 
 def why_not_native(

@@ -121,8 +121,9 @@ def test_compiled_selection_keeps_the_eager_rows(name):
 
 @pytest.mark.parametrize("inner", ["inductor", "eager"])
 def test_the_compiled_selection_runs_where_inductor_is_the_inner_compiler(monkeypatch, inner):
-    """On a CPU with Inductor as the inner compiler the prefill selects through the
-    compiled function; with another inner compiler it runs op by op (no compile)."""
+    """On a CPU with Inductor as the inner compiler, where the C selection cannot run
+    (``test_native_prefill_rows``: where it can), the prefill selects through the compiled
+    function; with another inner compiler it runs op by op (no compile)."""
     calls = []
 
     def counted():
@@ -130,6 +131,7 @@ def test_the_compiled_selection_runs_where_inductor_is_the_inner_compiler(monkey
         return scored_prefill_rows
 
     monkeypatch.setattr(avl_policy, "compiled_prefill_rows", counted)
+    monkeypatch.setattr(avl_policy, "why_not_native", lambda *args: "no C compiler")
     query, keys, values, context = _prompt()
     options = AvlOptions(text_min_budget=4, inner=inner)
     AvlPolicy(options, 0).prefill(query, keys, values, None, True, 0.25, context)

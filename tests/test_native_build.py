@@ -17,12 +17,16 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_the_library_is_built_once_and_registers_both_kernels():
+def test_the_library_is_built_once_and_registers_every_kernel():
     first = native_build.build()
     built_at = first.stat().st_mtime_ns
     assert native_build.build() == first
     assert first.stat().st_mtime_ns == built_at  # found in the cache, not built again
-    for op in (torch.ops.avl.recall_swap.default, torch.ops.avl.core_choice.default):
+    from avl_compile.lowering import native_prefill_rows
+
+    ops = (torch.ops.avl.recall_swap.default, torch.ops.avl.core_choice.default,
+           native_prefill_rows.prefill_rows)  # fmt: skip
+    for op in ops:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CPU")
 
 
@@ -43,6 +47,9 @@ def test_a_missing_compiler_gives_one_warning_and_no_kernels(tmp_path):
     loaded, count, message = result.stdout.strip().splitlines()
     assert loaded == "False False"
     assert count == "1"
-    assert "recall's swap and the query-aware core's choice run as tensor operations" in message
+    assert (
+        "the prefill's selection, recall's swap and the query-aware core's choice run as "
+        "tensor operations" in message
+    )
     assert "no-such-c++" in message
     assert not list(tmp_path.glob("*.so"))

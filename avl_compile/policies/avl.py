@@ -30,8 +30,10 @@ from avl_compile.policies.avl_layout import PromptLayout, prompt_layout, text_bu
 from avl_compile.policies.avl_prefill_rows import (
     RowPlan,
     compiled_prefill_rows,
+    native_selection,
     prefill_rows,
     scored_prefill_rows,
+    why_not_native,
 )
 from avl_compile.policies.budgets import is_refresh_step
 from avl_compile.policies.common import (
@@ -148,8 +150,11 @@ class AvlPolicy:
         if scoring is not None:  # a CPU's: the scores from the log-sum-exp
             output, lse = scoring.attend(query, keys, values, scale)
             compiled = opts.inner == "inductor" and context.combine_heads is None
-            select = compiled_prefill_rows() if compiled else scored_prefill_rows
-            rows = select(query, keys, values, lse, scale, layout, plan, context.combine_heads)
+            if compiled and why_not_native(query, keys, values, lse, layout) is None:
+                rows = native_selection(query, keys, values, lse, scale, layout, plan)
+            else:
+                select = compiled_prefill_rows() if compiled else scored_prefill_rows
+                rows = select(query, keys, values, lse, scale, layout, plan, context.combine_heads)
         else:  # recompute the probabilities block by block
             q_len, filtered = query.shape[2], self._filtered_keys(context)
             bias = prefill_logits_bias(attn_mask, is_causal, q_len, k_len, device)

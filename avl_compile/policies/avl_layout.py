@@ -12,6 +12,8 @@ prefill's extra time on a host-bound model.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -52,11 +54,88 @@ class PromptLayout:
     scoring: LseScoring | None  # the scores' masks (None off CPUs)
     attn_mask: Tensor | None  # the mask it was made for (held: its id keys the layout)
 
+    @functools.cached_property
+    def native_tables(self) -> NativeTables:
+        """This layout as the C selection reads it (``native_tables``): made by the first
+        layer that selects in C, read by the others."""
+        return native_tables(self)
+
     @property
     def evicted_rows(self) -> int:
         """Image rows outside the secondary set, every batch row's (recall's pages hold
         them): known from the shapes, no read of a device."""
         return sum(p.numel() - s for p, s in zip(self.image_pos, self.n_secondary, strict=True))
+
+
+class NativeTables(NamedTuple):
+    """A layout's per-row lists and masks packed as ``avl::prefill_rows`` reads them
+    (``lowering/prefill_rows.h``): padded int64 tables, contiguous masks."""
+
+    plan: Tensor  # [B, 11] the counts and slot bounds (``PLAN_*`` in prefill_rows.h)
+    candidates: Tensor  # [B, N] ascending, padded with -1
+    sink: Tensor  # [B, S] ascending, padded with -1
+    text_slots: Tensor  # [B, Hkv, Lk] bool
+    recent: Tensor  # [B, Hkv, Lk] bool (all False where the text fits its budget)
+    text_rank: Tensor  # [B, Hkv, Lk]
+    not_text: Tensor  # [B, C] bool
+    image_slot: Tensor  # [B, C] bool
+    image_positions: Tensor  # [B, N] ([B, 0] without the query-aware core)
+    query_valid: Tensor  # [B, Lq] bool
+    last_bias: Tensor  # [B or 1, window, Lk]
+    columns: Tensor  # [n] the text columns
+    column_bias: Tensor  # [B or 1, Lq - first_row, n]
+    first_row: int  # the first query row that sees a text column
+
+
+def _padded(rows: list[Tensor], device) -> Tensor:
+    width = max((r.numel() for r in rows), default=0)
+    table = torch.full((len(rows), width), -1, dtype=torch.long, device=device)
+    for b, row in enumerate(rows):
+        table[b, : row.numel()] = row
+    return table
+
+
+def native_tables(layout: PromptLayout) -> NativeTables:
+    """``layout`` packed for the C selection (a CPU's: ``layout.scoring`` is set)."""
+    scoring = layout.scoring
+    assert scoring is not None
+    device, batch = layout.role.device, layout.role.shape[0]
+    split = layout.text_split
+    over = [0] * batch if split is None else split.over.flatten().long().tolist()
+    heavy = [0] * batch if split is None else split.n_heavy.flatten().tolist()
+    plan = torch.tensor(
+        [[c.numel(), k, s, z.numel(), *bounds, o, h]
+         for c, k, s, z, bounds, o, h in zip(layout.candidates, layout.n_core,
+                                             layout.n_secondary, layout.sink, layout.bounds,
+                                             over, heavy, strict=True)],
+        dtype=torch.long, device=device,
+    )  # fmt: skip
+    text_slots = layout.text_slots.contiguous()
+    recent = torch.zeros_like(text_slots) if split is None else split.recent.contiguous()
+    image_positions = layout.image_positions
+    if image_positions is None:
+        image_positions = torch.zeros(batch, 0, dtype=torch.long, device=device)
+    first_row = scoring.blocks[0][0].start if scoring.blocks else layout.query_valid.shape[1]
+    n_columns = scoring.columns.numel()
+    column_bias = torch.zeros(1, 0, n_columns, dtype=scoring.last_bias.dtype, device=device)
+    if scoring.blocks:
+        column_bias = torch.cat([bias for _, bias in scoring.blocks], dim=2)[:, 0]
+    return NativeTables(
+        plan=plan,
+        candidates=_padded(layout.candidates, device),
+        sink=_padded(layout.sink, device),
+        text_slots=text_slots,
+        recent=recent,
+        text_rank=layout.text_rank.contiguous(),
+        not_text=layout.not_text[:, 0].contiguous(),
+        image_slot=layout.image_slot.contiguous(),
+        image_positions=image_positions.contiguous(),
+        query_valid=layout.query_valid.contiguous(),
+        last_bias=scoring.last_bias[:, 0].contiguous(),
+        columns=scoring.columns.contiguous(),
+        column_bias=column_bias.contiguous(),
+        first_row=first_row,
+    )
 
 
 def prompt_layout(

@@ -7,6 +7,9 @@ the layout (not from the scores), so every shape is known before the scores are:
 as separate eager calls were most of the prefill's extra time over dense attention; with
 fixed shapes Inductor can compile the whole function once and run it as a few fused
 kernels per layer (``compiled_prefill_rows``). Eager and compiled run this same code.
+On a CPU (float32, no prefill filter) the prefill takes the C twin of the whole function
+instead (``native_selection``: ``lowering/prefill_rows.c``), which the tests hold to this
+function's rows.
 """
 
 from __future__ import annotations
@@ -18,13 +21,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from avl_compile.lowering import native_prefill_rows
 from avl_compile.lowering.gathered_attention import pick_rows, score_dtype
 from avl_compile.lowering.slot_attention import slot_logits
 from avl_compile.options import AvlOptions
 from avl_compile.policies.avl_layout import PromptLayout
 from avl_compile.policies.budgets import best_first
 from avl_compile.policies.common import keep_heavy
-from avl_compile.policies.page_core import core_page_tensors, image_ordinals
+from avl_compile.policies.page_core import core_page_tensors, image_ordinals, pages_of
 from avl_compile.policies.recall import page_tensors
 
 
@@ -186,3 +190,61 @@ def compiled_prefill_rows():
     ``fullgraph``: past dynamo's recompile limit (many prompt layouts in one process) it
     runs eagerly, the same rows, instead of failing."""
     return torch.compile(scored_prefill_rows)
+
+
+def why_not_native(query: Tensor, keys: Tensor, values: Tensor, lse: Tensor,
+                   layout: PromptLayout) -> str | None:  # fmt: skip
+    """Why this layer's selection cannot run as the C op (``native_prefill_rows``), or
+    None."""
+    if layout.scoring is None:
+        return "no log-sum-exp scores (not on a CPU)"
+    pairs = zip(layout.candidates, layout.image_pos, strict=True)
+    if any(c.numel() != p.numel() for c, p in pairs):
+        return "the prefill filter is on"  # its evicted rows are not the ranking's rest
+    # (the layout's tables are made contiguous, on the layout's device, in the scores' dtype)
+    tensors = {"query": query, "keys": keys, "values": values, "lse": lse}
+    return native_prefill_rows.why_not_native(tensors)
+
+
+def native_selection(
+    query: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    lse: Tensor,
+    scale: float,
+    layout: PromptLayout,
+    plan: RowPlan,
+) -> PrefillRows:
+    """``scored_prefill_rows`` as one call of C code (``avl::prefill_rows``; where
+    ``why_not_native`` is None): the same rows, pages and state."""
+    tables = layout.native_tables
+    recall_pages = 1
+    if plan.recall_page_size:
+        evicted = [p.numel() - s for p, s in zip(layout.image_pos, layout.n_secondary,
+                                                  strict=True)]  # fmt: skip
+        recall_pages = max(max(pages_of(e, plan.recall_page_size) for e in evicted), 1)
+    core_pages = 0
+    if plan.core_page_size:
+        assert layout.image_positions is not None
+        core_pages = pages_of(layout.image_positions.shape[1], plan.core_page_size)
+    (position, slot_keys, slot_values, text_rank, text_score, last_qk, page_positions,
+     page_keys, page_values, page_low, page_high, image_ordinal, core_low, core_high,
+     members) = native_prefill_rows.prefill_rows(
+        query, keys, values, lse, *tables[:-1], tables.first_row, scale, layout.capacity,
+        plan.recall_page_size, recall_pages, plan.core_page_size, core_pages,
+    )  # fmt: skip
+    recall = bool(plan.recall_page_size)
+    core = bool(plan.core_page_size)
+    return PrefillRows(
+        position=position,
+        slot_keys=slot_keys,
+        slot_values=slot_values,
+        text_rank=text_rank,
+        text_score=text_score,
+        last_qk=last_qk if recall else None,
+        image_ordinal=image_ordinal if core else None,
+        core_pages=(core_low, core_high, members) if core else None,
+        recall_pages=(page_positions, page_keys, page_values, page_low, page_high)
+        if recall
+        else None,
+    )

@@ -1,0 +1,321 @@
+/* A-VL's prefill selection for one layer, every batch row (float32, on a CPU): the C twin of
+ * avl_compile.policies.avl_prefill_rows.scored_prefill_rows. The scores from the attention's
+ * log-sum-exp (the last rows' probabilities over every key, the text columns' sums), the
+ * image rows ranked into core, other secondary rows and the evicted rest, H2O's text keep,
+ * the slots' rows, recall's pages and the query-aware core's pages. As one Inductor-compiled
+ * call the same work cost ~0.55 ms a layer on ``cpu-host`` inside a prefill, most of it the
+ * call's own host work and four sorts (docs/history.md, sessions 22-25).
+ *
+ * Same rows: the tie rule is budgets.best_first's (higher score first, then the lower
+ * position), H2O's the same (its stable sort); float sums may differ from torch's in the
+ * last bit, as Inductor's do. Each group is chosen by a radix select of its last member's
+ * rule key, then read off in position order: no sort.
+ *
+ * Built by lowering/native_build.py with the system C compiler; no torch headers. */
+
+#include "prefill_rows.h"
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { LANES = 8 }; /* sums in 8 lanes, added pairwise at the end (as recall_swap.c's) */
+
+static float dot(const float *restrict a, const float *restrict b, int64_t dim) {
+    float lane[LANES] = {0};
+    int64_t d = 0;
+    for (; d + LANES <= dim; d += LANES)
+        for (int j = 0; j < LANES; j++) lane[j] += a[d + j] * b[d + j];
+    for (; d < dim; d++) lane[0] += a[d] * b[d];
+    return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
+
+/* prefill_scores._probabilities for one entry: exp(q.k * scale + bias - lse), in float32,
+ * NaN (a row with nothing to attend) as 0 */
+static float probability(float qk, float scale, float bias, float lse) {
+    float p = expf((qk * scale + bias) - lse);
+    return isnan(p) ? 0.0f : p;
+}
+
+/* one int64 per candidate in the tie rule's order (budgets._rule_key): the float32 score's
+ * bits made order-keeping (-0 as +0), then the position reversed (positions < 2**31) */
+static uint64_t rule_key(float score, int64_t position) {
+    score += 0.0f;
+    uint32_t bits;
+    memcpy(&bits, &score, sizeof bits);
+    uint32_t ordered = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+    return ((uint64_t)ordered << 32) | (uint64_t)(0x7FFFFFFF - position);
+}
+
+/* the n-th largest (1-based, 1 <= n <= count) of distinct keys: a radix select, a byte at a
+ * time from the top; after each byte only the keys that share the bytes chosen so far are
+ * kept (in `scratch`, [count]) for the next */
+static uint64_t nth_largest(const uint64_t *keys, int64_t count, int64_t n, uint64_t *scratch) {
+    uint64_t prefix = 0;
+    const uint64_t *live = keys;
+    for (int shift = 56; shift >= 0; shift -= 8) {
+        int64_t histogram[256] = {0};
+        for (int64_t i = 0; i < count; i++) histogram[(live[i] >> shift) & 255u]++;
+        int digit = 255;
+        for (; digit > 0 && n > histogram[digit]; digit--) n -= histogram[digit];
+        prefix |= (uint64_t)digit << shift;
+        int64_t kept = 0;
+        for (int64_t i = 0; i < count; i++)
+            if (((live[i] >> shift) & 255u) == (uint64_t)digit) scratch[kept++] = live[i];
+        live = scratch, count = kept;
+    }
+    return prefix;
+}
+
+/* the lowest key of the `n` best (n <= count): a key is among them iff it is at least this;
+ * UINT64_MAX with `*none` set where n is 0 */
+static uint64_t threshold(const uint64_t *keys, int64_t count, int64_t n, int *none,
+                          uint64_t *scratch) {
+    *none = n <= 0;
+    return *none ? UINT64_MAX : nth_largest(keys, count, n, scratch);
+}
+
+static const float *row_of(const float *base, const int64_t *stride, int64_t b, int64_t h,
+                           int64_t l) {
+    return base + b * stride[0] + h * stride[1] + l * stride[2];
+}
+
+static int64_t count_below(const int64_t *ascending, int64_t length, int64_t value) {
+    int64_t lo = 0, hi = length;
+    while (lo < hi) {
+        int64_t mid = lo + (hi - lo) / 2;
+        if (ascending[mid] < value) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
+
+/* [Lk] the last window's probabilities, summed over its valid rows, head-averaged
+ * (LseScoring.last_row_score) */
+static void image_score(const PrefillRowsArgs *a, int64_t b, float *score, float *head) {
+    const int64_t group = a->q_heads / a->kv_heads, k_len = a->k_len, window = a->window;
+    const float *bias_base = a->last_bias + (a->last_bias_batch ? b : 0) * window * k_len;
+    memset(score, 0, (size_t)k_len * sizeof *score);
+    for (int64_t h = 0; h < a->q_heads; h++) {
+        memset(head, 0, (size_t)k_len * sizeof *head);
+        for (int64_t w = 0; w < window; w++) {
+            const int64_t r = a->q_len - window + w;
+            if (window > 1 && !a->query_valid[b * a->q_len + r]) continue; /* weight 0 */
+            const float *q = row_of(a->query, a->query_stride, b, h, r);
+            const float lse = a->lse[(b * a->q_heads + h) * a->q_len + r];
+            const float *bias = bias_base + w * k_len;
+            for (int64_t j = 0; j < k_len; j++) {
+                if (bias[j] == -INFINITY) continue; /* padding: adds exp(-inf) = 0 */
+                const float *k = row_of(a->keys, a->keys_stride, b, h / group, j);
+                head[j] += probability(dot(q, k, a->dim), (float)a->scale, bias[j], lse);
+            }
+        }
+        for (int64_t j = 0; j < k_len; j++) score[j] += head[j];
+    }
+    for (int64_t j = 0; j < k_len; j++) score[j] /= (float)a->q_heads;
+}
+
+/* [Hkv, Lk] the text columns' attention summed over the valid query rows and each kv head's
+ * query heads, 0 elsewhere (LseScoring.column_sums) */
+static void text_scores(const PrefillRowsArgs *a, int64_t b, float *total, float *head) {
+    const int64_t group = a->q_heads / a->kv_heads, n = a->n_columns;
+    const float *bias_base = a->column_bias
+        + (a->column_bias_batch ? b : 0) * (a->q_len - a->first_row) * n;
+    memset(total, 0, (size_t)(a->kv_heads * a->k_len) * sizeof *total);
+    for (int64_t h = 0; h < a->q_heads; h++) {
+        const int64_t kv = h / group;
+        memset(head, 0, (size_t)n * sizeof *head);
+        for (int64_t r = a->first_row; r < a->q_len; r++) {
+            if (!a->query_valid[b * a->q_len + r]) continue;
+            const float *q = row_of(a->query, a->query_stride, b, h, r);
+            const float lse = a->lse[(b * a->q_heads + h) * a->q_len + r];
+            const float *bias = bias_base + (r - a->first_row) * n;
+            for (int64_t c = 0; c < n; c++) {
+                if (bias[c] == -INFINITY) continue; /* adds exp(-inf) = 0 (causal: half) */
+                const float *k = row_of(a->keys, a->keys_stride, b, kv, a->columns[c]);
+                head[c] += probability(dot(q, k, a->dim), (float)a->scale, bias[c], lse);
+            }
+        }
+        for (int64_t c = 0; c < n; c++) total[kv * a->k_len + a->columns[c]] += head[c];
+    }
+}
+
+/* slots [0, others end) the other secondary rows, then the sink, from core start the core,
+ * each ascending (prefill_rows' cat); the rest appended to `evicted` (ascending) */
+static int64_t image_positions(const PrefillRowsArgs *a, int64_t b, const float *score,
+                               uint64_t *keys, int64_t *slots, int64_t *evicted) {
+    const int64_t *plan = a->plan + b * PLAN_COLUMNS;
+    const int64_t *candidates = a->candidates + b * a->candidate_width;
+    const int64_t count = plan[PLAN_CANDIDATES];
+    for (int64_t i = 0; i < count; i++) keys[i] = rule_key(score[candidates[i]], candidates[i]);
+    int no_core, no_secondary;
+    uint64_t *scratch = keys + count;
+    const uint64_t core_at = threshold(keys, count, plan[PLAN_CORE], &no_core, scratch);
+    const uint64_t secondary_at =
+        threshold(keys, count, plan[PLAN_SECONDARY], &no_secondary, scratch);
+    int64_t other = 0, core = plan[PLAN_CORE_START], rest = 0;
+    for (int64_t i = 0; i < count; i++) {
+        if (!no_core && keys[i] >= core_at) slots[core++] = candidates[i];
+        else if (!no_secondary && keys[i] >= secondary_at) slots[other++] = candidates[i];
+        else evicted[rest++] = candidates[i];
+    }
+    const int64_t *sink = a->sink + b * a->sink_width;
+    for (int64_t i = 0; i < plan[PLAN_SINK]; i++) slots[plan[PLAN_OTHERS_END] + i] = sink[i];
+    return rest;
+}
+
+/* each kv head's text slots: H2O's keep (keep_heavy: the recent share and the heaviest older
+ * text rows, where the row is over its budget; else every text row), in position order */
+static void text_positions(const PrefillRowsArgs *a, int64_t b, int64_t kv, const float *score,
+                           uint64_t *keys, int64_t *slots) {
+    const int64_t *plan = a->plan + b * PLAN_COLUMNS;
+    const int64_t k_len = a->k_len, at = (b * a->kv_heads + kv) * k_len;
+    const uint8_t *text = a->text_slots + at, *recent = a->recent + at;
+    const int over = plan[PLAN_OVER] != 0;
+    int no_heavy = 1;
+    uint64_t heavy_at = UINT64_MAX;
+    if (over) {
+        int64_t older = 0;
+        for (int64_t j = 0; j < k_len; j++)
+            if (text[j] && !recent[j]) keys[older++] = rule_key(score[j], j);
+        const int64_t heavy = plan[PLAN_HEAVY] < older ? plan[PLAN_HEAVY] : older;
+        heavy_at = threshold(keys, older, heavy, &no_heavy, keys + older);
+    }
+    int64_t slot = plan[PLAN_TEXT_START];
+    const int64_t end = plan[PLAN_TEXT_END];
+    for (int64_t j = 0; j < k_len && slot < end; j++) {
+        int kept = text[j];
+        if (over)
+            kept = recent[j] || (text[j] && !no_heavy && rule_key(score[j], j) >= heavy_at);
+        if (kept) slots[slot++] = j;
+    }
+}
+
+/* the min and max over `count` rows (`rows[i]` of `base`) per dimension; +inf and -inf
+ * where there are none (page_core.box_of_held) */
+static void box(const float *base, const int64_t *stride, int64_t b, int64_t h,
+                const int64_t *rows, int64_t count, int64_t dim, float *low, float *high) {
+    for (int64_t d = 0; d < dim; d++) low[d] = INFINITY, high[d] = -INFINITY;
+    for (int64_t i = 0; i < count; i++) {
+        const float *row = row_of(base, stride, b, h, rows[i]);
+        for (int64_t d = 0; d < dim; d++) {
+            low[d] = row[d] < low[d] ? row[d] : low[d];
+            high[d] = row[d] > high[d] ? row[d] : high[d];
+        }
+    }
+}
+
+/* recall's pages of the evicted rows (recall.page_tensors): positions, -1 past the rows;
+ * an entry past them holds a copy of its page's last row (a page with none: row 0) */
+static void recall_pages(const PrefillRowsArgs *a, int64_t b, const int64_t *evicted,
+                         int64_t n_evicted) {
+    const int64_t size = a->recall_page_size, n_pages = a->recall_n_pages, dim = a->dim;
+    int64_t *positions = a->page_positions + b * n_pages * size;
+    for (int64_t i = 0; i < n_pages * size; i++) positions[i] = i < n_evicted ? evicted[i] : -1;
+    for (int64_t h = 0; h < a->kv_heads; h++)
+        for (int64_t p = 0; p < n_pages; p++) {
+            const int64_t first = p * size;
+            int64_t held = n_evicted - first;
+            held = held < 0 ? 0 : (held > size ? size : held);
+            const int64_t page = ((b * a->kv_heads + h) * n_pages + p);
+            for (int64_t s = 0; s < size; s++) {
+                const int64_t row = held ? evicted[first + (s < held ? s : held - 1)] : 0;
+                const size_t at = (size_t)((page * size + s) * dim);
+                memcpy(a->page_keys + at, row_of(a->keys, a->keys_stride, b, h, row),
+                       (size_t)dim * sizeof(float));
+                memcpy(a->page_values + at, row_of(a->values, a->values_stride, b, h, row),
+                       (size_t)dim * sizeof(float));
+            }
+            float *low = a->page_low + page * dim, *high = a->page_high + page * dim;
+            for (int64_t d = 0; d < dim; d++) low[d] = INFINITY, high[d] = -INFINITY;
+            for (int64_t s = 0; s < held; s++) {
+                const float *row = a->page_keys + (page * size + s) * dim;
+                for (int64_t d = 0; d < dim; d++) {
+                    low[d] = row[d] < low[d] ? row[d] : low[d];
+                    high[d] = row[d] > high[d] ? row[d] : high[d];
+                }
+            }
+        }
+}
+
+/* the query-aware core's pages (page_core.core_page_tensors): each image slot's ordinal
+ * among the row's image tokens, the slots of each page of ordinals, their keys' boxes */
+static void core_pages(const PrefillRowsArgs *a, int64_t b, const int64_t *slots) {
+    const int64_t capacity = a->capacity, size = a->core_page_size, n_pages = a->core_n_pages;
+    const int64_t dim = a->dim, slot_stride[3] = {a->kv_heads * capacity * dim, capacity * dim, dim};
+    int64_t *ordinal = a->image_ordinal + b * capacity, *members = a->members + b * n_pages * size;
+    const uint8_t *image = a->image_slot + b * capacity;
+    const int64_t *image_positions = a->image_positions + b * a->n_image;
+    for (int64_t i = 0; i < n_pages * size; i++) members[i] = -1;
+    for (int64_t c = 0; c < capacity; c++) {
+        ordinal[c] = image[c] ? count_below(image_positions, a->n_image, slots[c]) : -1;
+        if (ordinal[c] >= 0 && ordinal[c] < n_pages * size) members[ordinal[c]] = c;
+    }
+    for (int64_t h = 0; h < a->kv_heads; h++)
+        for (int64_t p = 0; p < n_pages; p++) {
+            int64_t held[size > 0 ? size : 1], count = 0;
+            for (int64_t s = 0; s < size; s++)
+                if (members[p * size + s] >= 0) held[count++] = members[p * size + s];
+            const int64_t at = ((b * a->kv_heads + h) * n_pages + p) * dim;
+            box(a->slot_keys, slot_stride, b, h, held, count, dim, a->core_low + at,
+                a->core_high + at);
+        }
+}
+
+int avl_prefill_rows(const PrefillRowsArgs *a) {
+    const int64_t k_len = a->k_len, capacity = a->capacity, dim = a->dim, heads = a->kv_heads;
+    const int64_t widest = a->candidate_width > k_len ? a->candidate_width : k_len;
+    float *score = malloc((size_t)k_len * sizeof *score);
+    float *head = malloc((size_t)(k_len + a->n_columns) * sizeof *head);
+    float *total = malloc((size_t)(heads * k_len) * sizeof *total);
+    uint64_t *keys = malloc((size_t)(2 * widest) * sizeof *keys); /* keys, then scratch */
+    int64_t *slots = malloc((size_t)capacity * sizeof *slots);
+    int64_t *evicted = malloc((size_t)(a->candidate_width + 1) * sizeof *evicted);
+    if (!score || !head || !total || !keys || !slots || !evicted) {
+        free(score), free(head), free(total), free(keys), free(slots), free(evicted);
+        return -1;
+    }
+    const int64_t slot_stride[3] = {heads * capacity * dim, capacity * dim, dim};
+    for (int64_t b = 0; b < a->batch; b++) {
+        image_score(a, b, score, head);
+        text_scores(a, b, total, head);
+        for (int64_t c = 0; c < capacity; c++) slots[c] = -1;
+        const int64_t n_evicted = image_positions(a, b, score, keys, slots, evicted);
+        for (int64_t h = 0; h < heads; h++) {
+            int64_t *position = a->position + (b * heads + h) * capacity;
+            memcpy(position, slots, (size_t)capacity * sizeof *position);
+            text_positions(a, b, h, total + h * k_len, keys, position);
+            const int64_t *rank = a->text_rank + (b * heads + h) * k_len;
+            const uint8_t *not_text = a->not_text + b * capacity;
+            for (int64_t c = 0; c < capacity; c++) {
+                const int64_t row = position[c] < 0 ? 0 : position[c]; /* free: row 0 */
+                const size_t at = (size_t)(((b * heads + h) * capacity + c) * dim);
+                memcpy(a->slot_keys + at, row_of(a->keys, a->keys_stride, b, h, row),
+                       (size_t)dim * sizeof(float));
+                memcpy(a->slot_values + at, row_of(a->values, a->values_stride, b, h, row),
+                       (size_t)dim * sizeof(float));
+                const int64_t out = (b * heads + h) * capacity + c;
+                a->slot_text_rank[out] = not_text[c] ? -1 : rank[row];
+                a->slot_text_score[out] = not_text[c] ? 0.0f : total[h * k_len + row];
+            }
+        }
+        const int64_t *image_slots = a->position + b * heads * capacity; /* kv head 0's */
+        if (a->recall_page_size) {
+            const int64_t group = a->q_heads / heads;
+            for (int64_t c = 0; c < capacity; c++) {
+                float sum = 0.0f;
+                for (int64_t h = 0; h < a->q_heads; h++) {
+                    const float *q = row_of(a->query, a->query_stride, b, h, a->q_len - 1);
+                    const float *k = row_of(a->slot_keys, slot_stride, b, h / group, c);
+                    sum += dot(q, k, dim) * (float)a->scale;
+                }
+                a->last_qk[b * capacity + c] = sum / (float)a->q_heads;
+            }
+            recall_pages(a, b, evicted, n_evicted);
+        }
+        if (a->core_page_size) core_pages(a, b, image_slots);
+    }
+    free(score), free(head), free(total), free(keys), free(slots), free(evicted);
+    return 0;
+}
