@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from avl_compile.options import AvlOptions
+from avl_compile.policies import prefill_scores
 from avl_compile.policies.avl import AvlPolicy
 from avl_compile.policies.common import (
     PrefillContext,
@@ -70,6 +71,24 @@ def test_scores_from_the_lse_are_the_full_softmax_ones(masked, filtered):
     full = column_sums(query, keys, bias, DIM**-0.5, valid)
     torch.testing.assert_close(sums[..., columns], full[..., columns])
     assert (sums[..., :20] == 0).all(), "columns that are not text stay 0"
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_grouped_heads_attend_as_repeated_ones(masked, monkeypatch):
+    """Where the flash kernel reads grouped key heads itself, output and log-sum-exp are
+    bit for bit those of the heads repeated (as before, and as on a torch whose kernel
+    does not)."""
+    query, keys, values = _tensors(1)
+    attn_mask = _padded_causal_mask() if masked else None
+    columns = torch.arange(20, LENGTH)
+    scoring = LseScoring.prepare(
+        attn_mask, not masked, None, LENGTH, LENGTH, 1, columns, query.dtype
+    )
+    grouped = scoring.attend(query, keys, values, DIM**-0.5)
+    monkeypatch.setattr(prefill_scores, "_kernel_reads_grouped_heads", lambda: False)
+    repeated = scoring.attend(query, keys, values, DIM**-0.5)
+    for g, r in zip(grouped, repeated, strict=True):
+        assert torch.equal(g, r)
 
 
 def test_layers_share_the_layout_of_their_filter_and_budgets():

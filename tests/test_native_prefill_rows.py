@@ -43,10 +43,11 @@ def _prompt(length: int, padded: bool, head_dim: int, q_heads: int, tied: bool):
     generator = torch.Generator().manual_seed(length + 7 * padded + head_dim + q_heads)
     batch = 2
     query = torch.randn(batch, length, q_heads, head_dim, generator=generator).transpose(1, 2)
-    keys = torch.randn(batch, 2, length, head_dim, generator=generator)
+    # [B, H, L, D] views of [B, L, H, D] projections, as the prefill hands them over
+    keys = torch.randn(batch, length, 2, head_dim, generator=generator).transpose(1, 2)
     values = torch.randn(batch, length, 2, head_dim, generator=generator).transpose(1, 2)
     if tied:  # keys on a coarse grid: many equal scores, the tie rule decides
-        keys = (keys * 2).round() / 2
+        keys = (keys * 2).round() / 2  # (elementwise: the same strides)
         query = (query * 2).round() / 2
     image_mask = torch.zeros(batch, length, dtype=torch.bool)
     image_mask[0, 4 : length - 20] = True
@@ -102,10 +103,10 @@ def test_the_c_selection_keeps_the_tensor_functions_rows(
             query, keys, values, attn_mask, is_causal, context = _prompt(
                 length, padded, head_dim, q_heads, tied
             )
-            keys = keys.contiguous()  # as the prefill hands them over
             layout = AvlPolicy(options, 0)._layout(query, keys, attn_mask, is_causal, context)
             assert layout.scoring is not None
             _, lse = layout.scoring.attend(query, keys, values, SCALE)
+            assert not keys.is_contiguous()  # read in place
             assert why_not_native(query, keys, values, lse, layout) is None
             arguments = (query, keys, values, lse, SCALE, layout, plan)
             _assert_same_rows(native_selection(*arguments), scored_prefill_rows(*arguments))

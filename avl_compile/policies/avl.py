@@ -141,8 +141,6 @@ class AvlPolicy:
         context: PrefillContext,
     ) -> tuple[Tensor, Tensor, Tensor, LayerState]:
         opts = self.options
-        # the projection's [B, L, H, D] layout: the scores' matmuls would copy it per use
-        keys = keys.contiguous()
         batch, k_len, device = keys.shape[0], keys.shape[2], query.device
         layout = self._layout(query, keys, attn_mask, is_causal, context)
         scoring = layout.scoring
@@ -151,11 +149,15 @@ class AvlPolicy:
             output, lse = scoring.attend(query, keys, values, scale)
             compiled = opts.inner == "inductor" and context.combine_heads is None
             if compiled and why_not_native(query, keys, values, lse, layout) is None:
+                # the C code reads the projection's [B, L, H, D] layout in place
                 rows = native_selection(query, keys, values, lse, scale, layout, plan)
             else:
+                # that layout: the scores' matmuls would copy it per use
+                keys = keys.contiguous()
                 select = compiled_prefill_rows() if compiled else scored_prefill_rows
                 rows = select(query, keys, values, lse, scale, layout, plan, context.combine_heads)
         else:  # recompute the probabilities block by block
+            keys = keys.contiguous()
             q_len, filtered = query.shape[2], self._filtered_keys(context)
             bias = prefill_logits_bias(attn_mask, is_causal, q_len, k_len, device)
             output, bias = prefill_attention(
