@@ -56,8 +56,8 @@ class PromptLayout:
 
     @functools.cached_property
     def native_tables(self) -> NativeTables:
-        """This layout as the C selection reads it (``native_tables``): made by the first
-        layer that selects in C, read by the others."""
+        """This layout as the C selection reads it: packed by the first layer that
+        selects in C, read by the others."""
         return native_tables(self)
 
     @property
