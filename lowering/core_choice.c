@@ -14,6 +14,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "native_helpers.h"
+
 enum { ROLE_OTHER = 1, ROLE_CORE = 3 }; /* policies/avl_decode.py's OTHER and CORE */
 enum { N_CORE_COLUMN = 3 };             /* avl_decode.py's N_CORE, of counters [B, 5] */
 
@@ -31,15 +33,6 @@ static int compare_tied(const void *x, const void *y) {
     return (a->position > b->position) - (a->position < b->position);
 }
 
-/* the float's bits as an unsigned key in the float's order (-0 as +0: equal scores, equal
- * keys), so a choice by score is a choice by key */
-static uint32_t ordered_key(float score) {
-    score += 0.0f;
-    uint32_t bits;
-    memcpy(&bits, &score, sizeof bits);
-    return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
-}
-
 /* the n-th largest (1-based, n <= count) of keys: a radix select, a byte at a time from the
  * top, counting only keys that share the bytes chosen so far (branch-free counts: the heap
  * it replaced mispredicted its comparisons of random scores) */
@@ -55,25 +48,6 @@ static uint32_t nth_largest(const uint32_t *keys, int64_t count, int64_t n) {
         mask |= 255u << shift;
     }
     return prefix;
-}
-
-/* sums in 8 lanes, added pairwise at the end (as recall_swap.c's) */
-enum { LANES = 8 };
-
-static float box_bound(const float *restrict q, const float *restrict low,
-                       const float *restrict high, int64_t dim) {
-    float lane[LANES] = {0};
-    int64_t d = 0;
-    for (; d + LANES <= dim; d += LANES)
-        for (int j = 0; j < LANES; j++) {
-            float lo = q[d + j] * low[d + j], hi = q[d + j] * high[d + j];
-            lane[j] += lo > hi ? lo : hi;
-        }
-    for (; d < dim; d++) {
-        float lo = q[d] * low[d], hi = q[d] * high[d];
-        lane[0] += lo > hi ? lo : hi;
-    }
-    return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
 }
 
 /* Returns 0, or -1 where scratch memory could not be had (nothing written then). */

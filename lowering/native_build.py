@@ -27,7 +27,7 @@ from torch import Tensor
 
 _HERE = Path(__file__).parent
 C_SOURCES = (_HERE / "recall_swap.c", _HERE / "core_choice.c", _HERE / "prefill_rows.c")
-HEADERS = (_HERE / "prefill_rows.h",)  # included by a C source and the binding
+HEADERS = (_HERE / "native_helpers.h", _HERE / "prefill_rows.h")  # included by the sources
 BINDING = _HERE / "torch_kernels.cpp"
 _C_FLAGS = ("-O3", "-std=c99", "-fPIC")
 # torch 2.13's headers use C++20 (default member initializers of bit-fields)

@@ -13,23 +13,13 @@
  *
  * Built by lowering/native_build.py with the system C compiler; no torch headers. */
 
+#include "native_helpers.h"
 #include "prefill_rows.h"
 
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-
-enum { LANES = 8 }; /* sums in 8 lanes, added pairwise at the end (as recall_swap.c's) */
-
-static inline float dot(const float *restrict a, const float *restrict b, int64_t dim) {
-    float lane[LANES] = {0};
-    int64_t d = 0;
-    for (; d + LANES <= dim; d += LANES)
-        for (int j = 0; j < LANES; j++) lane[j] += a[d + j] * b[d + j];
-    for (; d < dim; d++) lane[0] += a[d] * b[d];
-    return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
-}
 
 /* prefill_scores._probabilities for one entry: exp(q.k * scale + bias - lse), in float32,
  * NaN (a row with nothing to attend) as 0 */
@@ -41,11 +31,7 @@ static inline float probability(float qk, float scale, float bias, float lse) {
 /* one int64 per candidate in the tie rule's order (budgets._rule_key): the float32 score's
  * bits made order-keeping (-0 as +0), then the position reversed (positions < 2**31) */
 static uint64_t rule_key(float score, int64_t position) {
-    score += 0.0f;
-    uint32_t bits;
-    memcpy(&bits, &score, sizeof bits);
-    uint32_t ordered = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
-    return ((uint64_t)ordered << 32) | (uint64_t)(0x7FFFFFFF - position);
+    return ((uint64_t)ordered_key(score) << 32) | (uint64_t)(0x7FFFFFFF - position);
 }
 
 /* the n-th largest (1-based, 1 <= n <= count) of distinct keys: a radix select, a byte at a
@@ -85,16 +71,6 @@ static inline void copy_row(float *restrict to, const float *restrict from, int6
 static const float *row_of(const float *base, const int64_t *stride, int64_t b, int64_t h,
                            int64_t l) {
     return base + b * stride[0] + h * stride[1] + l * stride[2];
-}
-
-static int64_t count_below(const int64_t *ascending, int64_t length, int64_t value) {
-    int64_t lo = 0, hi = length;
-    while (lo < hi) {
-        int64_t mid = lo + (hi - lo) / 2;
-        if (ascending[mid] < value) lo = mid + 1;
-        else hi = mid;
-    }
-    return lo;
 }
 
 /* [Lk] the last window's probabilities, summed over its valid rows, head-averaged
@@ -207,18 +183,13 @@ static void text_positions(const PrefillRowsArgs *a, int64_t b, int64_t kv, cons
     }
 }
 
-/* the min and max over `count` rows (`rows[i]` of `base`) per dimension; +inf and -inf
+/* the element-wise min and max over `count` rows (`rows[i]` of `base`); +inf and -inf
  * where there are none (page_core.box_of_held) */
 static void box(const float *base, const int64_t *stride, int64_t b, int64_t h,
                 const int64_t *rows, int64_t count, int64_t dim, float *low, float *high) {
-    for (int64_t d = 0; d < dim; d++) low[d] = INFINITY, high[d] = -INFINITY;
-    for (int64_t i = 0; i < count; i++) {
-        const float *row = row_of(base, stride, b, h, rows[i]);
-        for (int64_t d = 0; d < dim; d++) {
-            low[d] = row[d] < low[d] ? row[d] : low[d];
-            high[d] = row[d] > high[d] ? row[d] : high[d];
-        }
-    }
+    const float *pointers[count > 0 ? count : 1];
+    for (int64_t i = 0; i < count; i++) pointers[i] = row_of(base, stride, b, h, rows[i]);
+    box_rows(low, high, pointers, count, dim);
 }
 
 /* recall's pages of the evicted rows (recall.page_tensors): positions, -1 past the rows;
@@ -241,15 +212,8 @@ static void recall_pages(const PrefillRowsArgs *a, int64_t b, const int64_t *evi
                 copy_row(a->page_values + at, row_of(a->values, a->values_stride, b, h, row),
                          dim);
             }
-            float *low = a->page_low + page * dim, *high = a->page_high + page * dim;
-            for (int64_t d = 0; d < dim; d++) low[d] = INFINITY, high[d] = -INFINITY;
-            for (int64_t s = 0; s < held; s++) {
-                const float *row = a->page_keys + (page * size + s) * dim;
-                for (int64_t d = 0; d < dim; d++) {
-                    low[d] = row[d] < low[d] ? row[d] : low[d];
-                    high[d] = row[d] > high[d] ? row[d] : high[d];
-                }
-            }
+            box(a->keys, a->keys_stride, b, h, evicted + first, held, dim,
+                a->page_low + page * dim, a->page_high + page * dim);
         }
 }
 

@@ -9,6 +9,19 @@ from avl_compile.reference import reference_generate
 
 NEW_TOKENS = 32
 
+# the prefill selection's option sets (A-VL, recall, recall + the core's pages), as
+# ``AvlOptions`` keywords
+PREFILL_OPTION_SETS = {
+    "a-vl": {},
+    "recall": {"recall_pages": 2, "recall_page_size": 4, "refresh_every": 1},
+    "recall + pages": {
+        "recall_pages": 2,
+        "recall_page_size": 4,
+        "refresh_every": 1,
+        "core_page_size": 4,
+    },
+}
+
 
 def greedy(model, inputs, new_tokens: int = NEW_TOKENS, **kwargs):
     return model.generate(

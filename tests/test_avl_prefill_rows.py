@@ -4,6 +4,7 @@ included, and the Inductor-compiled selection keeps the same rows as the eager o
 
 import pytest
 import torch
+from helpers import PREFILL_OPTION_SETS
 
 from avl_compile.options import AvlOptions
 from avl_compile.policies import avl as avl_policy
@@ -76,24 +77,12 @@ def _prompt(length: int = 60, dtype=torch.float32):
     return query, keys, values, PrefillContext(image_mask=image_mask)
 
 
-OPTION_SETS = {
-    "a-vl": {},
-    "recall": {"recall_pages": 2, "recall_page_size": 4, "refresh_every": 1},
-    "recall + pages": {
-        "recall_pages": 2,
-        "recall_page_size": 4,
-        "refresh_every": 1,
-        "core_page_size": 4,
-    },  # fmt: skip
-}
-
-
-@pytest.mark.parametrize("name", list(OPTION_SETS))
+@pytest.mark.parametrize("name", list(PREFILL_OPTION_SETS))
 def test_compiled_selection_keeps_the_eager_rows(name):
     """Inductor's compile of the whole selection (scores, ranking, gathers, pages) against
     the same function run op by op: the same rows, pages and state, for prompts of three
     lengths (the second compiles for any length), and in one graph."""
-    options = AvlOptions(text_min_budget=4, text_keep=0.2, **OPTION_SETS[name])
+    options = AvlOptions(text_min_budget=4, text_keep=0.2, **PREFILL_OPTION_SETS[name])
     plan = RowPlan.of(options)
     for length in (60, 52, 71):
         query, keys, values, context = _prompt(length)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import PREFILL_OPTION_SETS
 
 from avl_compile.lowering import native_build
 from avl_compile.options import AvlOptions
@@ -26,16 +27,9 @@ pytestmark = pytest.mark.skipif(
 
 SCALE = 0.25
 OPTION_SETS = {
-    "a-vl": {},
+    **PREFILL_OPTION_SETS,
     "a-vl, every step": {"refresh_every": -1},
-    "recall": {"recall_pages": 2, "recall_page_size": 4, "refresh_every": 1},
     "core pages": {"core_page_size": 3, "refresh_every": 1},
-    "recall + pages": {
-        "recall_pages": 2,
-        "recall_page_size": 4,
-        "refresh_every": 1,
-        "core_page_size": 4,
-    },  # fmt: skip
 }
 
 

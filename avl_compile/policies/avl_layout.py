@@ -61,10 +61,15 @@ class PromptLayout:
         return native_tables(self)
 
     @property
+    def evicted_per_row(self) -> list[int]:
+        """Image rows outside the secondary set per batch row (recall's pages hold them):
+        known from the shapes, no read of a device."""
+        return [p.numel() - s for p, s in zip(self.image_pos, self.n_secondary, strict=True)]
+
+    @property
     def evicted_rows(self) -> int:
-        """Image rows outside the secondary set, every batch row's (recall's pages hold
-        them): known from the shapes, no read of a device."""
-        return sum(p.numel() - s for p, s in zip(self.image_pos, self.n_secondary, strict=True))
+        """``evicted_per_row``, every batch row's."""
+        return sum(self.evicted_per_row)
 
 
 class NativeTables(NamedTuple):

@@ -220,9 +220,8 @@ def native_selection(
     tables = layout.native_tables
     recall_pages = 1
     if plan.recall_page_size:
-        evicted = [p.numel() - s for p, s in zip(layout.image_pos, layout.n_secondary,
-                                                  strict=True)]  # fmt: skip
-        recall_pages = max(max(pages_of(e, plan.recall_page_size) for e in evicted), 1)
+        size = plan.recall_page_size
+        recall_pages = max(max(pages_of(e, size) for e in layout.evicted_per_row), 1)
     core_pages = 0
     if plan.core_page_size:
         assert layout.image_positions is not None

@@ -1,0 +1,100 @@
+/* Small helpers shared by lowering's C sources (recall_swap.c, core_choice.c,
+ * prefill_rows.c): static inline, so each source compiles its own copy. No torch headers. */
+
+#ifndef AVL_NATIVE_HELPERS_H
+#define AVL_NATIVE_HELPERS_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* sums in 8 lanes, added pairwise at the end: a single running sum is a chain of dependent
+ * adds (its latency, not the arithmetic, was most of the swap's time); the order differs
+ * from torch's in the last bit at most, as Inductor's does */
+enum { LANES = 8 };
+
+static inline float lanes_total(const float *lane) {
+    return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
+
+static inline float dot(const float *restrict a, const float *restrict b, int64_t dim) {
+    float lane[LANES] = {0};
+    int64_t d = 0;
+    for (; d + LANES <= dim; d += LANES)
+        for (int j = 0; j < LANES; j++) lane[j] += a[d + j] * b[d + j];
+    for (; d < dim; d++) lane[0] += a[d] * b[d];
+    return lanes_total(lane);
+}
+
+/* the largest q.k a key inside the box [low, high] can give (Quest's bound) */
+static inline float box_bound(const float *restrict q, const float *restrict low,
+                              const float *restrict high, int64_t dim) {
+    float lane[LANES] = {0};
+    int64_t d = 0;
+    for (; d + LANES <= dim; d += LANES)
+        for (int j = 0; j < LANES; j++) {
+            float lo = q[d + j] * low[d + j], hi = q[d + j] * high[d + j];
+            lane[j] += lo > hi ? lo : hi;
+        }
+    for (; d < dim; d++) {
+        float lo = q[d] * low[d], hi = q[d] * high[d];
+        lane[0] += lo > hi ? lo : hi;
+    }
+    return lanes_total(lane);
+}
+
+/* the element-wise min and max of n rows of dim floats (+inf and -inf for none): LANES
+ * columns at a time, held in registers over the rows, branch-free (a compare-and-branch
+ * on random keys mispredicts) */
+static inline void box_rows(float *restrict low, float *restrict high,
+                            const float *const *rows, int64_t n, int64_t dim) {
+    for (int64_t d0 = 0; d0 < dim; d0 += LANES) {
+        int64_t width = dim - d0 < LANES ? dim - d0 : LANES;
+        float lo[LANES], hi[LANES];
+        for (int j = 0; j < LANES; j++) {
+            lo[j] = INFINITY;
+            hi[j] = -INFINITY;
+        }
+        if (width == LANES)
+            for (int64_t i = 0; i < n; i++) {
+                const float *restrict row = rows[i] + d0;
+                for (int j = 0; j < LANES; j++) {
+                    lo[j] = row[j] < lo[j] ? row[j] : lo[j];
+                    hi[j] = row[j] > hi[j] ? row[j] : hi[j];
+                }
+            }
+        else
+            for (int64_t i = 0; i < n; i++)
+                for (int64_t j = 0; j < width; j++) {
+                    float v = rows[i][d0 + j];
+                    lo[j] = v < lo[j] ? v : lo[j];
+                    hi[j] = v > hi[j] ? v : hi[j];
+                }
+        for (int64_t j = 0; j < width; j++) {
+            low[d0 + j] = lo[j];
+            high[d0 + j] = hi[j];
+        }
+    }
+}
+
+/* how many entries of `ascending` are below `value` (searchsorted's left index) */
+static inline int64_t count_below(const int64_t *ascending, int64_t length, int64_t value) {
+    int64_t lo = 0, hi = length;
+    while (lo < hi) {
+        int64_t mid = lo + (hi - lo) / 2;
+        if (ascending[mid] < value) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
+
+/* the float's bits as an unsigned key in the float's order (-0 as +0: equal scores, equal
+ * keys), so a choice by score is a choice by key */
+static inline uint32_t ordered_key(float score) {
+    score += 0.0f;
+    uint32_t bits;
+    memcpy(&bits, &score, sizeof bits);
+    return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+#endif
