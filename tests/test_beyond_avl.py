@@ -213,6 +213,17 @@ def test_the_swap_ranks_resident_rows_by_the_last_steps_qk(inner):
     assert checked > 0
 
 
+def test_recall_keeps_its_own_last_query_not_the_prompts():
+    """The recall state's last query is a tensor of its own: at batch 1 the prompt's last
+    query row is a contiguous view of the whole projection, which a view would keep alive
+    for the whole generation (every layer's prompt queries)."""
+    prompt = llava_prompt(_make(), PREFIXES[:1], SUFFIXES[:1])
+    _, got = compiled_greedy(_make, prompt.inputs, {**PAGE_CORE_RECALL, "inner": "eager"})
+    for layer in generated_cache(got).layers:
+        query = layer_state(layer.keys).recall.last_query
+        assert query.untyped_storage().nbytes() == query.numel() * query.element_size()
+
+
 def test_recall_at_full_budgets_generates_the_uncompiled_tokens():
     prompt = llava_prompt(_make(), PREFIXES[:1], SUFFIXES[:1])
     options = {**FULL, "refresh_every": 1, "recall_pages": 3}

@@ -200,7 +200,9 @@ class AvlPolicy:
             state.recall = RecallState(
                 # every image row outside the secondary set is evicted to a page
                 pages=host_pages(rows.recall_pages, held_rows=layout.evicted_rows),
-                last_query=query[:, :, -1].contiguous(),  # written in place at each step
+                # written in place at each step; a copy of its own (at batch 1 the row is a
+                # contiguous view that kept the prompt's whole query alive)
+                last_query=query[:, :, -1].clone(memory_format=torch.contiguous_format),
             )
             if keys.device.type != "cpu" and state.next_refresh:
                 # a GPU's runtime-call route: the first step's pages chosen now, their
