@@ -74,9 +74,10 @@ static const float *row_of(const float *base, const int64_t *stride, int64_t b, 
 }
 
 /* [Lk] the last window's probabilities, summed over its valid rows, head-averaged
- * (LseScoring.last_row_score) */
+ * (LseScoring.last_row_score); where `last_logit` [Hq, Lk] is given, each head's q.k of the
+ * last query row with every key, whether or not the row is valid (recall's last_qk) */
 static void image_score(const PrefillRowsArgs *a, int64_t b, float *score, float *head,
-                        float *logit) {
+                        float *logit, float *last_logit) {
     const int64_t group = a->q_heads / a->kv_heads, k_len = a->k_len, window = a->window;
     const float *bias_base = a->last_bias + (a->last_bias_batch ? b : 0) * window * k_len;
     memset(score, 0, (size_t)k_len * sizeof *score);
@@ -84,17 +85,20 @@ static void image_score(const PrefillRowsArgs *a, int64_t b, float *score, float
         memset(head, 0, (size_t)k_len * sizeof *head);
         for (int64_t w = 0; w < window; w++) {
             const int64_t r = a->q_len - window + w;
-            if (window > 1 && !a->query_valid[b * a->q_len + r]) continue; /* weight 0 */
+            const int valid = window == 1 || a->query_valid[b * a->q_len + r]; /* else weight 0 */
+            float *row_logit = w == window - 1 && last_logit ? last_logit + h * k_len : logit;
+            if (!valid && row_logit == logit) continue;
             const float *q = row_of(a->query, a->query_stride, b, h, r);
             const float lse = a->lse[(b * a->q_heads + h) * a->q_len + r];
             const float *bias = bias_base + w * k_len;
             const float *keys = row_of(a->keys, a->keys_stride, b, h / group, 0);
             const int64_t step = a->keys_stride[2];
             /* the logits first, then their exponentials: no call inside the dot loop */
-            for (int64_t j = 0; j < k_len; j++) logit[j] = dot(q, keys + j * step, a->dim);
+            for (int64_t j = 0; j < k_len; j++) row_logit[j] = dot(q, keys + j * step, a->dim);
+            if (!valid) continue;
             for (int64_t j = 0; j < k_len; j++)
                 if (bias[j] != -INFINITY) /* padding adds exp(-inf) = 0 */
-                    head[j] += probability(logit[j], (float)a->scale, bias[j], lse);
+                    head[j] += probability(row_logit[j], (float)a->scale, bias[j], lse);
         }
         for (int64_t j = 0; j < k_len; j++) score[j] += head[j];
     }
@@ -102,31 +106,32 @@ static void image_score(const PrefillRowsArgs *a, int64_t b, float *score, float
 }
 
 /* [Hkv, Lk] the text columns' attention summed over the valid query rows and each kv head's
- * query heads, 0 elsewhere (LseScoring.column_sums) */
+ * query heads, 0 elsewhere (LseScoring.column_sums). The columns' keys are copied to one
+ * block per kv head (`picked`, [n, D]) once, not gathered again for every query row */
 static void text_scores(const PrefillRowsArgs *a, int64_t b, float *total, float *head,
-                        float *logit, int64_t *visible) {
-    const int64_t group = a->q_heads / a->kv_heads, n = a->n_columns;
+                        float *logit, float *picked) {
+    const int64_t group = a->q_heads / a->kv_heads, n = a->n_columns, dim = a->dim;
     const float *bias_base = a->column_bias
         + (a->column_bias_batch ? b : 0) * (a->q_len - a->first_row) * n;
     memset(total, 0, (size_t)(a->kv_heads * a->k_len) * sizeof *total);
     for (int64_t h = 0; h < a->q_heads; h++) {
         const int64_t kv = h / group;
+        if (h % group == 0)
+            for (int64_t c = 0; c < n; c++)
+                copy_row(picked + c * dim, row_of(a->keys, a->keys_stride, b, kv, a->columns[c]),
+                         dim);
         memset(head, 0, (size_t)n * sizeof *head);
         for (int64_t r = a->first_row; r < a->q_len; r++) {
             if (!a->query_valid[b * a->q_len + r]) continue;
             const float *q = row_of(a->query, a->query_stride, b, h, r);
             const float lse = a->lse[(b * a->q_heads + h) * a->q_len + r];
             const float *bias = bias_base + (r - a->first_row) * n;
-            int64_t seen = 0; /* columns the row sees (causal: about half); the rest add 0 */
+            /* only the columns the row sees (causal: about half); the rest add 0 */
             for (int64_t c = 0; c < n; c++)
-                if (bias[c] != -INFINITY) {
-                    const float *k = row_of(a->keys, a->keys_stride, b, kv, a->columns[c]);
-                    visible[seen] = c, logit[seen++] = dot(q, k, a->dim);
-                }
-            for (int64_t i = 0; i < seen; i++) {
-                const int64_t c = visible[i];
-                head[c] += probability(logit[i], (float)a->scale, bias[c], lse);
-            }
+                logit[c] = bias[c] != -INFINITY ? dot(q, picked + c * dim, dim) : 0.0f;
+            for (int64_t c = 0; c < n; c++)
+                if (bias[c] != -INFINITY)
+                    head[c] += probability(logit[c], (float)a->scale, bias[c], lse);
         }
         for (int64_t c = 0; c < n; c++) total[kv * a->k_len + a->columns[c]] += head[c];
     }
@@ -244,23 +249,25 @@ static void core_pages(const PrefillRowsArgs *a, int64_t b, const int64_t *slots
 int avl_prefill_rows(const PrefillRowsArgs *a) {
     const int64_t k_len = a->k_len, capacity = a->capacity, dim = a->dim, heads = a->kv_heads;
     const int64_t widest = a->candidate_width > k_len ? a->candidate_width : k_len;
+    const int recall = a->recall_page_size > 0;
     float *score = malloc((size_t)(k_len + a->n_columns) * sizeof *score);
     float *head = malloc((size_t)(k_len + a->n_columns) * sizeof *head);
     float *total = malloc((size_t)(heads * k_len) * sizeof *total);
+    float *picked = malloc((size_t)(a->n_columns * dim + 1) * sizeof *picked);
+    /* recall: the last row's q.k per query head and key, read back per slot */
+    float *last_logit = malloc((size_t)(recall ? a->q_heads * k_len : 1) * sizeof *last_logit);
     uint64_t *keys = malloc((size_t)(2 * widest) * sizeof *keys); /* keys, then scratch */
-    const int64_t slots_size = capacity > a->n_columns ? capacity : a->n_columns;
-    int64_t *slots = malloc((size_t)slots_size * sizeof *slots);
+    int64_t *slots = malloc((size_t)capacity * sizeof *slots);
     int64_t *evicted = malloc((size_t)(a->candidate_width + 1) * sizeof *evicted);
-    if (!score || !head || !total || !keys || !slots || !evicted) {
-        free(score), free(head), free(total), free(keys), free(slots), free(evicted);
+    if (!score || !head || !total || !picked || !last_logit || !keys || !slots || !evicted) {
+        free(score), free(head), free(total), free(picked), free(last_logit), free(keys);
+        free(slots), free(evicted);
         return -1;
     }
-    const int64_t slot_stride[3] = {heads * capacity * dim, capacity * dim, dim};
     for (int64_t b = 0; b < a->batch; b++) {
-        /* scratch: `total` until text_scores writes it, the score's tail, the slots until
-         * they are written */
-        image_score(a, b, score, head, total);
-        text_scores(a, b, total, head, score + k_len, slots);
+        /* scratch: `total` until text_scores writes it, the score's tail */
+        image_score(a, b, score, head, total, recall ? last_logit : NULL);
+        text_scores(a, b, total, head, score + k_len, picked);
         for (int64_t c = 0; c < capacity; c++) slots[c] = -1;
         const int64_t n_evicted = image_positions(a, b, score, keys, slots, evicted);
         for (int64_t h = 0; h < heads; h++) {
@@ -281,14 +288,15 @@ int avl_prefill_rows(const PrefillRowsArgs *a) {
             }
         }
         const int64_t *image_slots = a->position + b * heads * capacity; /* kv head 0's */
-        if (a->recall_page_size) {
+        if (recall) {
+            /* the scaled q.k of the last row with each slot's key, head-averaged: the image
+             * score's dots, read at the slot's row (row 0 where free, as its copy) */
             const int64_t group = a->q_heads / heads;
             for (int64_t c = 0; c < capacity; c++) {
                 float sum = 0.0f;
                 for (int64_t h = 0; h < a->q_heads; h++) {
-                    const float *q = row_of(a->query, a->query_stride, b, h, a->q_len - 1);
-                    const float *k = row_of(a->slot_keys, slot_stride, b, h / group, c);
-                    sum += dot(q, k, dim) * (float)a->scale;
+                    const int64_t at = a->position[(b * heads + h / group) * capacity + c];
+                    sum += last_logit[h * k_len + (at < 0 ? 0 : at)] * (float)a->scale;
                 }
                 a->last_qk[b * capacity + c] = sum / (float)a->q_heads;
             }
@@ -296,6 +304,7 @@ int avl_prefill_rows(const PrefillRowsArgs *a) {
         }
         if (a->core_page_size) core_pages(a, b, image_slots);
     }
-    free(score), free(head), free(total), free(keys), free(slots), free(evicted);
+    free(score), free(head), free(total), free(picked), free(last_logit), free(keys);
+    free(slots), free(evicted);
     return 0;
 }

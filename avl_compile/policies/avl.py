@@ -187,10 +187,11 @@ class AvlPolicy:
             **paged,
             **self._refresh_state(batch, device),
         )
-        schedule = self._schedule(layout, k_len)
-        if opts.vision_keep_layers is None:  # else counts differ by layer: one schedule each
+        if opts.vision_keep_layers is not None:  # counts differ by layer: one schedule each
+            schedule = self._schedule(layout, k_len)
+        else:  # one schedule for the prompt's layers, made by the first
             if context.schedule is None:
-                context.schedule = schedule  # one schedule for the prompt's layers
+                context.schedule = self._schedule(layout, k_len)
             schedule = context.schedule
         state = LayerState(slots=slots, schedule=schedule, combine_heads=context.combine_heads)
         if rows.core_pages is not None:

@@ -60,13 +60,13 @@ class PromptLayout:
         selects in C, read by the others."""
         return native_tables(self)
 
-    @property
+    @functools.cached_property
     def evicted_per_row(self) -> list[int]:
         """Image rows outside the secondary set per batch row (recall's pages hold them):
         known from the shapes, no read of a device."""
         return [p.numel() - s for p, s in zip(self.image_pos, self.n_secondary, strict=True)]
 
-    @property
+    @functools.cached_property
     def evicted_rows(self) -> int:
         """``evicted_per_row``, every batch row's."""
         return sum(self.evicted_per_row)
