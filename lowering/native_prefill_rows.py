@@ -7,7 +7,10 @@ host work (guards, the generated wrapper's Python), four sorts and a dozen small
 ``prefill_rows.c`` does the same work (the scores from the attention's log-sum-exp, the
 ranking by radix select, H2O's keep, the slots' rows, recall's and the core's pages) in
 one pass per batch row. The op allocates its outputs; the prefill calls it eagerly (it is
-never traced: it has no fake kernel, its output sizes come from the layout).
+never traced: it has no fake kernel, its output sizes come from the layout). It also returns
+the layer's own copies of the layout's ``role``, ``counters`` and ``text_options`` and of
+the last query row (the decode state's), made in C++: as four calls from Python they cost
+~1 ms a prefill on ``cpu-host`` in place (docs/history.md, session 28).
 
 Its CPU kernel (``torch_kernels.cpp``) is built at first use (``native_build``). Where it
 cannot be built, or the tensors are not float32 rows on the CPU, the selection stays the
@@ -27,7 +30,8 @@ _SCHEMA = (
     "Tensor not_text, Tensor image_slot, Tensor image_positions, Tensor query_valid, "
     "Tensor last_bias, Tensor columns, Tensor column_bias, int first_row, float scale, "
     "int capacity, int recall_page_size, int recall_n_pages, int core_page_size, "
-    "int core_n_pages) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+    "int core_n_pages, Tensor role, Tensor counters, Tensor text_options) -> (Tensor, "
+    "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
     "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 # its CPU kernel comes with the C library (``native_build``)

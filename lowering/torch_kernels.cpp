@@ -96,7 +96,8 @@ void strides_of(const at::Tensor &tensor, int64_t *stride) {
 
 using Rows = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                         at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                        at::Tensor, at::Tensor, at::Tensor>;
+                        at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                        at::Tensor>;
 
 // every output allocated here (one call, no Python between): absent parts (recall or the
 // core's pages off) come back empty
@@ -108,7 +109,9 @@ Rows prefill_rows(const at::Tensor &query, const at::Tensor &keys, const at::Ten
                   const at::Tensor &query_valid, const at::Tensor &last_bias,
                   const at::Tensor &columns, const at::Tensor &column_bias, int64_t first_row,
                   double scale, int64_t capacity, int64_t recall_page_size,
-                  int64_t recall_n_pages, int64_t core_page_size, int64_t core_n_pages) {
+                  int64_t recall_n_pages, int64_t core_page_size, int64_t core_n_pages,
+                  const at::Tensor &role, const at::Tensor &counters,
+                  const at::Tensor &text_options) {
     const int64_t batch = query.size(0), kv_heads = keys.size(1), dim = query.size(3);
     PrefillRowsArgs a{};
     a.batch = batch, a.q_heads = query.size(1), a.kv_heads = kv_heads;
@@ -166,9 +169,14 @@ Rows prefill_rows(const at::Tensor &query, const at::Tensor &keys, const at::Ten
     a.core_low = core_low.data_ptr<float>(), a.core_high = core_high.data_ptr<float>();
     a.members = members.data_ptr<int64_t>();
     TORCH_CHECK(avl_prefill_rows(&a) == 0, "avl::prefill_rows: no memory for its scratch");
+    // the decode state's own copies (the layout's are shared by the layers), and the last
+    // query row, contiguous whatever the projection's layout
+    const at::Tensor last_query =
+        query.select(2, query.size(2) - 1).clone(at::MemoryFormat::Contiguous);
     return {position, slot_keys, slot_values, slot_text_rank, slot_text_score, last_qk,
             page_positions, page_keys, page_values, page_low, page_high, image_ordinal,
-            core_low, core_high, members};
+            core_low, core_high, members, role.clone(), counters.clone(), text_options.clone(),
+            last_query};
 }
 
 }  // namespace

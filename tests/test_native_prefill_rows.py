@@ -57,6 +57,8 @@ def _prompt(length: int, padded: bool, head_dim: int, q_heads: int, tied: bool):
 
 def _assert_same_rows(got, want) -> None:
     for field, expected in want._asdict().items():
+        if field == "state_copies":  # the C op's alone (_assert_own_copies)
+            continue
         value = getattr(got, field)
         if expected is None:
             assert value is None, field
@@ -72,6 +74,18 @@ def _assert_same_rows(got, want) -> None:
                 torch.testing.assert_close(g, e, msg=field)
             else:
                 assert torch.equal(g, e), field
+
+
+def _assert_own_copies(copies, layout, query) -> None:
+    """The state's copies: the layout's values and the last query row, each in memory of
+    its own (the decode writes them in place; the layout is shared by the layers)."""
+    last_row = query[:, :, -1]
+    expected = (layout.role, layout.counters, layout.text_options, last_row)
+    for got, want in zip(copies, expected, strict=True):
+        assert torch.equal(got, want) and got.dtype == want.dtype
+        assert got.is_contiguous()
+        assert got.untyped_storage().data_ptr() != want.untyped_storage().data_ptr()
+        assert got.untyped_storage().nbytes() == got.numel() * got.element_size()
 
 
 @pytest.mark.parametrize("name", list(OPTION_SETS))
@@ -103,7 +117,9 @@ def test_the_c_selection_keeps_the_tensor_functions_rows(
             assert not keys.is_contiguous()  # read in place
             assert why_not_native(query, keys, values, lse, layout) is None
             arguments = (query, keys, values, lse, SCALE, layout, plan)
-            _assert_same_rows(native_selection(*arguments), scored_prefill_rows(*arguments))
+            rows = native_selection(*arguments)
+            _assert_same_rows(rows, scored_prefill_rows(*arguments))
+            _assert_own_copies(rows.state_copies, layout, query)
 
 
 def test_the_prefill_filter_and_other_dtypes_stay_with_the_tensor_function():

@@ -29,6 +29,7 @@ from avl_compile.policies.avl_decode import (
 from avl_compile.policies.avl_layout import PromptLayout, prompt_layout, text_budgets
 from avl_compile.policies.avl_prefill_rows import (
     RowPlan,
+    StateCopies,
     compiled_prefill_rows,
     native_selection,
     prefill_rows,
@@ -176,13 +177,21 @@ class AvlPolicy:
         if last_qk is None:  # never read where recall is off
             last_qk = torch.zeros((batch, layout.capacity), dtype=acc, device=device)
         paged = {} if rows.image_ordinal is None else {"image_ordinal": rows.image_ordinal}
+        copies = rows.state_copies
+        if copies is None:  # this layer's own state: the layout's is shared by the layers
+            copies = StateCopies(
+                layout.role.clone(), layout.counters.clone(), layout.text_options.clone(),
+                # a copy of its own (at batch 1 the row is a contiguous view, and a view
+                # would keep the prompt's whole query alive)
+                query[:, :, -1].clone(memory_format=torch.contiguous_format),
+            )  # fmt: skip
         slots = slots_class(
-            role=layout.role.clone(),
+            role=copies.role,
             position=rows.position,
             text_rank=rows.text_rank,
             text_score=rows.text_score,
-            counters=layout.counters.clone(),
-            text_options=layout.text_options.clone(),
+            counters=copies.counters,
+            text_options=copies.text_options,
             last_qk=last_qk,
             **paged,
             **self._refresh_state(batch, device),
@@ -201,9 +210,7 @@ class AvlPolicy:
             state.recall = RecallState(
                 # every image row outside the secondary set is evicted to a page
                 pages=host_pages(rows.recall_pages, held_rows=layout.evicted_rows),
-                # written in place at each step; a copy of its own (at batch 1 the row is a
-                # contiguous view that kept the prompt's whole query alive)
-                last_query=query[:, :, -1].clone(memory_format=torch.contiguous_format),
+                last_query=copies.last_query,  # written in place at each step
             )
             if keys.device.type != "cpu" and state.next_refresh:
                 # a GPU's runtime-call route: the first step's pages chosen now, their

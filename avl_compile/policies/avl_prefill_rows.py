@@ -57,6 +57,18 @@ class PrefillRows(NamedTuple):
     core_pages: tuple[Tensor, Tensor, Tensor] | None  # low, high, members (``CorePages``)
     # positions, keys, values, low, high of the evicted rows' pages (recall)
     recall_pages: tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None
+    # the decode state's own copies, where the selection made them (the C op); else None
+    # and the policy copies the layout's
+    state_copies: StateCopies | None = None
+
+
+class StateCopies(NamedTuple):
+    """A layer's copies of its prompt layout's tensors, and of the last query row."""
+
+    role: Tensor  # [B, C] int8
+    counters: Tensor  # [B, 5] int64
+    text_options: Tensor  # [3] float64
+    last_query: Tensor  # [B, Hq, D] contiguous
 
 
 def marked(positions: Tensor, length: int) -> Tensor:
@@ -228,9 +240,10 @@ def native_selection(
         core_pages = pages_of(layout.image_positions.shape[1], plan.core_page_size)
     (position, slot_keys, slot_values, text_rank, text_score, last_qk, page_positions,
      page_keys, page_values, page_low, page_high, image_ordinal, core_low, core_high,
-     members) = native_prefill_rows.prefill_rows(
+     members, *copies) = native_prefill_rows.prefill_rows(
         query, keys, values, lse, *tables[:-1], tables.first_row, scale, layout.capacity,
-        plan.recall_page_size, recall_pages, plan.core_page_size, core_pages,
+        plan.recall_page_size, recall_pages, plan.core_page_size, core_pages, layout.role,
+        layout.counters, layout.text_options,
     )  # fmt: skip
     recall = bool(plan.recall_page_size)
     core = bool(plan.core_page_size)
@@ -246,4 +259,5 @@ def native_selection(
         recall_pages=(page_positions, page_keys, page_values, page_low, page_high)
         if recall
         else None,
+        state_copies=StateCopies(*copies),
     )
