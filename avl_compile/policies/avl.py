@@ -177,14 +177,8 @@ class AvlPolicy:
         if last_qk is None:  # never read where recall is off
             last_qk = torch.zeros((batch, layout.capacity), dtype=acc, device=device)
         paged = {} if rows.image_ordinal is None else {"image_ordinal": rows.image_ordinal}
-        copies = rows.state_copies
-        if copies is None:  # this layer's own state: the layout's is shared by the layers
-            copies = StateCopies(
-                layout.role.clone(), layout.counters.clone(), layout.text_options.clone(),
-                # a copy of its own (at batch 1 the row is a contiguous view, and a view
-                # would keep the prompt's whole query alive)
-                query[:, :, -1].clone(memory_format=torch.contiguous_format),
-            )  # fmt: skip
+        # this layer's own state (the layout's is shared by the layers)
+        copies = rows.state_copies or StateCopies.of(layout, query)
         slots = slots_class(
             role=copies.role,
             position=rows.position,

@@ -70,6 +70,16 @@ class StateCopies(NamedTuple):
     text_options: Tensor  # [3] float64
     last_query: Tensor  # [B, Hq, D] contiguous
 
+    @classmethod
+    def of(cls, layout: PromptLayout, query: Tensor) -> StateCopies:
+        """The copies made in Python (the C op makes the same in C++). The last query row
+        is a copy of its own: at batch 1 it is a contiguous view, and a view would keep
+        the prompt's whole query alive."""
+        return cls(
+            layout.role.clone(), layout.counters.clone(), layout.text_options.clone(),
+            query[:, :, -1].clone(memory_format=torch.contiguous_format),
+        )  # fmt: skip
+
 
 def marked(positions: Tensor, length: int) -> Tensor:
     """[length] bool, True at ``positions`` (a membership test without ``isin``'s sorts)."""
