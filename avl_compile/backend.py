@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, fx
+from torch._dispatch.python import enable_python_dispatcher
 
 from avl_compile.compiled_decode import CompiledDecode, GraphPerStateShape
 from avl_compile.options import AvlOptions, uses_cudagraphs, with_compile_mode
@@ -404,7 +405,9 @@ def _compile_pieces(gm: fx.GraphModule, example_inputs: list[Any], inner: str) -
             setattr(self.module, target, _Piece(compiled, single))
             return result
 
-    with fake_mode:
+    # the Python dispatcher, as in Dynamo's own fake runs: some meta kernels (masked_scatter's
+    # broadcast) call C++ composites that take only concrete sizes without it
+    with fake_mode, enable_python_dispatcher():
         PieceCompiler(split).run(*fake_inputs)
     split.recompile()
     return split.forward
