@@ -27,7 +27,8 @@ from torch import Tensor
 
 _HERE = Path(__file__).parent
 C_SOURCES = (_HERE / "recall_swap.c", _HERE / "core_choice.c", _HERE / "prefill_rows.c")
-HEADERS = (_HERE / "native_helpers.h", _HERE / "prefill_rows.h")  # included by the sources
+# included by the sources
+HEADERS = (_HERE / "native_helpers.h", _HERE / "native_parallel.h", _HERE / "prefill_rows.h")
 BINDING = _HERE / "torch_kernels.cpp"
 _C_FLAGS = ("-O3", "-std=c99", "-fPIC")
 # torch 2.13's headers use C++20 (default member initializers of bit-fields)
@@ -59,13 +60,27 @@ def build(
 ) -> Path:
     """The shared library of ``c_sources`` and ``binding`` (``<binding stem>_<digest>.so``
     in ``cache_dir()``), built if these sources, compilers and torch (version and install:
-    the include path is among the flags) have not been.
+    the include path is among the flags) have not been. The binding is compiled with
+    OpenMP where torch uses it (``at::parallel_for`` then runs on torch's threads; without
+    it, on one), and without where the compiler refuses it.
     Raises RuntimeError where a compiler is missing or fails."""
+    openmp = ("-fopenmp",) if torch.backends.openmp.is_available() else ()
+    try:
+        return _build(c_sources, binding, headers, openmp)
+    except RuntimeError:
+        if not openmp:
+            raise
+        return _build(c_sources, binding, headers, ())
+
+
+def _build(
+    c_sources: tuple[Path, ...], binding: Path, headers: tuple[Path, ...], openmp: tuple[str, ...]
+) -> Path:
     cc, cxx = _compiler("CC", "C", "cc", "gcc"), _compiler("CXX", "C++", "c++", "g++")
     torch_dir = Path(torch.__file__).parent
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     include, lib = torch_dir / "include", torch_dir / "lib"
-    cxx_flags = (*_CXX_FLAGS, abi, f"-I{include}")
+    cxx_flags = (*_CXX_FLAGS, *openmp, abi, f"-I{include}")
     digest = hashlib.sha256()
     for source in (*c_sources, *headers, binding):
         digest.update(source.read_bytes())
@@ -81,6 +96,7 @@ def build(
             objects.append(str(Path(scratch) / f"{source.stem}.o"))
             _run([cc, *_C_FLAGS, "-c", str(source), "-o", objects[-1]])
         partial = str(Path(scratch) / target.name)
+        # OpenMP's runtime resolves to the one torch loaded (same soname, torch's lib first)
         _run([cxx, *cxx_flags, "-shared", str(binding), *objects, "-o", partial,
               f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}", "-lm"])  # fmt: skip
         os.replace(partial, target)

@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "native_helpers.h"
+#include "native_parallel.h"
 
 enum { ROLE_OTHER = 1, ROLE_CORE = 3 }; /* policies/avl_decode.py's OTHER and CORE */
 
@@ -92,6 +93,99 @@ static void widen_box(float *restrict low, float *restrict high, const float *re
     }
 }
 
+/* One batch row's swap as planned (serially, on the caller's thread): what each kv head's
+ * rows do. The heads touch disjoint rows and boxes, so a runner may hand them to threads:
+ * the swap reads a few MB of rows and boxes scattered in memory, latency more than work. */
+typedef struct {
+    int64_t b, kv_heads, capacity, dim, n_pages, page_size, recall_pages, moves;
+    int64_t n_core_pages, core_page_size, rows_max;
+    float *keys, *values;
+    int64_t *position;
+    float *page_keys, *page_values, *page_low, *page_high;
+    float *core_low, *core_high;
+    const int64_t *members;
+    const int64_t *chosen;            /* [R] the pages brought, in page order */
+    const int64_t *recalled_position; /* [M] the chosen pages' positions before the swap */
+    const int64_t *page_source;       /* [M] what fills page slot m: a cache slot, C + a
+                                       * recalled row, or -1 (the page's slot stays empty) */
+    const int64_t *freed, *incoming;  /* [pairs] slot freed[k] takes recalled row incoming[k] */
+    int64_t n_pairs;
+    const int64_t *rebox; /* core pages a row left: boxed again from their members */
+    int64_t n_rebox;
+    const int64_t *widen; /* pairs whose core page only gained a row: its box widens */
+    int64_t n_widen;
+    const int64_t *came_page; /* [pairs] the core page of recalled row incoming[k] */
+    float *recalled_keys, *recalled_values; /* scratch [Hkv, M, D] */
+    const float **rows;                     /* scratch [Hkv, rows_max] */
+} HeadWork;
+
+static void swap_heads(void *context, int64_t begin, int64_t end) {
+    const HeadWork *w = (const HeadWork *)context;
+    const int64_t dim = w->dim, moves = w->moves, page_size = w->page_size;
+    const size_t row_bytes = sizeof(float) * (size_t)dim;
+    for (int64_t h = begin; h < end; h++) {
+        const int64_t bh = w->b * w->kv_heads + h;
+        float *recalled_keys = w->recalled_keys + h * moves * dim;
+        float *recalled_values = w->recalled_values + h * moves * dim;
+        const float **rows = w->rows + h * w->rows_max;
+        /* the chosen pages' rows, copied: the pages take the rows that leave */
+        for (int64_t j = 0; j < w->recall_pages; j++) {
+            int64_t from = (bh * w->n_pages + w->chosen[j]) * page_size * dim;
+            memcpy(recalled_keys + j * page_size * dim, w->page_keys + from, row_bytes * page_size);
+            memcpy(recalled_values + j * page_size * dim, w->page_values + from,
+                   row_bytes * page_size);
+        }
+        for (int64_t j = 0; j < w->recall_pages; j++) {
+            int64_t page = w->chosen[j], held = 0;
+            int64_t base = (bh * w->n_pages + page) * page_size * dim;
+            for (int64_t s = 0; s < page_size; s++) {
+                int64_t source = w->page_source[j * page_size + s];
+                if (source < 0) break; /* a page's rows fill its first slots */
+                const float *k, *v;
+                if (source < w->capacity) {
+                    k = w->keys + (bh * w->capacity + source) * dim;
+                    v = w->values + (bh * w->capacity + source) * dim;
+                } else {
+                    k = recalled_keys + (source - w->capacity) * dim;
+                    v = recalled_values + (source - w->capacity) * dim;
+                }
+                memcpy(w->page_keys + base + s * dim, k, row_bytes);
+                memcpy(w->page_values + base + s * dim, v, row_bytes);
+                rows[held++] = w->page_keys + base + s * dim;
+            }
+            int64_t at = (bh * w->n_pages + page) * dim;
+            box_rows(w->page_low + at, w->page_high + at, rows, held, dim);
+        }
+        for (int64_t k = 0; k < w->n_pairs; k++) {
+            int64_t slot = w->freed[k], m = w->incoming[k];
+            int64_t to = (bh * w->capacity + slot) * dim;
+            memcpy(w->keys + to, recalled_keys + m * dim, row_bytes);
+            memcpy(w->values + to, recalled_values + m * dim, row_bytes);
+            w->position[bh * w->capacity + slot] = w->recalled_position[m];
+        }
+        /* the core's boxes: a page a row left is boxed again from its members; a page rows
+         * only came to widens its box by them (min and max are exact either way) */
+        for (int64_t t = 0; t < w->n_rebox; t++) {
+            int64_t page = w->rebox[t], n = 0;
+            const int64_t *slots = w->members + (w->b * w->n_core_pages + page) * w->core_page_size;
+            for (int64_t i = 0; i < w->core_page_size; i++)
+                if (slots[i] >= 0) rows[n++] = w->keys + (bh * w->capacity + slots[i]) * dim;
+            int64_t at = (bh * w->n_core_pages + page) * dim;
+            box_rows(w->core_low + at, w->core_high + at, rows, n, dim);
+        }
+        for (int64_t t = 0; t < w->n_widen; t++) {
+            int64_t k = w->widen[t];
+            int64_t at = (bh * w->n_core_pages + w->came_page[k]) * dim;
+            widen_box(w->core_low + at, w->core_high + at,
+                      w->keys + (bh * w->capacity + w->freed[k]) * dim, dim);
+        }
+    }
+}
+
+static void run_inline(avl_parallel_body body, void *context, int64_t count) {
+    body(context, 0, count);
+}
+
 /* Returns 0, or -1 where scratch memory could not be had (nothing written then). */
 int avl_recall_swap(
     int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t capacity, int64_t dim,
@@ -111,22 +205,27 @@ int avl_recall_swap(
     float *core_low, float *core_high, /* [B, Hkv, NP, D] */
     int64_t *members,                  /* [B, NP, PS] */
     int64_t n_core_pages, int64_t core_page_size,
-    const int64_t *chosen_in) { /* [B, R] the pages to bring, in page order; or NULL */
+    const int64_t *chosen_in, /* [B, R] the pages to bring, in page order; or NULL */
+    avl_parallel_runner run_heads) { /* runs swap_heads over the kv heads; NULL: inline */
     const float scale = (float)scale_in;
     const int64_t group = q_heads / kv_heads;
     const int64_t moves = recall_pages * page_size;
     const int paged = image_ordinal != NULL;
     if (batch <= 0 || n_pages <= 0 || recall_pages <= 0 || recall_pages > n_pages) return 0;
+    if (run_heads == NULL) run_heads = run_inline;
 
-    /* scratch, one block: the chosen pages' bounds, their rows, the ranked candidates */
+    /* scratch, one block: the chosen pages' bounds, their rows, the ranked candidates, the
+     * plan's lists */
     const int64_t rows_max = page_size > core_page_size ? page_size : core_page_size;
     const size_t sizes[] = {
         sizeof(PageBound) * (size_t)recall_pages, sizeof(int64_t) * (size_t)recall_pages,
         sizeof(int64_t) * (size_t)moves, sizeof(float) * (size_t)(kv_heads * moves * dim),
         sizeof(float) * (size_t)(kv_heads * moves * dim), sizeof(Candidate) * (size_t)moves,
         sizeof(int64_t) * (size_t)moves, sizeof(int64_t) * (size_t)moves,
-        sizeof(int64_t) * (size_t)(2 * moves), sizeof(float *) * (size_t)rows_max,
+        sizeof(int64_t) * (size_t)(2 * moves), sizeof(float *) * (size_t)(kv_heads * rows_max),
         (size_t)moves, (size_t)(n_core_pages > 0 ? n_core_pages : 1),
+        sizeof(int64_t) * (size_t)moves, sizeof(int64_t) * (size_t)moves,
+        sizeof(int64_t) * (size_t)moves,
     };
     enum { N_PARTS = sizeof(sizes) / sizeof(sizes[0]) };
     size_t offsets[N_PARTS], total = 0;
@@ -148,6 +247,9 @@ int avl_recall_swap(
     const float **rows = (const float **)(block + offsets[9]);
     char *leaves = block + offsets[10];
     char *boxed = block + offsets[11];
+    int64_t *page_source = (int64_t *)(block + offsets[12]);
+    int64_t *rebox = (int64_t *)(block + offsets[13]);
+    int64_t *widen = (int64_t *)(block + offsets[14]);
 
     for (int64_t b = 0; b < batch; b++) {
         const float *q = query + b * q_heads * dim;
@@ -160,24 +262,18 @@ int avl_recall_swap(
                          n_pages, page_size, dim, recall_pages);
         }
 
-        /* their rows, copied: the pages take the rows that leave */
         int64_t n_recalled = 0;
         for (int64_t j = 0; j < recall_pages; j++)
             for (int64_t s = 0; s < page_size; s++) {
                 int64_t m = j * page_size + s;
                 recalled_position[m] = pos_b[chosen[j] * page_size + s];
                 n_recalled += recalled_position[m] >= 0;
-                for (int64_t h = 0; h < kv_heads; h++) {
-                    int64_t from = (((b * kv_heads + h) * n_pages + chosen[j]) * page_size + s) * dim;
-                    memcpy(recalled_keys + (h * moves + m) * dim, page_keys + from, sizeof(float) * dim);
-                    memcpy(recalled_values + (h * moves + m) * dim, page_values + from,
-                           sizeof(float) * dim);
-                }
             }
         if (n_recalled == 0) continue; /* nothing to rank: the pages stay as they are */
 
         /* the n_recalled candidates ranked last among the resident image rows (the last
-         * step's q.k) and the recalled rows (their q.k now): a heap of the worst so far */
+         * step's q.k) and the recalled rows (their q.k now, read in their pages): a heap
+         * of the worst so far */
         int64_t kept = 0;
         for (int64_t i = 0; i < capacity + moves; i++) {
             Candidate c;
@@ -189,10 +285,11 @@ int avl_recall_swap(
             } else {
                 int64_t m = i - capacity;
                 if (recalled_position[m] < 0) continue;
+                int64_t page = chosen[m / page_size], s = m % page_size;
                 float total = 0.0f;
                 for (int64_t h = 0; h < q_heads; h++) {
-                    const float *k = recalled_keys + ((h / group) * moves + m) * dim;
-                    total += dot(q + h * dim, k, dim) * scale;
+                    int64_t at = (((b * kv_heads + h / group) * n_pages + page) * page_size + s);
+                    total += dot(q + h * dim, page_keys + at * dim, dim) * scale;
                 }
                 c.score = total / (float)q_heads;
                 c.position = recalled_position[m];
@@ -228,37 +325,13 @@ int avl_recall_swap(
         }
         int64_t next = 0;
         memset(leaves, 0, (size_t)moves);
-        for (int64_t j = 0; j < recall_pages; j++) {
-            int64_t page = chosen[j], held = 0;
-            for (int64_t s = 0; s < page_size; s++) {
-                int64_t m = j * page_size + s;
-                if (recalled_position[m] < 0) break; /* a page's rows fill its first slots */
-                const Candidate *c = &worst[next++];
-                held++;
-                pos_b[page * page_size + s] = c->position;
-                if (c->index >= capacity) leaves[c->index - capacity] = 1;
-                for (int64_t h = 0; h < kv_heads; h++) {
-                    int64_t to = (((b * kv_heads + h) * n_pages + page) * page_size + s) * dim;
-                    const float *k, *v;
-                    if (c->index < capacity) {
-                        int64_t from = ((b * kv_heads + h) * capacity + c->index) * dim;
-                        k = keys + from;
-                        v = values + from;
-                    } else {
-                        int64_t from = (h * moves + c->index - capacity) * dim;
-                        k = recalled_keys + from;
-                        v = recalled_values + from;
-                    }
-                    memcpy(page_keys + to, k, sizeof(float) * dim);
-                    memcpy(page_values + to, v, sizeof(float) * dim);
-                }
-            }
-            for (int64_t h = 0; h < kv_heads; h++) {
-                int64_t base = ((b * kv_heads + h) * n_pages + page) * page_size * dim;
-                for (int64_t s = 0; s < held; s++) rows[s] = page_keys + base + s * dim;
-                int64_t at = ((b * kv_heads + h) * n_pages + page) * dim;
-                box_rows(page_low + at, page_high + at, rows, held, dim);
-            }
+        for (int64_t m = 0; m < moves; m++) {
+            page_source[m] = -1;
+            if (recalled_position[m] < 0) continue;
+            const Candidate *c = &worst[next++];
+            page_source[m] = c->index;
+            pos_b[chosen[m / page_size] * page_size + m % page_size] = c->position;
+            if (c->index >= capacity) leaves[c->index - capacity] = 1;
         }
 
         for (int64_t m = 0; m < moves; m++)
@@ -267,12 +340,6 @@ int avl_recall_swap(
         int64_t *left_page = touched, *came_page = touched + moves;
         for (int64_t k = 0; k < n_freed && k < n_incoming; k++, n_pairs++) {
             int64_t slot = freed[k], m = incoming[k];
-            for (int64_t h = 0; h < kv_heads; h++) {
-                int64_t to = ((b * kv_heads + h) * capacity + slot) * dim;
-                memcpy(keys + to, recalled_keys + (h * moves + m) * dim, sizeof(float) * dim);
-                memcpy(values + to, recalled_values + (h * moves + m) * dim, sizeof(float) * dim);
-                position[(b * kv_heads + h) * capacity + slot] = recalled_position[m];
-            }
             role[b * capacity + slot] = ROLE_OTHER; /* it joins the core at a re-pick */
             if (paged) {
                 int64_t left = image_ordinal[b * capacity + slot];
@@ -288,33 +355,28 @@ int avl_recall_swap(
                 came_page[k] = came / core_page_size;
             }
         }
-        if (!paged) continue;
-        /* the core's boxes: a page a row left is boxed again from its members; a page rows
-         * only came to widens its box by them (min and max are exact either way) */
-        memset(boxed, 0, (size_t)n_core_pages);
-        for (int64_t t = 0; t < n_left; t++) {
-            int64_t page = left_page[t];
-            if (boxed[page]) continue;
-            boxed[page] = 1;
-            const int64_t *slots = members + (b * n_core_pages + page) * core_page_size;
-            for (int64_t h = 0; h < kv_heads; h++) {
-                int64_t n = 0;
-                for (int64_t i = 0; i < core_page_size; i++)
-                    if (slots[i] >= 0)
-                        rows[n++] = keys + ((b * kv_heads + h) * capacity + slots[i]) * dim;
-                int64_t at = ((b * kv_heads + h) * n_core_pages + page) * dim;
-                box_rows(core_low + at, core_high + at, rows, n, dim);
+        int64_t n_rebox = 0, n_widen = 0;
+        if (paged) {
+            memset(boxed, 0, (size_t)n_core_pages);
+            for (int64_t t = 0; t < n_left; t++) {
+                if (boxed[left_page[t]]) continue;
+                boxed[left_page[t]] = 1;
+                rebox[n_rebox++] = left_page[t];
             }
+            for (int64_t k = 0; k < n_pairs; k++) /* else its members, the row among them */
+                if (!boxed[came_page[k]]) widen[n_widen++] = k;
         }
-        for (int64_t k = 0; k < n_pairs; k++) {
-            int64_t page = came_page[k];
-            if (boxed[page]) continue; /* its members, the row that came among them */
-            for (int64_t h = 0; h < kv_heads; h++) {
-                int64_t at = ((b * kv_heads + h) * n_core_pages + page) * dim;
-                widen_box(core_low + at, core_high + at,
-                          keys + ((b * kv_heads + h) * capacity + freed[k]) * dim, dim);
-            }
-        }
+
+        HeadWork work = {
+            b, kv_heads, capacity, dim, n_pages, page_size, recall_pages, moves,
+            n_core_pages, core_page_size, rows_max,
+            keys, values, position, page_keys, page_values, page_low, page_high,
+            core_low, core_high, members,
+            chosen, recalled_position, page_source, freed, incoming, n_pairs,
+            rebox, n_rebox, widen, n_widen, came_page,
+            recalled_keys, recalled_values, rows,
+        };
+        run_heads(swap_heads, &work, kv_heads);
     }
     free(block);
     return 0;

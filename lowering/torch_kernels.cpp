@@ -6,6 +6,7 @@
 //
 // Built by lowering/native_build.py against the running torch's headers.
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
@@ -17,6 +18,7 @@
 #include <tuple>
 
 extern "C" {
+#include "native_parallel.h"
 #include "prefill_rows.h"
 
 int avl_recall_swap(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t capacity,
@@ -26,7 +28,8 @@ int avl_recall_swap(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t ca
                     float *page_keys, float *page_values, float *page_low, float *page_high,
                     int64_t *image_ordinal, const int64_t *image_positions, int64_t n_image,
                     float *core_low, float *core_high, int64_t *members, int64_t n_core_pages,
-                    int64_t core_page_size, const int64_t *chosen_in);
+                    int64_t core_page_size, const int64_t *chosen_in,
+                    avl_parallel_runner run_heads);
 
 int avl_core_choice(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t capacity,
                     int64_t dim, int64_t n_pages, int64_t page_size, const float *query,
@@ -36,6 +39,11 @@ int avl_core_choice(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t ca
 }
 
 namespace {
+
+// the C swap's kv heads on torch's intra-op threads (one thread where torch has one)
+void run_on_torch_threads(avl_parallel_body body, void *context, int64_t count) {
+    at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) { body(context, begin, end); });
+}
 
 template <typename T>
 T *pointer_of(const std::optional<at::Tensor> &tensor) {
@@ -65,7 +73,7 @@ void recall_swap(const at::Tensor &query, const at::Tensor &keys, const at::Tens
         page_values.data_ptr<float>(), page_low.data_ptr<float>(), page_high.data_ptr<float>(),
         pointer_of<int64_t>(image_ordinal), pointer_of<int64_t>(image_positions), n_image,
         pointer_of<float>(core_low), pointer_of<float>(core_high), pointer_of<int64_t>(members),
-        n_core, core_size, pointer_of<int64_t>(chosen));
+        n_core, core_size, pointer_of<int64_t>(chosen), run_on_torch_threads);
     TORCH_CHECK(status == 0, "avl::recall_swap: no memory for the swap's scratch rows");
 }
 

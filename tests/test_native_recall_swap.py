@@ -132,6 +132,22 @@ def test_the_c_swap_leaves_the_state_the_tensor_swap_leaves(
     assert moved > 0  # the swaps brought rows back
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_c_swap_on_any_thread_count_leaves_the_tensor_swaps_state(threads):
+    """The kv heads' row copies and boxes run on torch's intra-op threads (one: inline)."""
+    state = _state(3, True, False)
+    native, plain = _copy(state), _copy(state)
+    query = state[5](2, Q_HEADS, 8)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        recall_before_step(query, *native[:4], 3, 8**-0.5, native[4])
+    finally:
+        torch.set_num_threads(previous)
+    recall_before_step(query, *plain[:4], 3, 8**-0.5, plain[4], native=False)
+    _assert_same(native, plain)
+
+
 def test_the_c_swap_is_taken_only_for_float32_rows_on_the_cpu():
     keys, values, slots, pages, core_pages, _ = _state(1, True, False)
     tensors = {"keys": keys, "last_qk": slots.last_qk, "role": slots.role,
