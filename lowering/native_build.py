@@ -61,10 +61,13 @@ def build(
     """The shared library of ``c_sources`` and ``binding`` (``<binding stem>_<digest>.so``
     in ``cache_dir()``), built if these sources, compilers and torch (version and install:
     the include path is among the flags) have not been. The binding is compiled with
-    OpenMP where torch uses it (``at::parallel_for`` then runs on torch's threads; without
-    it, on one), and without where the compiler refuses it.
+    OpenMP where torch uses its bundled GNU OpenMP (``at::parallel_for`` then runs on
+    torch's threads; without it, on one), and without where the compiler refuses it.
     Raises RuntimeError where a compiler is missing or fails."""
-    openmp = ("-fopenmp",) if torch.backends.openmp.is_available() else ()
+    # only where torch ships its libgomp as ``libgomp.so.1``: the binding's OpenMP then
+    # resolves to that runtime (torch's lib is on its rpath), not a second one beside it
+    bundled = Path(torch.__file__).parent / "lib" / "libgomp.so.1"
+    openmp = ("-fopenmp",) if torch.backends.openmp.is_available() and bundled.exists() else ()
     try:
         return _build(c_sources, binding, headers, openmp)
     except RuntimeError:
