@@ -368,13 +368,17 @@ int avl_recall_swap(
         }
 
         HeadWork work = {
-            b, kv_heads, capacity, dim, n_pages, page_size, recall_pages, moves,
-            n_core_pages, core_page_size, rows_max,
-            keys, values, position, page_keys, page_values, page_low, page_high,
-            core_low, core_high, members,
-            chosen, recalled_position, page_source, freed, incoming, n_pairs,
-            rebox, n_rebox, widen, n_widen, came_page,
-            recalled_keys, recalled_values, rows,
+            .b = b, .kv_heads = kv_heads, .capacity = capacity, .dim = dim,
+            .n_pages = n_pages, .page_size = page_size, .recall_pages = recall_pages,
+            .moves = moves, .n_core_pages = n_core_pages, .core_page_size = core_page_size,
+            .rows_max = rows_max, .keys = keys, .values = values, .position = position,
+            .page_keys = page_keys, .page_values = page_values, .page_low = page_low,
+            .page_high = page_high, .core_low = core_low, .core_high = core_high,
+            .members = members, .chosen = chosen, .recalled_position = recalled_position,
+            .page_source = page_source, .freed = freed, .incoming = incoming,
+            .n_pairs = n_pairs, .rebox = rebox, .n_rebox = n_rebox, .widen = widen,
+            .n_widen = n_widen, .came_page = came_page, .recalled_keys = recalled_keys,
+            .recalled_values = recalled_values, .rows = rows,
         };
         run_heads(swap_heads, &work, kv_heads);
     }
