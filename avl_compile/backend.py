@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor, fx
 from torch._dispatch.python import enable_python_dispatcher
+from torch.fx.passes._tensorify_python_scalars import TensorifyState
+from torch.utils._sympy.symbol import SymT, symbol_is_type
 
 from avl_compile.compiled_decode import CompiledDecode, GraphPerStateShape
 from avl_compile.options import AvlOptions, uses_cudagraphs, with_compile_mode
@@ -98,6 +100,7 @@ class AvlBackend:
         _raise_recompile_limit()
         code_before = gm.code
         sites = find_attention_sites(gm.graph)
+        _retrace_with_constant_scales(sites)
         if any(site.reason == STATIC_CACHE_REASON for site in sites):
             raise NotImplementedError(
                 "avl backend: this graph updates a static KV cache in place "
@@ -134,11 +137,13 @@ class AvlBackend:
                     for refresh, step in steps.items()
                 }
                 key_outputs, value_outputs = cache_outputs(gm, rewritable)
+            except torch._dynamo.exc.RestartAnalysis:  # Dynamo's request to trace again
+                raise
             except Exception as error:  # the runtime-call graph below is the same policy
                 log.debug("avl: decode graph compile failed", exc_info=True)
                 self.runtime.warn_once(
                     f"avl: the decode step could not be compiled into the graph "
-                    f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); decoding "
+                    f"({_first_line(error)}); decoding "
                     "through one runtime call per layer instead (same tokens, slower)"
                 )
                 in_graph = None
@@ -434,3 +439,38 @@ class _Piece(torch.nn.Module):
     def forward(self, *args):
         result = self.compiled(*args)
         return result[0] if self.single_output else tuple(result)
+
+
+def _first_line(error: Exception) -> str:
+    """The error's type and the first line of its message (an error may have none)."""
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+
+
+def _retrace_with_constant_scales(sites: list[AttentionSite]) -> None:
+    """Have Dynamo trace the frame again with the sites' scales as constants where it traced
+    them as symbolic floats. A float attribute (an attention module's ``scaling``) that held
+    another value when this frame, or a transformers wrapper frame that models share, was
+    traced before becomes a graph value; the sites' runtime calls and decode steps need a
+    number. Dynamo does the same for SDPA's own scale under Inductor (AOTAutograd's
+    tensorify pass raises this restart); a scale it would not specialise leaves its site
+    dense."""
+    pending: set[str] = set()
+    for site in sites:
+        scale = site.arguments["scale"]
+        if not isinstance(scale, fx.Node):
+            continue
+        value = scale.meta.get("example_value")
+        names = set()
+        if isinstance(value, torch.SymFloat):  # its symbols before the shape env's guards
+            symbols = getattr(value.node, "_expr", value.node.expr).free_symbols
+            names = {str(s) for s in symbols if symbol_is_type(s, SymT.FLOAT)}
+        if names and not all(TensorifyState.should_specialize(name) for name in names):
+            pending |= names
+        elif site.rewritable:
+            site.reason = "its scale is computed in the graph, not a constant"
+    if pending:
+        for name in pending:
+            TensorifyState.specialize(name)
+        log.debug("avl: tracing again with the attention scales %s as constants", sorted(pending))
+        raise torch._dynamo.exc.TensorifyScalarRestartAnalysis

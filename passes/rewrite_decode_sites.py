@@ -270,9 +270,12 @@ def rewrite_decode_sites(
         if index in growing:  # the concatenated cache, one slot longer
             keys, values = copies[site.key_cat], copies[site.value_cat]
         sdpa = copies[site.sdpa]
-        kwargs = {"scale": site.arguments["scale"], **step.kwargs}
+        scale = site.arguments["scale"]
+        if isinstance(scale, fx.Node):  # a value the graph computes: its node in the copy
+            scale = copies[scale]
+        kwargs = {"scale": scale, **step.kwargs}
         # hoisted unless the cache is made in the graph or its scale is: then at the site
-        if step.swap is not None and keys is past_keys and not isinstance(kwargs["scale"], fx.Node):
+        if step.swap is not None and keys is past_keys and not isinstance(scale, fx.Node):
             swap_kwargs = {k: v for k, v in kwargs.items() if k != "refresh"}
             swaps.append((keys, values, state, swap_kwargs))
             kwargs["swapped"] = True

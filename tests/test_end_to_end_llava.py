@@ -7,6 +7,7 @@ rounding differences between the two implementations.
 """
 
 import functools
+import warnings
 
 import pytest
 import torch
@@ -80,6 +81,30 @@ def test_inductor_matches_the_reference_on_prompts_of_two_lengths():
     longer = llava_prompt(make(), [PREFIX + [5]], [SUFFIX + [11, 12]])
     again = greedy(model, longer.inputs)
     assert torch.equal(again.sequences, reference_greedy(make, longer.inputs, {}))
+
+
+def _halve_scales(model):
+    for module in model.modules():
+        if hasattr(module, "scaling"):
+            module.scaling = module.scaling * 0.5
+    return model
+
+
+def test_a_scale_changed_after_compiling_is_traced_again_as_a_number():
+    # a float attribute that changed after its frame was traced (here every attention's
+    # ``scaling``; in a process of several models, one seen by transformers' shared wrapper
+    # frames) comes back from Dynamo as a symbolic float: the sites need a number
+    make = _maker("llava", torch.float64)
+    prompt = llava_prompt(make(), [PREFIX], [SUFFIX])
+    model, _ = compiled_greedy(make, prompt.inputs, {"inner": "aot_eager"})
+    _halve_scales(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = greedy(model, prompt.inputs)
+    assert not [w for w in caught if "avl" in str(w.message)], "no site may fall back to dense"
+    expected = reference_greedy(lambda: _halve_scales(make()), prompt.inputs, {})
+    assert torch.equal(got.sequences, expected)
+    assert not torch.equal(expected, reference_greedy(make, prompt.inputs, {}))
 
 
 @pytest.mark.parametrize(
