@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from torch import Tensor, fx
 from torch._dispatch.python import enable_python_dispatcher
-from torch.fx.passes._tensorify_python_scalars import TensorifyState
 from torch.utils._sympy.symbol import SymT, symbol_is_type
 
 from avl_compile.compiled_decode import CompiledDecode, GraphPerStateShape
@@ -42,6 +41,11 @@ from avl_compile.passes.split_at_runtime_calls import split_at_runtime_calls
 from avl_compile.policies import decode_variant
 from avl_compile.policies.avl import decode_kind_base
 from avl_compile.runtime import AvlRuntime, SiteCall
+
+try:  # Dynamo's record of the floats to specialise at a restart (private, torch >= 2.6)
+    from torch.fx.passes._tensorify_python_scalars import TensorifyState
+except ImportError:  # then a site with a symbolic scale stays dense
+    TensorifyState = None
 
 log = logging.getLogger("avl_compile")
 
@@ -465,11 +469,16 @@ def _retrace_with_constant_scales(sites: list[AttentionSite]) -> None:
         if isinstance(value, torch.SymFloat):  # its symbols before the shape env's guards
             symbols = getattr(value.node, "_expr", value.node.expr).free_symbols
             names = {str(s) for s in symbols if symbol_is_type(s, SymT.FLOAT)}
-        if names and not all(TensorifyState.should_specialize(name) for name in names):
+        if (
+            names
+            and TensorifyState is not None
+            and not all(TensorifyState.should_specialize(name) for name in names)
+        ):
             pending |= names
         elif site.rewritable:
             site.reason = "its scale is computed in the graph, not a constant"
     if pending:
+        assert TensorifyState is not None
         for name in pending:
             TensorifyState.specialize(name)
         log.debug("avl: tracing again with the attention scales %s as constants", sorted(pending))
