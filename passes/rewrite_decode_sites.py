@@ -271,11 +271,12 @@ def rewrite_decode_sites(
             keys, values = copies[site.key_cat], copies[site.value_cat]
         sdpa = copies[site.sdpa]
         scale = site.arguments["scale"]
-        if isinstance(scale, fx.Node):  # a value the graph computes: its node in the copy
-            scale = copies[scale]
+        # a number or None: the backend has Dynamo specialise a scale the graph computes, or
+        # leaves that site dense (``_retrace_with_constant_scales``)
+        assert not isinstance(scale, fx.Node), f"{site.name}: its scale is computed in the graph"
         kwargs = {"scale": scale, **step.kwargs}
-        # hoisted unless the cache is made in the graph or its scale is: then at the site
-        if step.swap is not None and keys is past_keys and not isinstance(scale, fx.Node):
+        # hoisted unless the cache is made in the graph: then at the site
+        if step.swap is not None and keys is past_keys:
             swap_kwargs = {k: v for k, v in kwargs.items() if k != "refresh"}
             swaps.append((keys, values, state, swap_kwargs))
             kwargs["swapped"] = True
