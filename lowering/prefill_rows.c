@@ -11,6 +11,9 @@
  * last bit, as Inductor's do. Each group is chosen by a radix select of its last member's
  * rule key, then read off in position order: no sort.
  *
+ * The batch rows' choices, then every (batch row, kv head)'s copies (the rows, pages and
+ * boxes: most of the time), run on torch's threads where it has several.
+ *
  * Built by lowering/native_build.py with the system C compiler; no torch headers. */
 
 #include "native_helpers.h"
@@ -197,36 +200,40 @@ static void box(const float *base, const int64_t *stride, int64_t b, int64_t h,
     box_rows(low, high, pointers, count, dim);
 }
 
-/* recall's pages of the evicted rows (recall.page_tensors): positions, -1 past the rows;
- * an entry past them holds a copy of its page's last row (a page with none: row 0) */
-static void recall_pages(const PrefillRowsArgs *a, int64_t b, const int64_t *evicted,
-                         int64_t n_evicted) {
-    const int64_t size = a->recall_page_size, n_pages = a->recall_n_pages, dim = a->dim;
-    int64_t *positions = a->page_positions + b * n_pages * size;
-    for (int64_t i = 0; i < n_pages * size; i++) positions[i] = i < n_evicted ? evicted[i] : -1;
-    for (int64_t h = 0; h < a->kv_heads; h++)
-        for (int64_t p = 0; p < n_pages; p++) {
-            const int64_t first = p * size;
-            int64_t held = n_evicted - first;
-            held = held < 0 ? 0 : (held > size ? size : held);
-            const int64_t page = ((b * a->kv_heads + h) * n_pages + p);
-            for (int64_t s = 0; s < size; s++) {
-                const int64_t row = held ? evicted[first + (s < held ? s : held - 1)] : 0;
-                const size_t at = (size_t)((page * size + s) * dim);
-                copy_row(a->page_keys + at, row_of(a->keys, a->keys_stride, b, h, row), dim);
-                copy_row(a->page_values + at, row_of(a->values, a->values_stride, b, h, row),
-                         dim);
-            }
-            box(a->keys, a->keys_stride, b, h, evicted + first, held, dim,
-                a->page_low + page * dim, a->page_high + page * dim);
-        }
+/* recall's pages of the evicted rows (recall.page_tensors), one batch row's positions: -1
+ * past the rows */
+static void recall_page_positions(const PrefillRowsArgs *a, int64_t b, const int64_t *evicted,
+                                  int64_t n_evicted) {
+    const int64_t count = a->recall_n_pages * a->recall_page_size;
+    int64_t *positions = a->page_positions + b * count;
+    for (int64_t i = 0; i < count; i++) positions[i] = i < n_evicted ? evicted[i] : -1;
 }
 
-/* the query-aware core's pages (page_core.core_page_tensors): each image slot's ordinal
- * among the row's image tokens, the slots of each page of ordinals, their keys' boxes */
-static void core_pages(const PrefillRowsArgs *a, int64_t b, const int64_t *slots) {
+/* one kv head's pages: an entry past the rows holds a copy of its page's last row (a page
+ * with none: row 0) */
+static void recall_pages(const PrefillRowsArgs *a, int64_t b, int64_t h, const int64_t *evicted,
+                         int64_t n_evicted) {
+    const int64_t size = a->recall_page_size, n_pages = a->recall_n_pages, dim = a->dim;
+    for (int64_t p = 0; p < n_pages; p++) {
+        const int64_t first = p * size;
+        int64_t held = n_evicted - first;
+        held = held < 0 ? 0 : (held > size ? size : held);
+        const int64_t page = ((b * a->kv_heads + h) * n_pages + p);
+        for (int64_t s = 0; s < size; s++) {
+            const int64_t row = held ? evicted[first + (s < held ? s : held - 1)] : 0;
+            const size_t at = (size_t)((page * size + s) * dim);
+            copy_row(a->page_keys + at, row_of(a->keys, a->keys_stride, b, h, row), dim);
+            copy_row(a->page_values + at, row_of(a->values, a->values_stride, b, h, row), dim);
+        }
+        box(a->keys, a->keys_stride, b, h, evicted + first, held, dim,
+            a->page_low + page * dim, a->page_high + page * dim);
+    }
+}
+
+/* the query-aware core's pages (page_core.core_page_tensors), one batch row's: each image
+ * slot's ordinal among the row's image tokens and the slots of each page of ordinals */
+static void core_members(const PrefillRowsArgs *a, int64_t b, const int64_t *slots) {
     const int64_t capacity = a->capacity, size = a->core_page_size, n_pages = a->core_n_pages;
-    const int64_t dim = a->dim, slot_stride[3] = {a->kv_heads * capacity * dim, capacity * dim, dim};
     int64_t *ordinal = a->image_ordinal + b * capacity, *members = a->members + b * n_pages * size;
     const uint8_t *image = a->image_slot + b * capacity;
     const int64_t *image_positions = a->image_positions + b * a->n_image;
@@ -235,76 +242,148 @@ static void core_pages(const PrefillRowsArgs *a, int64_t b, const int64_t *slots
         ordinal[c] = image[c] ? count_below(image_positions, a->n_image, slots[c]) : -1;
         if (ordinal[c] >= 0 && ordinal[c] < n_pages * size) members[ordinal[c]] = c;
     }
-    for (int64_t h = 0; h < a->kv_heads; h++)
-        for (int64_t p = 0; p < n_pages; p++) {
-            int64_t held[size > 0 ? size : 1], count = 0;
-            for (int64_t s = 0; s < size; s++)
-                if (members[p * size + s] >= 0) held[count++] = members[p * size + s];
-            const int64_t at = ((b * a->kv_heads + h) * n_pages + p) * dim;
-            box(a->slot_keys, slot_stride, b, h, held, count, dim, a->core_low + at,
-                a->core_high + at);
-        }
 }
 
-int avl_prefill_rows(const PrefillRowsArgs *a) {
-    const int64_t k_len = a->k_len, capacity = a->capacity, dim = a->dim, heads = a->kv_heads;
-    const int64_t widest = a->candidate_width > k_len ? a->candidate_width : k_len;
+/* one kv head's boxes of the core's pages, over its slots' keys */
+static void core_boxes(const PrefillRowsArgs *a, int64_t b, int64_t h) {
+    const int64_t capacity = a->capacity, size = a->core_page_size, n_pages = a->core_n_pages;
+    const int64_t dim = a->dim, slot_stride[3] = {a->kv_heads * capacity * dim, capacity * dim, dim};
+    const int64_t *members = a->members + b * n_pages * size;
+    for (int64_t p = 0; p < n_pages; p++) {
+        int64_t held[size > 0 ? size : 1], count = 0;
+        for (int64_t s = 0; s < size; s++)
+            if (members[p * size + s] >= 0) held[count++] = members[p * size + s];
+        const int64_t at = ((b * a->kv_heads + h) * n_pages + p) * dim;
+        box(a->slot_keys, slot_stride, b, h, held, count, dim, a->core_low + at,
+            a->core_high + at);
+    }
+}
+
+/* The call's scratch, one block for every batch row (threads share nothing else): the
+ * scores and chosen rows of a row's first phase, read by its kv heads' second phase. */
+typedef struct {
+    const PrefillRowsArgs *a;
+    int64_t widest, score_width;
+    float *score;      /* [B, Lk + n_columns] */
+    float *head;       /* [B, Lk + n_columns] */
+    float *total;      /* [B, Hkv, Lk] the text columns' sums */
+    float *picked;     /* [B, n_columns * D + 1] */
+    float *last_logit; /* [B, Hq, Lk] (recall), else [B, 1] */
+    uint64_t *keys;    /* [B * Hkv, 2 * widest] rule keys and their select's scratch */
+    int64_t *slots;    /* [B, C] */
+    int64_t *evicted;  /* [B, candidate_width + 1] */
+    int64_t *n_evicted; /* [B] */
+} RowsWork;
+
+/* first phase, per batch row: the scores, the image rows chosen, the pages' positions, the
+ * core's members */
+static void choose_rows(void *context, int64_t begin, int64_t end) {
+    const RowsWork *w = (const RowsWork *)context;
+    const PrefillRowsArgs *a = w->a;
+    const int64_t k_len = a->k_len, capacity = a->capacity, heads = a->kv_heads;
     const int recall = a->recall_page_size > 0;
-    float *score = malloc((size_t)(k_len + a->n_columns) * sizeof *score);
-    float *head = malloc((size_t)(k_len + a->n_columns) * sizeof *head);
-    float *total = malloc((size_t)(heads * k_len) * sizeof *total);
-    float *picked = malloc((size_t)(a->n_columns * dim + 1) * sizeof *picked);
-    /* recall: the last row's q.k per query head and key, read back per slot */
-    float *last_logit = malloc((size_t)(recall ? a->q_heads * k_len : 1) * sizeof *last_logit);
-    uint64_t *keys = malloc((size_t)(2 * widest) * sizeof *keys); /* keys, then scratch */
-    int64_t *slots = malloc((size_t)capacity * sizeof *slots);
-    int64_t *evicted = malloc((size_t)(a->candidate_width + 1) * sizeof *evicted);
-    if (!score || !head || !total || !picked || !last_logit || !keys || !slots || !evicted) {
-        free(score), free(head), free(total), free(picked), free(last_logit), free(keys);
-        free(slots), free(evicted);
-        return -1;
-    }
-    for (int64_t b = 0; b < a->batch; b++) {
+    for (int64_t b = begin; b < end; b++) {
+        float *score = w->score + b * w->score_width, *total = w->total + b * heads * k_len;
+        int64_t *slots = w->slots + b * capacity, *evicted = w->evicted + b * (a->candidate_width + 1);
         /* scratch: `total` until text_scores writes it, the score's tail */
-        image_score(a, b, score, head, total, recall ? last_logit : NULL);
-        text_scores(a, b, total, head, score + k_len, picked);
+        image_score(a, b, score, w->head + b * w->score_width, total,
+                    recall ? w->last_logit + b * a->q_heads * k_len : NULL);
+        text_scores(a, b, total, w->head + b * w->score_width, score + k_len,
+                    w->picked + b * (a->n_columns * a->dim + 1));
         for (int64_t c = 0; c < capacity; c++) slots[c] = -1;
-        const int64_t n_evicted = image_positions(a, b, score, keys, slots, evicted);
-        for (int64_t h = 0; h < heads; h++) {
-            int64_t *position = a->position + (b * heads + h) * capacity;
-            memcpy(position, slots, (size_t)capacity * sizeof *position);
-            text_positions(a, b, h, total + h * k_len, keys, position);
-            const int64_t *rank = a->text_rank + (b * heads + h) * k_len;
-            const uint8_t *not_text = a->not_text + b * capacity;
-            for (int64_t c = 0; c < capacity; c++) {
-                const int64_t row = position[c] < 0 ? 0 : position[c]; /* free: row 0 */
-                const size_t at = (size_t)(((b * heads + h) * capacity + c) * dim);
-                copy_row(a->slot_keys + at, row_of(a->keys, a->keys_stride, b, h, row), dim);
-                copy_row(a->slot_values + at, row_of(a->values, a->values_stride, b, h, row),
-                         dim);
-                const int64_t out = (b * heads + h) * capacity + c;
-                a->slot_text_rank[out] = not_text[c] ? -1 : rank[row];
-                a->slot_text_score[out] = not_text[c] ? 0.0f : total[h * k_len + row];
-            }
-        }
-        const int64_t *image_slots = a->position + b * heads * capacity; /* kv head 0's */
-        if (recall) {
-            /* the scaled q.k of the last row with each slot's key, head-averaged: the image
-             * score's dots, read at the slot's row (row 0 where free, as its copy) */
-            const int64_t group = a->q_heads / heads;
-            for (int64_t c = 0; c < capacity; c++) {
-                float sum = 0.0f;
-                for (int64_t h = 0; h < a->q_heads; h++) {
-                    const int64_t at = a->position[(b * heads + h / group) * capacity + c];
-                    sum += last_logit[h * k_len + (at < 0 ? 0 : at)] * (float)a->scale;
-                }
-                a->last_qk[b * capacity + c] = sum / (float)a->q_heads;
-            }
-            recall_pages(a, b, evicted, n_evicted);
-        }
-        if (a->core_page_size) core_pages(a, b, image_slots);
+        w->n_evicted[b] = image_positions(a, b, score, w->keys + b * heads * 2 * w->widest, slots,
+                                          evicted);
+        if (recall) recall_page_positions(a, b, evicted, w->n_evicted[b]);
+        if (a->core_page_size) core_members(a, b, slots); /* image slots: every head's */
     }
-    free(score), free(head), free(total), free(picked), free(last_logit), free(keys);
-    free(slots), free(evicted);
+}
+
+/* second phase, per (batch row, kv head): its text rows, its slots' rows, its pages */
+static void fill_heads(void *context, int64_t begin, int64_t end) {
+    const RowsWork *w = (const RowsWork *)context;
+    const PrefillRowsArgs *a = w->a;
+    const int64_t k_len = a->k_len, capacity = a->capacity, dim = a->dim, heads = a->kv_heads;
+    for (int64_t task = begin; task < end; task++) {
+        const int64_t b = task / heads, h = task % heads;
+        const float *total = w->total + (b * heads + h) * k_len;
+        int64_t *position = a->position + (b * heads + h) * capacity;
+        memcpy(position, w->slots + b * capacity, (size_t)capacity * sizeof *position);
+        text_positions(a, b, h, total, w->keys + task * 2 * w->widest, position);
+        const int64_t *rank = a->text_rank + (b * heads + h) * k_len;
+        const uint8_t *not_text = a->not_text + b * capacity;
+        for (int64_t c = 0; c < capacity; c++) {
+            const int64_t row = position[c] < 0 ? 0 : position[c]; /* free: row 0 */
+            const size_t at = (size_t)(((b * heads + h) * capacity + c) * dim);
+            copy_row(a->slot_keys + at, row_of(a->keys, a->keys_stride, b, h, row), dim);
+            copy_row(a->slot_values + at, row_of(a->values, a->values_stride, b, h, row), dim);
+            const int64_t out = (b * heads + h) * capacity + c;
+            a->slot_text_rank[out] = not_text[c] ? -1 : rank[row];
+            a->slot_text_score[out] = not_text[c] ? 0.0f : total[row];
+        }
+        if (a->recall_page_size)
+            recall_pages(a, b, h, w->evicted + b * (a->candidate_width + 1), w->n_evicted[b]);
+        if (a->core_page_size) core_boxes(a, b, h);
+    }
+}
+
+/* recall's last_qk, per batch row: the scaled q.k of the last row with each slot's key,
+ * head-averaged (the image score's dots, read at the slot's row; row 0 where free, as its
+ * copy) */
+static void last_qk_of(const RowsWork *w, int64_t b) {
+    const PrefillRowsArgs *a = w->a;
+    const int64_t k_len = a->k_len, capacity = a->capacity, heads = a->kv_heads;
+    const int64_t group = a->q_heads / heads;
+    const float *last_logit = w->last_logit + b * a->q_heads * k_len;
+    for (int64_t c = 0; c < capacity; c++) {
+        float sum = 0.0f;
+        for (int64_t h = 0; h < a->q_heads; h++) {
+            const int64_t at = a->position[(b * heads + h / group) * capacity + c];
+            sum += last_logit[h * k_len + (at < 0 ? 0 : at)] * (float)a->scale;
+        }
+        a->last_qk[b * capacity + c] = sum / (float)a->q_heads;
+    }
+}
+
+static void run_inline(avl_parallel_body body, void *context, int64_t count) {
+    body(context, 0, count);
+}
+
+int avl_prefill_rows(const PrefillRowsArgs *a, avl_parallel_runner run) {
+    const int64_t batch = a->batch, k_len = a->k_len, heads = a->kv_heads;
+    const int recall = a->recall_page_size > 0;
+    if (run == NULL) run = run_inline;
+    RowsWork w = {.a = a};
+    w.widest = a->candidate_width > k_len ? a->candidate_width : k_len;
+    w.score_width = k_len + a->n_columns;
+    const size_t sizes[] = {
+        sizeof(float) * (size_t)(batch * w.score_width),
+        sizeof(float) * (size_t)(batch * w.score_width),
+        sizeof(float) * (size_t)(batch * heads * k_len),
+        sizeof(float) * (size_t)(batch * (a->n_columns * a->dim + 1)),
+        sizeof(float) * (size_t)(batch * (recall ? a->q_heads * k_len : 1)),
+        sizeof(uint64_t) * (size_t)(batch * heads * 2 * w.widest),
+        sizeof(int64_t) * (size_t)(batch * a->capacity),
+        sizeof(int64_t) * (size_t)(batch * (a->candidate_width + 1)),
+        sizeof(int64_t) * (size_t)batch,
+    };
+    enum { N_PARTS = sizeof(sizes) / sizeof(sizes[0]) };
+    size_t offsets[N_PARTS], bytes = 0;
+    for (int i = 0; i < N_PARTS; i++) {
+        offsets[i] = bytes;
+        bytes += (sizes[i] + 63) & ~(size_t)63; /* cache lines: threads write their own */
+    }
+    char *block = malloc(bytes);
+    if (!block) return -1;
+    w.score = (float *)(block + offsets[0]), w.head = (float *)(block + offsets[1]);
+    w.total = (float *)(block + offsets[2]), w.picked = (float *)(block + offsets[3]);
+    w.last_logit = (float *)(block + offsets[4]), w.keys = (uint64_t *)(block + offsets[5]);
+    w.slots = (int64_t *)(block + offsets[6]), w.evicted = (int64_t *)(block + offsets[7]);
+    w.n_evicted = (int64_t *)(block + offsets[8]);
+    /* the rows' copies are most of the time: every (batch row, kv head) its own task */
+    run(choose_rows, &w, batch);
+    run(fill_heads, &w, batch * heads);
+    if (recall)
+        for (int64_t b = 0; b < batch; b++) last_qk_of(&w, b);
+    free(block);
     return 0;
 }

@@ -8,6 +8,8 @@
 
 #include <stdint.h>
 
+#include "native_parallel.h"
+
 /* per batch row, the columns of the layout's int64 plan [B, PLAN_COLUMNS] */
 enum {
     PLAN_CANDIDATES, /* image positions the secondary set is chosen from */
@@ -76,7 +78,8 @@ typedef struct {
     int64_t *members;               /* [B, core_n_pages, core_page_size] */
 } PrefillRowsArgs;
 
-/* Returns 0, or -1 where scratch memory could not be had. */
-int avl_prefill_rows(const PrefillRowsArgs *args);
+/* Returns 0, or -1 where scratch memory could not be had. `run` hands the batch rows, then
+ * the (batch row, kv head) pairs, to threads (NULL: the caller's thread). */
+int avl_prefill_rows(const PrefillRowsArgs *args, avl_parallel_runner run);
 
 #endif

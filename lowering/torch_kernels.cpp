@@ -40,7 +40,8 @@ int avl_core_choice(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t ca
 
 namespace {
 
-// the C swap's kv heads on torch's intra-op threads (one thread where torch has one)
+// the C kernels' independent parts on torch's intra-op threads (one thread where torch has
+// one)
 void run_on_torch_threads(avl_parallel_body body, void *context, int64_t count) {
     at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) { body(context, begin, end); });
 }
@@ -176,7 +177,7 @@ Rows prefill_rows(const at::Tensor &query, const at::Tensor &keys, const at::Ten
     a.image_ordinal = image_ordinal.data_ptr<int64_t>();
     a.core_low = core_low.data_ptr<float>(), a.core_high = core_high.data_ptr<float>();
     a.members = members.data_ptr<int64_t>();
-    TORCH_CHECK(avl_prefill_rows(&a) == 0, "avl::prefill_rows: no memory for its scratch");
+    TORCH_CHECK(avl_prefill_rows(&a, run_on_torch_threads) == 0, "avl::prefill_rows: no memory for its scratch");
     // the decode state's own copies (the layout's are shared by the layers), and the last
     // query row, contiguous whatever the projection's layout
     const at::Tensor last_query =

@@ -122,6 +122,30 @@ def test_the_c_selection_keeps_the_tensor_functions_rows(
             _assert_own_copies(rows.state_copies, layout, query)
 
 
+@pytest.mark.parametrize("name", ["recall + pages", "core pages"])
+def test_the_c_selection_writes_the_same_rows_on_one_thread_and_on_several(name):
+    """The batch rows, then every (batch row, kv head), are split among torch's threads:
+    each writes only its own outputs, so any thread count gives the same bytes."""
+    options = AvlOptions(text_min_budget=4, text_keep=0.2, **OPTION_SETS[name])
+    query, keys, values, attn_mask, is_causal, context = _prompt(71, True, 16, 4, False)
+    layout = AvlPolicy(options, 0)._layout(query, keys, attn_mask, is_causal, context)
+    _, lse = layout.scoring.attend(query, keys, values, SCALE)
+    arguments = (query, keys, values, lse, SCALE, layout, RowPlan.of(options))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = native_selection(*arguments)
+        torch.set_num_threads(3)  # uneven: 2 batch rows, 4 (row, head) pairs
+        shared = native_selection(*arguments)
+    finally:
+        torch.set_num_threads(threads)
+    for field, value in alone._asdict().items():
+        flat = value if isinstance(value, tuple) else (value,)
+        other = getattr(shared, field)
+        for got, want in zip(other if isinstance(other, tuple) else (other,), flat, strict=True):
+            assert (got is None and want is None) or torch.equal(got, want), field
+
+
 def test_the_prefill_filter_and_other_dtypes_stay_with_the_tensor_function():
     query, keys, values, _, _, context = _prompt(60, False, 16, 4, False)
     options = AvlOptions(text_min_budget=4)
