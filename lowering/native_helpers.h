@@ -97,4 +97,41 @@ static inline uint32_t ordered_key(float score) {
     return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 
+/* one int64 per candidate in the tie rule's order (budgets._rule_key): the float32 score's
+ * bits made order-keeping (-0 as +0), then the position reversed (positions < 2**31) */
+static inline uint64_t rule_key(float score, int64_t position) {
+    return ((uint64_t)ordered_key(score) << 32) | (uint64_t)(0x7FFFFFFF - position);
+}
+
+/* the n-th largest (1-based, 1 <= n <= count) of distinct keys: a radix select, a byte at a
+ * time from the top; after each byte only the keys that share the bytes chosen so far are
+ * kept (in `scratch`, [count]) for the next, and once few are left they are ranked by an
+ * insertion sort (a pass per byte clears and scans 256 counts however few keys are left) */
+static inline uint64_t nth_largest_key(const uint64_t *keys, int64_t count, int64_t n,
+                                   uint64_t *scratch) {
+    uint64_t prefix = 0;
+    const uint64_t *live = keys;
+    for (int shift = 56; shift >= 0; shift -= 8) {
+        if (count <= 16) { /* in place where live is the scratch: key i is read first */
+            for (int64_t i = 0; i < count; i++) {
+                uint64_t key = live[i];
+                int64_t at = i;
+                for (; at > 0 && scratch[at - 1] < key; at--) scratch[at] = scratch[at - 1];
+                scratch[at] = key;
+            }
+            return scratch[n - 1];
+        }
+        int64_t histogram[256] = {0};
+        for (int64_t i = 0; i < count; i++) histogram[(live[i] >> shift) & 255u]++;
+        int digit = 255;
+        for (; digit > 0 && n > histogram[digit]; digit--) n -= histogram[digit];
+        prefix |= (uint64_t)digit << shift;
+        int64_t kept = 0;
+        for (int64_t i = 0; i < count; i++)
+            if (((live[i] >> shift) & 255u) == (uint64_t)digit) scratch[kept++] = live[i];
+        live = scratch, count = kept;
+    }
+    return prefix;
+}
+
 #endif

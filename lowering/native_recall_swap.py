@@ -4,8 +4,8 @@ Written as tensor operations (``policies.recall.recall_before_step``), a swap of
 cost Inductor's generated code ~100-200 us a layer and step on ``cpu-host`` (gathers with
 index checks, N x N counts, ATen sorts and cumsums: docs/history.md, sessions 15-20), and
 the recommended option set swaps at every step. The same swap in C (``recall_swap.c``:
-a heap for the rows ranked last, insertion sorts of at most R pages and M rows, row
-copies) is the work itself. The op mutates its inputs in place; a graph calls it as an extern
+a radix select of the rows ranked last, insertion sorts of at most R pages and M rows,
+row copies) is the work itself. The op mutates its inputs in place; a graph calls it as an extern
 kernel (no copies: ``Tensor(a!)`` arguments of graph inputs are written in place).
 
 Its CPU kernel (``torch_kernels.cpp``) is built at first use (``native_build``). Where it

@@ -31,38 +31,12 @@ static inline float probability(float qk, float scale, float bias, float lse) {
     return isnan(p) ? 0.0f : p;
 }
 
-/* one int64 per candidate in the tie rule's order (budgets._rule_key): the float32 score's
- * bits made order-keeping (-0 as +0), then the position reversed (positions < 2**31) */
-static uint64_t rule_key(float score, int64_t position) {
-    return ((uint64_t)ordered_key(score) << 32) | (uint64_t)(0x7FFFFFFF - position);
-}
-
-/* the n-th largest (1-based, 1 <= n <= count) of distinct keys: a radix select, a byte at a
- * time from the top; after each byte only the keys that share the bytes chosen so far are
- * kept (in `scratch`, [count]) for the next */
-static uint64_t nth_largest(const uint64_t *keys, int64_t count, int64_t n, uint64_t *scratch) {
-    uint64_t prefix = 0;
-    const uint64_t *live = keys;
-    for (int shift = 56; shift >= 0; shift -= 8) {
-        int64_t histogram[256] = {0};
-        for (int64_t i = 0; i < count; i++) histogram[(live[i] >> shift) & 255u]++;
-        int digit = 255;
-        for (; digit > 0 && n > histogram[digit]; digit--) n -= histogram[digit];
-        prefix |= (uint64_t)digit << shift;
-        int64_t kept = 0;
-        for (int64_t i = 0; i < count; i++)
-            if (((live[i] >> shift) & 255u) == (uint64_t)digit) scratch[kept++] = live[i];
-        live = scratch, count = kept;
-    }
-    return prefix;
-}
-
 /* the lowest key of the `n` best (n <= count): a key is among them iff it is at least this;
  * UINT64_MAX with `*none` set where n is 0 */
 static uint64_t threshold(const uint64_t *keys, int64_t count, int64_t n, int *none,
                           uint64_t *scratch) {
     *none = n <= 0;
-    return *none ? UINT64_MAX : nth_largest(keys, count, n, scratch);
+    return *none ? UINT64_MAX : nth_largest_key(keys, count, n, scratch);
 }
 
 /* a row of `dim` floats: inlined, since a memcpy call per 128-byte row cost more than the

@@ -18,30 +18,10 @@
 enum { ROLE_OTHER = 1, ROLE_CORE = 3 }; /* policies/avl_decode.py's OTHER and CORE */
 
 typedef struct {
-    float score;
+    uint64_t key; /* rule_key: a higher key ranks higher */
     int64_t position;
     int64_t index; /* below C: a slot; else C + the recalled row */
 } Candidate;
-
-/* a ranks below b under the tie rule: a lower score, or as high and a higher position */
-static int ranks_below(const Candidate *a, const Candidate *b) {
-    if (a->score != b->score) return a->score < b->score;
-    return a->position > b->position;
-}
-
-/* max-heap on "ranks above" (its root the best-ranked of the worst kept so far) */
-static void sift_down(Candidate *heap, int64_t size, int64_t at) {
-    for (;;) {
-        int64_t child = 2 * at + 1, top = at;
-        if (child < size && ranks_below(&heap[top], &heap[child])) top = child;
-        if (child + 1 < size && ranks_below(&heap[top], &heap[child + 1])) top = child + 1;
-        if (top == at) return;
-        Candidate t = heap[at];
-        heap[at] = heap[top];
-        heap[top] = t;
-        at = top;
-    }
-}
 
 typedef struct {
     float bound;
@@ -221,6 +201,8 @@ int avl_recall_swap(
         sizeof(PageBound) * (size_t)recall_pages, sizeof(int64_t) * (size_t)recall_pages,
         sizeof(int64_t) * (size_t)moves, sizeof(float) * (size_t)(kv_heads * moves * dim),
         sizeof(float) * (size_t)(kv_heads * moves * dim), sizeof(Candidate) * (size_t)moves,
+        sizeof(Candidate) * (size_t)(capacity + moves), sizeof(uint64_t) * (size_t)(capacity + moves),
+        sizeof(uint64_t) * (size_t)(capacity + moves), sizeof(Candidate) * (size_t)moves,
         sizeof(int64_t) * (size_t)moves, sizeof(int64_t) * (size_t)moves,
         sizeof(int64_t) * (size_t)(2 * moves), sizeof(float *) * (size_t)(kv_heads * rows_max),
         (size_t)moves, (size_t)(n_core_pages > 0 ? n_core_pages : 1),
@@ -240,16 +222,20 @@ int avl_recall_swap(
     int64_t *recalled_position = (int64_t *)(block + offsets[2]);
     float *recalled_keys = (float *)(block + offsets[3]);
     float *recalled_values = (float *)(block + offsets[4]);
-    Candidate *worst = (Candidate *)(block + offsets[5]);
-    int64_t *freed = (int64_t *)(block + offsets[6]);
-    int64_t *incoming = (int64_t *)(block + offsets[7]);
-    int64_t *touched = (int64_t *)(block + offsets[8]);
-    const float **rows = (const float **)(block + offsets[9]);
-    char *leaves = block + offsets[10];
-    char *boxed = block + offsets[11];
-    int64_t *page_source = (int64_t *)(block + offsets[12]);
-    int64_t *rebox = (int64_t *)(block + offsets[13]);
-    int64_t *widen = (int64_t *)(block + offsets[14]);
+    Candidate *leaving = (Candidate *)(block + offsets[5]);
+    Candidate *candidates = (Candidate *)(block + offsets[6]);
+    uint64_t *keys_of = (uint64_t *)(block + offsets[7]);
+    uint64_t *select_scratch = (uint64_t *)(block + offsets[8]);
+    Candidate *leaving_slots = (Candidate *)(block + offsets[9]);
+    int64_t *freed = (int64_t *)(block + offsets[10]);
+    int64_t *incoming = (int64_t *)(block + offsets[11]);
+    int64_t *touched = (int64_t *)(block + offsets[12]);
+    const float **rows = (const float **)(block + offsets[13]);
+    char *leaves = block + offsets[14];
+    char *boxed = block + offsets[15];
+    int64_t *page_source = (int64_t *)(block + offsets[16]);
+    int64_t *rebox = (int64_t *)(block + offsets[17]);
+    int64_t *widen = (int64_t *)(block + offsets[18]);
 
     for (int64_t b = 0; b < batch; b++) {
         const float *q = query + b * q_heads * dim;
@@ -271,64 +257,63 @@ int avl_recall_swap(
             }
         if (n_recalled == 0) continue; /* nothing to rank: the pages stay as they are */
 
-        /* the n_recalled candidates ranked last among the resident image rows (the last
-         * step's q.k) and the recalled rows (their q.k now, read in their pages): a heap
-         * of the worst so far */
-        int64_t kept = 0;
-        for (int64_t i = 0; i < capacity + moves; i++) {
-            Candidate c;
-            if (i < capacity) {
-                int8_t r = role[b * capacity + i];
-                if (r != ROLE_OTHER && r != ROLE_CORE) continue;
-                c.score = last_qk[b * capacity + i];
-                c.position = position[b * kv_heads * capacity + i];
-            } else {
-                int64_t m = i - capacity;
-                if (recalled_position[m] < 0) continue;
-                int64_t page = chosen[m / page_size], s = m % page_size;
-                float total = 0.0f;
-                for (int64_t h = 0; h < q_heads; h++) {
-                    int64_t at = (((b * kv_heads + h / group) * n_pages + page) * page_size + s);
-                    total += dot(q + h * dim, page_keys + at * dim, dim) * scale;
-                }
-                c.score = total / (float)q_heads;
-                c.position = recalled_position[m];
+        /* the candidates: the resident image rows (the last step's q.k) and the recalled
+         * rows (their q.k now, read in their pages) */
+        int64_t count = 0;
+        for (int64_t i = 0; i < capacity; i++) {
+            int8_t r = role[b * capacity + i];
+            if (r != ROLE_OTHER && r != ROLE_CORE) continue;
+            int64_t at = position[b * kv_heads * capacity + i];
+            candidates[count++] = (Candidate){rule_key(last_qk[b * capacity + i], at), at, i};
+        }
+        for (int64_t m = 0; m < moves; m++) {
+            if (recalled_position[m] < 0) continue;
+            int64_t page = chosen[m / page_size], s = m % page_size;
+            float total = 0.0f;
+            for (int64_t h = 0; h < q_heads; h++) {
+                int64_t at = (((b * kv_heads + h / group) * n_pages + page) * page_size + s);
+                total += dot(q + h * dim, page_keys + at * dim, dim) * scale;
             }
-            c.index = i;
-            if (kept < n_recalled) {
-                worst[kept++] = c;
-                if (kept == n_recalled)
-                    for (int64_t at = kept / 2 - 1; at >= 0; at--) sift_down(worst, kept, at);
-            } else if (ranks_below(&c, &worst[0])) {
-                worst[0] = c;
-                sift_down(worst, kept, 0);
-            }
+            candidates[count++] = (Candidate){rule_key(total / (float)q_heads,
+                                                       recalled_position[m]),
+                                              recalled_position[m], capacity + m};
+        }
+        /* the n_recalled ranked last leave: every key below the lowest kept one (a radix
+         * select; the keys are distinct, as the positions) */
+        const int64_t keep = count - n_recalled;
+        for (int64_t c = 0; c < count; c++) keys_of[c] = candidates[c].key;
+        const uint64_t lowest_kept = keep > 0 ? nth_largest_key(keys_of, count, keep, select_scratch) : 0;
+        int64_t n_leaving = 0, n_freed = 0, n_incoming = 0;
+        for (int64_t c = 0; c < count; c++) {
+            if (keep > 0 && candidates[c].key >= lowest_kept) continue;
+            leaving[n_leaving++] = candidates[c];
+            if (candidates[c].index < capacity) leaving_slots[n_freed++] = candidates[c];
         }
 
         /* the k-th slot freed (in rank order, the best-ranked of the leaving first) will
          * take the k-th recalled row that stays (page order) */
-        int64_t n_freed = 0, n_incoming = 0;
-        for (int64_t size = n_recalled; size > 0; size--) { /* the heap's root: the best */
-            if (worst[0].index < capacity) freed[n_freed++] = worst[0].index;
-            Candidate top = worst[0];
-            worst[0] = worst[size - 1];
-            worst[size - 1] = top;
-            sift_down(worst, size - 1, 0);
+        for (int64_t i = 1; i < n_freed; i++) {
+            Candidate c = leaving_slots[i];
+            int64_t at = i;
+            for (; at > 0 && leaving_slots[at - 1].key < c.key; at--)
+                leaving_slots[at] = leaving_slots[at - 1];
+            leaving_slots[at] = c;
         }
+        for (int64_t k = 0; k < n_freed; k++) freed[k] = leaving_slots[k].index;
 
         /* the rows that leave fill the chosen pages' held slots in order of position */
-        for (int64_t i = 1; i < n_recalled; i++) {
-            Candidate c = worst[i];
+        for (int64_t i = 1; i < n_leaving; i++) {
+            Candidate c = leaving[i];
             int64_t at = i;
-            for (; at > 0 && worst[at - 1].position > c.position; at--) worst[at] = worst[at - 1];
-            worst[at] = c;
+            for (; at > 0 && leaving[at - 1].position > c.position; at--) leaving[at] = leaving[at - 1];
+            leaving[at] = c;
         }
         int64_t next = 0;
         memset(leaves, 0, (size_t)moves);
         for (int64_t m = 0; m < moves; m++) {
             page_source[m] = -1;
             if (recalled_position[m] < 0) continue;
-            const Candidate *c = &worst[next++];
+            const Candidate *c = &leaving[next++];
             page_source[m] = c->index;
             pos_b[chosen[m / page_size] * page_size + m % page_size] = c->position;
             if (c->index >= capacity) leaves[c->index - capacity] = 1;
