@@ -1,6 +1,7 @@
 """passes/ and lowering/ ship inside the package, in a wheel as in an editable install."""
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -14,8 +15,15 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    # from a copy: setuptools builds in the source's own build/, and test workers that build
+    # the checkout at once (this fixture is per worker) remove each other's files there
+    source = tmp_path_factory.mktemp("source") / "avl-compile"
+    skipped = shutil.ignore_patterns(".git", ".venv*", "build", "dist", "*.egg-info",
+                                     "__pycache__", "*_cache", "bench_results", "out",
+                                     ".gpu_deps", "gpu_results")  # fmt: skip
+    shutil.copytree(ROOT, source, ignore=skipped)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(source)],
         check=True,
     )
     return next(out.glob("avl_compile-*.whl"))
