@@ -47,6 +47,12 @@ def _compiler(variable: str, language: str, *names: str) -> str:
     return found
 
 
+def compilers() -> tuple[str, str]:
+    """The C and C++ compilers the library is built with ($CC and $CXX, else the usual
+    names). Raises RuntimeError where one is missing."""
+    return _compiler("CC", "C", "cc", "gcc"), _compiler("CXX", "C++", "c++", "g++")
+
+
 def _run(command: list[str]) -> None:
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -79,7 +85,7 @@ def build(
 def _build(
     c_sources: tuple[Path, ...], binding: Path, headers: tuple[Path, ...], openmp: tuple[str, ...]
 ) -> Path:
-    cc, cxx = _compiler("CC", "C", "cc", "gcc"), _compiler("CXX", "C++", "c++", "g++")
+    cc, cxx = compilers()
     torch_dir = Path(torch.__file__).parent
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     include, lib = torch_dir / "include", torch_dir / "lib"

@@ -108,7 +108,7 @@ static inline uint64_t rule_key(float score, int64_t position) {
  * kept (in `scratch`, [count]) for the next, and once few are left they are ranked by an
  * insertion sort (a pass per byte clears and scans 256 counts however few keys are left) */
 static inline uint64_t nth_largest_key(const uint64_t *keys, int64_t count, int64_t n,
-                                   uint64_t *scratch) {
+                                       uint64_t *scratch) {
     uint64_t prefix = 0;
     const uint64_t *live = keys;
     for (int shift = 56; shift >= 0; shift -= 8) {

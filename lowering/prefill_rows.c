@@ -258,7 +258,8 @@ static void choose_rows(void *context, int64_t begin, int64_t end) {
     const int recall = a->recall_page_size > 0;
     for (int64_t b = begin; b < end; b++) {
         float *score = w->score + b * w->score_width, *total = w->total + b * heads * k_len;
-        int64_t *slots = w->slots + b * capacity, *evicted = w->evicted + b * (a->candidate_width + 1);
+        int64_t *slots = w->slots + b * capacity;
+        int64_t *evicted = w->evicted + b * (a->candidate_width + 1);
         /* scratch: `total` until text_scores writes it, the score's tail */
         image_score(a, b, score, w->head + b * w->score_width, total,
                     recall ? w->last_logit + b * a->q_heads * k_len : NULL);

@@ -201,7 +201,8 @@ int avl_recall_swap(
         sizeof(PageBound) * (size_t)recall_pages, sizeof(int64_t) * (size_t)recall_pages,
         sizeof(int64_t) * (size_t)moves, sizeof(float) * (size_t)(kv_heads * moves * dim),
         sizeof(float) * (size_t)(kv_heads * moves * dim), sizeof(Candidate) * (size_t)moves,
-        sizeof(Candidate) * (size_t)(capacity + moves), sizeof(uint64_t) * (size_t)(capacity + moves),
+        sizeof(Candidate) * (size_t)(capacity + moves),
+        sizeof(uint64_t) * (size_t)(capacity + moves),
         sizeof(uint64_t) * (size_t)(capacity + moves), sizeof(Candidate) * (size_t)moves,
         sizeof(int64_t) * (size_t)moves, sizeof(int64_t) * (size_t)moves,
         sizeof(int64_t) * (size_t)(2 * moves), sizeof(float *) * (size_t)(kv_heads * rows_max),
@@ -282,7 +283,8 @@ int avl_recall_swap(
          * select; the keys are distinct, as the positions) */
         const int64_t keep = count - n_recalled;
         for (int64_t c = 0; c < count; c++) keys_of[c] = candidates[c].key;
-        const uint64_t lowest_kept = keep > 0 ? nth_largest_key(keys_of, count, keep, select_scratch) : 0;
+        const uint64_t lowest_kept =
+            keep > 0 ? nth_largest_key(keys_of, count, keep, select_scratch) : 0;
         int64_t n_leaving = 0, n_freed = 0, n_incoming = 0;
         for (int64_t c = 0; c < count; c++) {
             if (keep > 0 && candidates[c].key >= lowest_kept) continue;
@@ -305,7 +307,8 @@ int avl_recall_swap(
         for (int64_t i = 1; i < n_leaving; i++) {
             Candidate c = leaving[i];
             int64_t at = i;
-            for (; at > 0 && leaving[at - 1].position > c.position; at--) leaving[at] = leaving[at - 1];
+            for (; at > 0 && leaving[at - 1].position > c.position; at--)
+                leaving[at] = leaving[at - 1];
             leaving[at] = c;
         }
         int64_t next = 0;

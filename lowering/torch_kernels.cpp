@@ -177,7 +177,8 @@ Rows prefill_rows(const at::Tensor &query, const at::Tensor &keys, const at::Ten
     a.image_ordinal = image_ordinal.data_ptr<int64_t>();
     a.core_low = core_low.data_ptr<float>(), a.core_high = core_high.data_ptr<float>();
     a.members = members.data_ptr<int64_t>();
-    TORCH_CHECK(avl_prefill_rows(&a, run_on_torch_threads) == 0, "avl::prefill_rows: no memory for its scratch");
+    TORCH_CHECK(avl_prefill_rows(&a, run_on_torch_threads) == 0,
+                "avl::prefill_rows: no memory for its scratch");
     // the decode state's own copies (the layout's are shared by the layers), and the last
     // query row, contiguous whatever the projection's layout
     const at::Tensor last_query =

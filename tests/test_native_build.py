@@ -19,8 +19,7 @@ needs_kernels = pytest.mark.skipif(
 
 def _compilers_found() -> bool:
     try:
-        native_build._compiler("CC", "C", "cc", "gcc")
-        native_build._compiler("CXX", "C++", "c++", "g++")
+        native_build.compilers()
     except RuntimeError:
         return False
     return True
