@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from end_to_end import PRESETS, RECOMMENDED, _generate, build_model, make_inputs
+from end_to_end import PRESETS, RECOMMENDED, _generate, build_model, make_inputs, paired_ratio
 
 import avl_compile
 
@@ -84,7 +84,7 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
             faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     for name in names:
-        ratio = statistics.median(t / d for t, d in zip(times[name], times["dense"], strict=True))
+        ratio = paired_ratio(times[name], times["dense"])
         print(
             f"{name:12s} median {1e3 * statistics.median(times[name]):7.1f} ms  "
             f"best {1e3 * min(times[name]):7.1f} ms  vs dense {ratio:.3f}  "
