@@ -46,8 +46,8 @@ _ROWS = ("query", "keys", "values")  # [B, H, L, D] views: any strides but the l
 def why_not_native(tensors: dict[str, Tensor]) -> str | None:
     """Why these tensors (by the op's argument names) cannot take the C selection, or
     None: every one on the CPU; rows with a contiguous last dimension, the rest
-    contiguous (but the log-sum-exp: the op copies it); floats float32, bools bool, the
-    rest int64; and the C library loads."""
+    contiguous (but the log-sum-exp: the op reads it through its strides); floats float32,
+    bools bool, the rest int64; and the C library loads."""
     for name in _ROWS:
         if name in tensors and tensors[name].stride(-1) != 1:
             return f"{name}'s last dimension is not contiguous"

@@ -32,7 +32,10 @@ typedef struct {
     /* the prefill's query [B, Hq, Lq, D], keys and values [B, Hkv, Lk, D] (strides b, h, l) */
     const float *query, *keys, *values;
     int64_t query_stride[3], keys_stride[3], values_stride[3];
-    const float *lse; /* [B, Hq, Lq] the attention's log-sum-exp */
+    /* [B, Hq, Lq] the attention's log-sum-exp (strides b, h, l: the flash kernel's is
+     * [B, Lq, Hq] inside, and a contiguous copy cost more than these reads) */
+    const float *lse;
+    int64_t lse_stride[3];
 
     /* the prompt's layout (policies/avl_layout.PromptLayout), packed once per prompt */
     const int64_t *plan;       /* [B, PLAN_COLUMNS] */

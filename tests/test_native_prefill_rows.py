@@ -157,6 +157,18 @@ def test_the_prefill_filter_and_other_dtypes_stay_with_the_tensor_function():
     assert why_not_native(query, keys, values, lse, layout) == "the prefill filter is on"
 
 
+def test_the_layout_keeps_each_signatures_answer_for_its_other_layers():
+    query, keys, values, _, _, context = _prompt(60, False, 16, 4, False)
+    layout = AvlPolicy(AvlOptions(text_min_budget=4), 0)._layout(query, keys, None, True, context)
+    _, lse = layout.scoring.attend(query, keys, values, SCALE)
+    assert why_not_native(query, keys, values, lse, layout) is None
+    across = keys.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values and shape
+    reason = why_not_native(query, across, values, lse, layout)
+    assert reason == "keys's last dimension is not contiguous"
+    assert len(layout.native_reasons) == 2
+    assert why_not_native(query, keys.clone(), values, lse, layout) is None
+
+
 @pytest.mark.parametrize("inner", ["inductor", "eager"])
 def test_the_prefill_selects_in_c_where_inductor_is_the_inner_compiler(monkeypatch, inner):
     """With Inductor as the inner compiler a CPU prefill selects through the C op (the

@@ -53,6 +53,9 @@ class PromptLayout:
     image_positions: Tensor | None  # [B, N] for the query-aware core's pages
     scoring: LseScoring | None  # the scores' masks (None off CPUs)
     attn_mask: Tensor | None  # the mask it was made for (held: its id keys the layout)
+    # why a layer's selection cannot run in C, per signature of its tensors (None: it can;
+    # ``avl_prefill_rows.why_not_native``)
+    native_reasons: dict[tuple, str | None] = dataclasses.field(default_factory=dict)
 
     @functools.cached_property
     def native_tables(self) -> NativeTables:
