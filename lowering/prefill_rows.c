@@ -45,10 +45,6 @@ static inline void copy_row(float *restrict to, const float *restrict from, int6
     for (int64_t d = 0; d < dim; d++) to[d] = from[d];
 }
 
-static inline float lse_of(const PrefillRowsArgs *a, int64_t b, int64_t h, int64_t r) {
-    return a->lse[b * a->lse_stride[0] + h * a->lse_stride[1] + r * a->lse_stride[2]];
-}
-
 static const float *row_of(const float *base, const int64_t *stride, int64_t b, int64_t h,
                            int64_t l) {
     return base + b * stride[0] + h * stride[1] + l * stride[2];
@@ -70,7 +66,7 @@ static void image_score(const PrefillRowsArgs *a, int64_t b, float *score, float
             float *row_logit = w == window - 1 && last_logit ? last_logit + h * k_len : logit;
             if (!valid && row_logit == logit) continue;
             const float *q = row_of(a->query, a->query_stride, b, h, r);
-            const float lse = lse_of(a, b, h, r);
+            const float lse = *row_of(a->lse, a->lse_stride, b, h, r);
             const float *bias = bias_base + w * k_len;
             const float *keys = row_of(a->keys, a->keys_stride, b, h / group, 0);
             const int64_t step = a->keys_stride[2];
@@ -105,7 +101,7 @@ static void text_scores(const PrefillRowsArgs *a, int64_t b, float *total, float
         for (int64_t r = a->first_row; r < a->q_len; r++) {
             if (!a->query_valid[b * a->q_len + r]) continue;
             const float *q = row_of(a->query, a->query_stride, b, h, r);
-            const float lse = lse_of(a, b, h, r);
+            const float lse = *row_of(a->lse, a->lse_stride, b, h, r);
             const float *bias = bias_base + (r - a->first_row) * n;
             /* only the columns the row sees (causal: about half); the rest add 0 */
             for (int64_t c = 0; c < n; c++)
