@@ -226,10 +226,11 @@ class AvlBackend:
         opts: AvlOptions,
     ) -> tuple[fx.GraphModule, Callable]:
         """The decode graph with the policy's step inside, and its compiled form."""
+        traced_inputs = _traced_examples(gm, example_inputs)
         graph = rewrite_decode_sites(gm, sites, step, growing)
         if opts.inner == "eager":
             return graph, graph.forward
-        fake_mode = torch._guards.detect_fake_mode(example_inputs)
+        fake_mode = _fake_mode_of(traced_inputs)
         with fake_mode:
             states = [
                 state_examples(site, step, grows=index in growing)
@@ -237,7 +238,7 @@ class AvlBackend:
             ]
 
         def compile_with(extra_state: list[list[Tensor]] | None = None) -> Callable:
-            inputs = [*example_inputs]
+            inputs = [*traced_inputs]
             for index, examples in enumerate(states):
                 inputs.extend(examples)
                 if extra_state is not None:
@@ -259,6 +260,30 @@ class AvlBackend:
             )
             return graph, compiled
         return graph, compile_with()
+
+
+def _traced_examples(gm: fx.GraphModule, example_inputs: list[Any]) -> list[Any]:
+    """The graph's inputs as Dynamo traced them: its fake tensors and SymInts, with symbolic
+    sizes only where it made them dynamic (the caches' lengths). A graph compiled after
+    Dynamo's trace (at a prompt's first step: ``GraphPerStateShape``) from the real tensors
+    would see every size of every input as dynamic, the weights' and head sizes' too, and
+    Inductor's loops then divide by them (measured: the recommended set's attention kernel
+    took 2x its time on ``cpu-long`` at batch 4)."""
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    traced = [node.meta.get("example_value") for node in placeholders]
+    if len(traced) != len(example_inputs) or any(value is None for value in traced):
+        return list(example_inputs)
+    return traced
+
+
+def _fake_mode_of(inputs: list[Any]) -> Any:
+    """The fake mode of the first fake tensor among ``inputs`` (Dynamo's, where they are its
+    traced examples; ``detect_fake_mode`` would answer the tracing context's, a backend's
+    fresh one), else the tracing context's."""
+    for value in inputs:
+        if isinstance(value, torch._subclasses.fake_tensor.FakeTensor):
+            return value.fake_mode
+    return torch._guards.detect_fake_mode(inputs)
 
 
 def _decode_patches(

@@ -181,6 +181,54 @@ def test_inductor_writes_the_cache_in_place(monkeypatch, options):
     assert functional_writes == []
 
 
+@pytest.mark.parametrize("options", [{"refresh_every": 2}, RECALL_PAGES], ids=["avl", "recall"])
+def test_decode_graphs_see_only_the_caches_lengths_as_dynamic(monkeypatch, options):
+    """Inductor compiles a decode graph with the sizes Dynamo traced: the weights' and the
+    caches' batch, head and head-dim sizes static, only the caches' lengths symbolic. Recall
+    and the query-aware core compile theirs at a prompt's first step, after Dynamo's trace;
+    fakes made there from the real tensors had every size symbolic (the generated loops then
+    divide by the hidden size at every element)."""
+    from torch._inductor.fx_passes import post_grad
+
+    original = post_grad.reinplace_inplaceable_ops
+    graph_inputs: list[list] = []
+
+    def recorded(*args):
+        graph_inputs.append([node.meta["val"] for node in args[-1].find_nodes(op="placeholder")])
+        original(*args)
+
+    monkeypatch.setattr(post_grad, "reinplace_inplaceable_ops", recorded)
+    model = avl_compile.compile(tiny_llava(), options=options)
+    uncached = {"fx_graph_cache": False, "fx_graph_remote_cache": False}
+    with (
+        torch._inductor.config.patch(uncached),
+        torch._functorch.config.patch(enable_autograd_cache=False),
+    ):  # the passes must run
+        greedy(model, llava_prompt(model, [PREFIX], [SUFFIX]).inputs, new_tokens=4)
+    assert model._avl_backend.runtime.counters["decode_graphs_in_graph"] == 3
+    weight_shapes = {tuple(p.shape) for p in model.parameters() if p.dim() == 2}
+
+    def symbolic(size) -> bool:
+        return isinstance(size, torch.SymInt) and not size.node.is_constant()
+
+    def hint(size) -> int:
+        return size.node.hint if isinstance(size, torch.SymInt) else size
+
+    weights = caches = 0
+    for inputs in graph_inputs:
+        for value in inputs:
+            if not isinstance(value, torch.Tensor):
+                continue
+            shape = tuple(value.shape)
+            if len(shape) == 2 and tuple(hint(s) for s in shape) in weight_shapes:
+                weights += 1
+                assert not any(symbolic(s) for s in shape), shape
+            if len(shape) == 4 and symbolic(shape[2]):
+                caches += 1
+                assert not any(symbolic(shape[d]) for d in (0, 1, 3)), shape
+    assert weights > 0 and caches > 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_decode_generates_what_the_plain_graph_does():
     """The GPU check of CUDA graphs (benchmarks/gpu_checks.sh tests): decode graphs
