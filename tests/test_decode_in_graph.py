@@ -148,25 +148,17 @@ def test_recall_swaps_every_layer_before_the_first_layer(monkeypatch):
     assert refreshing > 0
 
 
-@pytest.mark.parametrize("options", [{"refresh_every": 2}, RECALL_PAGES], ids=["avl", "recall"])
-def test_inductor_writes_the_cache_in_place(monkeypatch, options):
-    """Every write of the step into the cache stays in place after Inductor's passes: one
-    it cannot re-inplace becomes a copy of the whole cache at every step (recall's swaps,
-    at the start of the graph, write the cache too)."""
+def _generate_through_post_grad(monkeypatch, options: dict, new_tokens: int, inspect):
+    """A compiled tiny LLaVA's greedy ``generate`` with Inductor's caches off (its passes
+    must run), ``inspect`` called on every graph right after the post-grad re-inplacing
+    pass. Returns the model."""
     from torch._inductor.fx_passes import post_grad
 
     original = post_grad.reinplace_inplaceable_ops
-    functional_writes, graphs = [], []
 
     def reinplace(*args):
         original(*args)
-        graph = args[-1]
-        graphs.append(graph)
-        functional_writes.extend(
-            str(node) for node in graph.find_nodes(
-                op="call_function", target=torch.ops.aten.index_put.default
-            )
-        )  # fmt: skip
+        inspect(args[-1])
 
     monkeypatch.setattr(post_grad, "reinplace_inplaceable_ops", reinplace)
     model = avl_compile.compile(tiny_llava(), options=options)
@@ -174,8 +166,27 @@ def test_inductor_writes_the_cache_in_place(monkeypatch, options):
     with (
         torch._inductor.config.patch(uncached),
         torch._functorch.config.patch(enable_autograd_cache=False),
-    ):  # the passes must run
-        greedy(model, llava_prompt(model, [PREFIX], [SUFFIX]).inputs, new_tokens=6)
+    ):
+        greedy(model, llava_prompt(model, [PREFIX], [SUFFIX]).inputs, new_tokens=new_tokens)
+    return model
+
+
+@pytest.mark.parametrize("options", [{"refresh_every": 2}, RECALL_PAGES], ids=["avl", "recall"])
+def test_inductor_writes_the_cache_in_place(monkeypatch, options):
+    """Every write of the step into the cache stays in place after Inductor's passes: one
+    it cannot re-inplace becomes a copy of the whole cache at every step (recall's swaps,
+    at the start of the graph, write the cache too)."""
+    functional_writes, graphs = [], []
+
+    def inspect(graph):
+        graphs.append(graph)
+        functional_writes.extend(
+            str(node) for node in graph.find_nodes(
+                op="call_function", target=torch.ops.aten.index_put.default
+            )
+        )  # fmt: skip
+
+    model = _generate_through_post_grad(monkeypatch, options, 6, inspect)
     assert model._avl_backend.runtime.counters["decode_graphs_in_graph"] == 5
     assert len(graphs) >= 3, "prefill, plain and refresh graphs went through the passes"
     assert functional_writes == []
@@ -188,23 +199,12 @@ def test_decode_graphs_see_only_the_caches_lengths_as_dynamic(monkeypatch, optio
     and the query-aware core compile theirs at a prompt's first step, after Dynamo's trace;
     fakes made there from the real tensors had every size symbolic (the generated loops then
     divide by the hidden size at every element)."""
-    from torch._inductor.fx_passes import post_grad
-
-    original = post_grad.reinplace_inplaceable_ops
     graph_inputs: list[list] = []
 
-    def recorded(*args):
-        graph_inputs.append([node.meta["val"] for node in args[-1].find_nodes(op="placeholder")])
-        original(*args)
+    def inspect(graph):
+        graph_inputs.append([node.meta["val"] for node in graph.find_nodes(op="placeholder")])
 
-    monkeypatch.setattr(post_grad, "reinplace_inplaceable_ops", recorded)
-    model = avl_compile.compile(tiny_llava(), options=options)
-    uncached = {"fx_graph_cache": False, "fx_graph_remote_cache": False}
-    with (
-        torch._inductor.config.patch(uncached),
-        torch._functorch.config.patch(enable_autograd_cache=False),
-    ):  # the passes must run
-        greedy(model, llava_prompt(model, [PREFIX], [SUFFIX]).inputs, new_tokens=4)
+    model = _generate_through_post_grad(monkeypatch, options, 4, inspect)
     assert model._avl_backend.runtime.counters["decode_graphs_in_graph"] == 3
     weight_shapes = {tuple(p.shape) for p in model.parameters() if p.dim() == 2}
 
