@@ -2,6 +2,7 @@
 dispatcher's Python around it, and the rest of the forward (Dynamo's guards, generate).
 
     python benchmarks/decode_breakdown.py --threads 1
+    python benchmarks/decode_breakdown.py --threads 1 --recommended  # recall + the query-aware core
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 import time
 
 import torch
-from end_to_end import PRESETS, _generate, _TokenClock, build_model, make_inputs
+from end_to_end import PRESETS, RECOMMENDED, _generate, _TokenClock, build_model, make_inputs
 
 import avl_compile
 from avl_compile.compiled_decode import CompiledDecode
@@ -21,13 +22,19 @@ def main() -> None:
     parser.add_argument("--preset", default="cpu-host", choices=sorted(PRESETS))
     parser.add_argument("--threads", type=int)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--recommended",
+        action="store_true",
+        help="the recommended option set (avl-pages), not A-VL's defaults",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = PRESETS[args.preset]
     inputs = make_inputs(preset, 1, "cpu")
-    model = avl_compile.compile(build_model(preset, "cpu"))
-    _generate(model, inputs, 8)  # compiles every graph
+    options = RECOMMENDED if args.recommended else None
+    model = avl_compile.compile(build_model(preset, "cpu"), options=options)
+    _generate(model, inputs, 8, {})  # compiles every graph
     spent = {"dispatcher + graph": 0.0, "graph": 0.0}
     steps = 0
     original = CompiledDecode.__call__
@@ -55,7 +62,7 @@ def main() -> None:
     per_token = []
     for _ in range(args.repeats):
         clock = _TokenClock("cpu")
-        _generate(model, inputs, preset["new_tokens"], clock)
+        _generate(model, inputs, preset["new_tokens"], {}, clock)
         per_token.append((clock.stamps[-1] - clock.stamps[0]) / (len(clock.stamps) - 1))
     graph_ms = 1e3 * spent["graph"] / steps
     dispatcher_ms = 1e3 * spent["dispatcher + graph"] / steps - graph_ms
