@@ -19,7 +19,8 @@ TINY = dict(hidden=64, layers=2, heads=2, kv_heads=2, intermediate=128, image=56
 @pytest.fixture
 def run_script(monkeypatch):
     """Run a benchmark script's ``main`` with ``arguments`` on the tiny preset; torch's
-    thread count is restored after (the scripts set it for their process)."""
+    thread count and Dynamo's recompile limit are restored after (the scripts set them for
+    their process)."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import end_to_end
 
@@ -31,7 +32,9 @@ def run_script(monkeypatch):
         monkeypatch.setattr(sys, "argv", [f"{module}.py", *arguments, "--preset", "tiny"])
         script.main()
 
-    yield run
+    dynamo = torch._dynamo.config
+    with dynamo.patch(recompile_limit=dynamo.recompile_limit):  # restored on exit
+        yield run
     torch.set_num_threads(threads)
 
 
