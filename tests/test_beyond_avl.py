@@ -6,6 +6,7 @@ each: exact at 100% budgets, and the compiled path equals the eager reference (f
 left-padded batch)."""
 
 import functools
+import weakref
 
 import pytest
 import torch
@@ -424,7 +425,7 @@ def test_query_aware_core_matches_the_reference_on_a_padded_batch(options, inner
 def test_a_decode_graph_per_shape_of_the_prompts_pages():
     """Recall's pages are shaped by the prompt (pages per row, image tokens), not by the
     cache: one compiled graph per shape of them, the same graph while they keep it."""
-    from avl_compile.compiled_decode import GraphPerStateShape
+    from avl_compile.compiled_decode import GraphPerStateShape, StateInputs
 
     compiled: list[list[tuple]] = []
 
@@ -447,6 +448,17 @@ def test_a_decode_graph_per_shape_of_the_prompts_pages():
     assert [graph(torch.zeros(1), *site, *site) for _ in range(3)] == [2, 2, 2]
     other = [site[0], torch.zeros(2, 6), site[2]]
     assert graph(torch.zeros(1), *other, *other) == 3 and len(compiled) == 3
+
+    # a decode step hands over its state as one list: the same list, the same graph, not
+    # kept alive by the graph
+    state = StateInputs([*site, *site])
+    assert [graph.run((torch.zeros(1),), state) for _ in range(2)] == [2, 2]
+    bigger = StateInputs([site[0], torch.zeros(2, 7), site[2]] * 2)
+    assert graph.run((torch.zeros(1),), bigger) == 4 and len(compiled) == 4
+    assert graph.run((torch.zeros(1),), state) == 2 and len(compiled) == 4
+    alive = weakref.ref(state)
+    del state
+    assert alive() is None
 
 
 def test_query_aware_core_at_full_budgets_generates_the_uncompiled_tokens():

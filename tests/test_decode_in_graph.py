@@ -2,6 +2,7 @@
 bounded number of graphs, and one tie rule shared with the reference."""
 
 import functools
+import operator
 
 import pytest
 import torch
@@ -146,6 +147,46 @@ def test_recall_swaps_every_layer_before_the_first_layer(monkeypatch):
         else:
             assert swaps == 0
     assert refreshing > 0
+
+
+@pytest.mark.parametrize(
+    "options", [RECALL_PAGES, {**RECALL_PAGES, "staged": True}], ids=["in-graph", "staged"]
+)
+def test_a_step_passes_the_last_steps_state_list_while_its_tensors_are_the_same(
+    monkeypatch, options
+):
+    """The decode graph's state inputs: the last step's list again while no layer's state
+    was replaced, a new one after a cache re-allocation; staged recall's (new rows at every
+    step) read afresh. Every step's list holds the very tensors the states hold."""
+    from avl_compile.compiled_decode import StateInputs
+
+    given: list[StateInputs] = []
+    original = CompiledDecode._state_inputs
+
+    def recorded(self, states):
+        inputs = original(self, states)
+        fresh = StateInputs.of(states)
+        assert len(inputs) == len(fresh) and all(map(operator.is_, inputs, fresh))
+        given.append(inputs)
+        return inputs
+
+    monkeypatch.setattr(CompiledDecode, "_state_inputs", recorded)
+    options = dict(options)
+    staged = options.pop("staged", False)
+    if staged:  # as on a GPU (see test_decode_steps_run_in_the_graph_with_no_host_sync)
+        from avl_compile import backend
+        from avl_compile.policies import recall_copies
+
+        monkeypatch.setattr(backend, "_stages_recall", lambda device: True)
+        monkeypatch.setattr(recall_copies, "_defers_write_back", lambda pages, device: True)
+    model = avl_compile.compile(tiny_llava(), options={"inner": "eager", **options})
+    greedy(model, llava_prompt(model, [PREFIX], [SUFFIX]).inputs, new_tokens=20)
+    lists = len({id(inputs) for inputs in given})
+    assert model._avl_backend.runtime.counters["decode_graphs_in_python"] == 0
+    if staged:
+        assert lists == len(given)
+    else:  # 19 steps; the cache grows once or twice in them (``spare_slots``)
+        assert len(given) == 19 and 2 <= lists <= 3
 
 
 def _generate_through_post_grad(monkeypatch, options: dict, new_tokens: int, inspect):

@@ -120,6 +120,10 @@ class LayerState:
     recall: RecallState | None = None
     # tensor parallel: head means over every rank's heads (``PrefillContext.combine_heads``)
     combine_heads: Callable[[Tensor], Tensor] | None = None
+    # every layer's state tensors as the last compiled step took them
+    # (``compiled_decode.StateInputs``), kept by the first layer's state so that they
+    # are freed with the states
+    graph_inputs: list[Tensor] | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def tensors(self) -> list[Tensor]:
         """The state tensors a compiled decode graph takes for this layer."""
