@@ -167,10 +167,8 @@ class CompiledDecode:
                     state.recall, state.step, state.schedule.refresh, self.staged_recall
                 )
         inputs = self._state_inputs(states)
-        if isinstance(graph, GraphPerStateShape):
-            result = graph.run(args, inputs)
-        else:
-            result = graph(*args, *inputs)
+        run = getattr(graph, "run", None)  # a graph that takes the list whole (by identity)
+        result = run(args, inputs) if run is not None else graph(*args, *inputs)
         if self.staged_recall:
             self._finish_staged_recall(states)
         if growing:  # new cache tensors, from the graph's concatenation
