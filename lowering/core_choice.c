@@ -5,7 +5,8 @@
  * write cost Inductor's generated code ~70 us a layer and step on ``cpu-host``
  * (docs/history.md, session 23). Same rows: the tie rule is budgets.best_first's (higher
  * score first, then rows already in the core, then the lower position); float sums may
- * differ from torch's in the last bit, as Inductor's do.
+ * differ from torch's in the last bits, as Inductor's do (a page's bound is summed per kv
+ * head from its query heads' sums, split by sign: native_helpers.h's box_bound).
  *
  * Built by lowering/native_build.py with the system C compiler; no torch headers. */
 
@@ -61,25 +62,29 @@ int avl_core_choice(
     int8_t *role,               /* [B, C]: OTHER and CORE rows re-chosen in place */
     const int64_t *position,    /* [B, Hkv, C] (head 0's read) */
     const int64_t *counters) {  /* [B, 5] */
-    const int64_t group = q_heads / kv_heads;
     if (batch <= 0 || capacity <= 0) return 0;
     float *bound = malloc(sizeof(float) * (size_t)(n_pages > 0 ? n_pages : 1));
     char *known = calloc((size_t)(n_pages > 0 ? n_pages : 1), 1);
     Candidate *candidates = malloc(sizeof(Candidate) * (size_t)capacity);
     uint32_t *keys = malloc(sizeof(uint32_t) * (size_t)capacity);
-    if (!bound || !known || !candidates || !keys) {
+    float *split = malloc(sizeof(float) * (size_t)(2 * kv_heads * dim)); /* split_query's */
+    if (!bound || !known || !candidates || !keys || !split) {
         free(bound);
         free(known);
         free(candidates);
         free(keys);
+        free(split);
         return -1;
     }
+    float *positive = split, *negative = split + kv_heads * dim;
     for (int64_t b = 0; b < batch; b++) {
         int8_t *role_b = role + b * capacity;
         const int64_t n_core = counters[b * 5 + N_CORE_COLUMN];
         int64_t count = 0;
-        if (page_bound == NULL)
+        if (page_bound == NULL) {
             for (int64_t p = 0; p < n_pages; p++) known[p] = 0;
+            split_query(positive, negative, query + b * q_heads * dim, q_heads, kv_heads, dim);
+        }
         for (int64_t i = 0; i < capacity; i++) {
             int8_t r = role_b[i];
             if (r != ROLE_OTHER && r != ROLE_CORE) continue;
@@ -91,9 +96,10 @@ int avl_core_choice(
             } else {
                 if (!known[page]) { /* only the pages that hold a candidate are bounded */
                     float total = 0.0f;
-                    for (int64_t h = 0; h < q_heads; h++) {
-                        int64_t at = ((b * kv_heads + h / group) * n_pages + page) * dim;
-                        total += box_bound(query + (b * q_heads + h) * dim, low + at, high + at, dim);
+                    for (int64_t h = 0; h < kv_heads; h++) {
+                        int64_t at = ((b * kv_heads + h) * n_pages + page) * dim;
+                        total += box_bound(positive + h * dim, negative + h * dim, low + at,
+                                           high + at, dim);
                     }
                     bound[page] = total / (float)q_heads;
                     known[page] = 1;
@@ -129,5 +135,6 @@ int avl_core_choice(
     free(known);
     free(candidates);
     free(keys);
+    free(split);
     return 0;
 }

@@ -26,20 +26,38 @@ static inline float dot(const float *restrict a, const float *restrict b, int64_
     return lanes_total(lane);
 }
 
-/* the largest q.k a key inside the box [low, high] can give (Quest's bound) */
-static inline float box_bound(const float *restrict q, const float *restrict low,
-                              const float *restrict high, int64_t dim) {
+/* a box's bound summed over a kv head's query heads needs only two sums of the group's
+ * queries: q * low and q * high, whichever is larger, is q * high where q >= 0 and q * low
+ * where q < 0, so the group's sum of them is positive . high + negative . low, where
+ * `positive` [kv_heads, dim] sums max(q, 0) over the group and `negative` min(q, 0) (two
+ * products a dimension and kv head where the max of two products per query head was
+ * four); the same value as page_core.group_bounds' */
+static inline void split_query(float *restrict positive, float *restrict negative,
+                               const float *restrict query, int64_t q_heads, int64_t kv_heads,
+                               int64_t dim) {
+    const int64_t group = q_heads / kv_heads;
+    for (int64_t i = 0; i < kv_heads * dim; i++) positive[i] = negative[i] = 0.0f;
+    for (int64_t h = 0; h < q_heads; h++) {
+        float *pos = positive + (h / group) * dim, *neg = negative + (h / group) * dim;
+        const float *q = query + h * dim;
+        for (int64_t d = 0; d < dim; d++) {
+            pos[d] += q[d] > 0.0f ? q[d] : 0.0f;
+            neg[d] += q[d] < 0.0f ? q[d] : 0.0f;
+        }
+    }
+}
+
+/* the largest q.k keys inside the box [low, high] can give, summed over one kv head's query
+ * heads (Quest's bound; `positive` and `negative` that head's split_query) */
+static inline float box_bound(const float *restrict positive, const float *restrict negative,
+                              const float *restrict low, const float *restrict high,
+                              int64_t dim) {
     float lane[LANES] = {0};
     int64_t d = 0;
     for (; d + LANES <= dim; d += LANES)
-        for (int j = 0; j < LANES; j++) {
-            float lo = q[d + j] * low[d + j], hi = q[d + j] * high[d + j];
-            lane[j] += lo > hi ? lo : hi;
-        }
-    for (; d < dim; d++) {
-        float lo = q[d] * low[d], hi = q[d] * high[d];
-        lane[0] += lo > hi ? lo : hi;
-    }
+        for (int j = 0; j < LANES; j++)
+            lane[j] += positive[d + j] * high[d + j] + negative[d + j] * low[d + j];
+    for (; d < dim; d++) lane[0] += positive[d] * high[d] + negative[d] * low[d];
     return lanes_total(lane);
 }
 
@@ -77,15 +95,18 @@ static inline void box_rows(float *restrict low, float *restrict high,
     }
 }
 
-/* how many entries of `ascending` are below `value` (searchsorted's left index) */
+/* how many entries of `ascending` are below `value` (searchsorted's left index): halving
+ * steps that move the base by a select, not a branch (a branch per step on where a
+ * position falls mispredicts half the time) */
 static inline int64_t count_below(const int64_t *ascending, int64_t length, int64_t value) {
-    int64_t lo = 0, hi = length;
-    while (lo < hi) {
-        int64_t mid = lo + (hi - lo) / 2;
-        if (ascending[mid] < value) lo = mid + 1;
-        else hi = mid;
+    if (length <= 0) return 0;
+    const int64_t *base = ascending; /* the answer is in [base, base + n] */
+    for (int64_t n = length; n > 1;) {
+        const int64_t half = n / 2;
+        base = base[half] < value ? base + half : base;
+        n -= half;
     }
-    return lo;
+    return (base - ascending) + (*base < value);
 }
 
 /* the float's bits as an unsigned key in the float's order (-0 as +0: equal scores, equal

@@ -3,7 +3,8 @@
  * few hundred rows cost Inductor's generated code ~100-200 us a layer and step (gathers,
  * N x N counts, index checks; docs/history.md). Same rows, same order: the tie rule is
  * budgets.best_first's (higher score first, then the lower position); float sums may
- * differ from torch's in the last bit, as Inductor's do.
+ * differ from torch's in the last bits, as Inductor's do (bounds and a recalled row's q.k
+ * are summed per kv head from its query heads' sums).
  *
  * Built by lowering/native_build.py with the system C compiler; no torch headers. */
 
@@ -36,19 +37,21 @@ static int page_ahead(const PageBound *a, const PageBound *b) {
 
 /* the recall_pages pages whose digest bounds the head-averaged q.k highest (ties: the lower
  * page; pages holding nothing last), in page order */
-static void choose_pages(int64_t *chosen, PageBound *best, const float *q, const int64_t *pos_b,
-                         const float *page_low, const float *page_high, int64_t b,
-                         int64_t q_heads, int64_t kv_heads, int64_t n_pages, int64_t page_size,
-                         int64_t dim, int64_t recall_pages) {
-    const int64_t group = q_heads / kv_heads;
+static void choose_pages(int64_t *chosen, PageBound *best, float *split, const float *q,
+                         const int64_t *pos_b, const float *page_low, const float *page_high,
+                         int64_t b, int64_t q_heads, int64_t kv_heads, int64_t n_pages,
+                         int64_t page_size, int64_t dim, int64_t recall_pages) {
+    float *positive = split, *negative = split + kv_heads * dim;
+    split_query(positive, negative, q, q_heads, kv_heads, dim);
     int64_t n_best = 0; /* the best pages so far, best first */
     for (int64_t p = 0; p < n_pages; p++) {
         PageBound page = {-INFINITY, p};
         if (pos_b[p * page_size] >= 0) {
             float total = 0.0f;
-            for (int64_t h = 0; h < q_heads; h++) {
-                int64_t at = ((b * kv_heads + h / group) * n_pages + p) * dim;
-                total += box_bound(q + h * dim, page_low + at, page_high + at, dim);
+            for (int64_t h = 0; h < kv_heads; h++) {
+                int64_t at = ((b * kv_heads + h) * n_pages + p) * dim;
+                total += box_bound(positive + h * dim, negative + h * dim, page_low + at,
+                                   page_high + at, dim);
             }
             page.bound = total / (float)q_heads;
         }
@@ -208,7 +211,7 @@ int avl_recall_swap(
         sizeof(int64_t) * (size_t)(2 * moves), sizeof(float *) * (size_t)(kv_heads * rows_max),
         (size_t)moves, (size_t)(n_core_pages > 0 ? n_core_pages : 1),
         sizeof(int64_t) * (size_t)moves, sizeof(int64_t) * (size_t)moves,
-        sizeof(int64_t) * (size_t)moves,
+        sizeof(int64_t) * (size_t)moves, sizeof(float) * (size_t)(2 * kv_heads * dim),
     };
     enum { N_PARTS = sizeof(sizes) / sizeof(sizes[0]) };
     size_t offsets[N_PARTS], total = 0;
@@ -237,6 +240,7 @@ int avl_recall_swap(
     int64_t *page_source = (int64_t *)(block + offsets[16]);
     int64_t *rebox = (int64_t *)(block + offsets[17]);
     int64_t *widen = (int64_t *)(block + offsets[18]);
+    float *split = (float *)(block + offsets[19]); /* split_query's */
 
     for (int64_t b = 0; b < batch; b++) {
         const float *q = query + b * q_heads * dim;
@@ -245,8 +249,8 @@ int avl_recall_swap(
         if (chosen_in != NULL) { /* chosen by the caller (large digests: see the Python) */
             memcpy(chosen, chosen_in + b * recall_pages, sizeof(int64_t) * (size_t)recall_pages);
         } else {
-            choose_pages(chosen, best, q, pos_b, page_low, page_high, b, q_heads, kv_heads,
-                         n_pages, page_size, dim, recall_pages);
+            choose_pages(chosen, best, split, q, pos_b, page_low, page_high, b, q_heads,
+                         kv_heads, n_pages, page_size, dim, recall_pages);
         }
 
         int64_t n_recalled = 0;
@@ -267,14 +271,21 @@ int avl_recall_swap(
             int64_t at = position[b * kv_heads * capacity + i];
             candidates[count++] = (Candidate){rule_key(last_qk[b * capacity + i], at), at, i};
         }
+        /* a kv head's query heads read the same key: the dot of their sum with it is the
+         * sum of their dots */
+        float *group_query = split; /* [Hkv, D] (choose_pages is done with it) */
+        for (int64_t i = 0; i < kv_heads * dim; i++) group_query[i] = 0.0f;
+        for (int64_t h = 0; h < q_heads; h++)
+            for (int64_t d = 0; d < dim; d++) group_query[(h / group) * dim + d] += q[h * dim + d];
         for (int64_t m = 0; m < moves; m++) {
             if (recalled_position[m] < 0) continue;
             int64_t page = chosen[m / page_size], s = m % page_size;
             float total = 0.0f;
-            for (int64_t h = 0; h < q_heads; h++) {
-                int64_t at = (((b * kv_heads + h / group) * n_pages + page) * page_size + s);
-                total += dot(q + h * dim, page_keys + at * dim, dim) * scale;
+            for (int64_t h = 0; h < kv_heads; h++) {
+                int64_t at = (((b * kv_heads + h) * n_pages + page) * page_size + s);
+                total += dot(group_query + h * dim, page_keys + at * dim, dim);
             }
+            total *= scale;
             candidates[count++] = (Candidate){rule_key(total / (float)q_heads,
                                                        recalled_position[m]),
                                               recalled_position[m], capacity + m};

@@ -517,6 +517,30 @@ def test_page_bound_is_an_upper_bound_and_exact_for_one_row_pages():
             assert not torch.equal(bound[:, 7], bound[:, 8])
 
 
+def test_group_bounds_are_the_largest_q_k_in_each_box_averaged_over_query_heads():
+    """``group_bounds`` (two sums of each kv head's queries, split by sign) gives the box
+    bound written directly: max(q * low, q * high) summed over the head dimension, per
+    query head against its kv head's box, averaged over the query heads; for grouped and
+    one-to-one heads, and for boxes of one key (then it is the exact mean q.k)."""
+    from avl_compile.policies.page_core import group_bounds
+
+    torch.manual_seed(3)
+    for q_heads, kv_heads in ((4, 2), (6, 1), (3, 3)):
+        query = torch.randn(2, q_heads, 16, dtype=torch.float64)
+        corners = torch.randn(2, 2, kv_heads, 5, 16, dtype=torch.float64)
+        low, high = corners.amin(0), corners.amax(0)  # [B, Hkv, P, D]
+        per_query_head = (
+            low.repeat_interleave(q_heads // kv_heads, 1),
+            high.repeat_interleave(q_heads // kv_heads, 1),
+        )
+        q = query[:, :, None, :]
+        direct = torch.maximum(q * per_query_head[0], q * per_query_head[1]).sum(-1).mean(1)
+        torch.testing.assert_close(group_bounds(query, low, high), direct)
+        key = corners[0]  # boxes of one key: the bound is the head-averaged q.k
+        exact = torch.einsum("bhd,bhpd->bhp", query, key.repeat_interleave(q_heads // kv_heads, 1))
+        torch.testing.assert_close(group_bounds(query, key, key), exact.mean(1))
+
+
 def test_image_ordinals_searched_in_a_graph_are_searchsorteds():
     """The swap's search (gathers that halve the range, in a graph) gives ``searchsorted``'s
     ordinals: rows of 1 to 13 image tokens (powers of two and not), a row padded past every

@@ -26,10 +26,24 @@ from torch import Tensor
 from avl_compile.lowering.materialize import materialized
 
 
-def digest_bound(query: Tensor, low: Tensor, high: Tensor) -> Tensor:
-    """The largest q.k a key inside the box [``low``, ``high``] can give, per query head
-    (the head dimension summed; broadcasting shapes)."""
-    return torch.maximum(query * low, query * high).sum(-1)
+def group_bounds(query: Tensor, low: Tensor, high: Tensor) -> Tensor:
+    """Each box's bound under ``query`` [B, Hq, D]: the largest q.k a key inside [``low``,
+    ``high``] (each [B, Hkv, P, D]; query head h reads kv head h // (Hq / Hkv)) can give,
+    the head dimension summed, averaged over the query heads. Returns [B, P] in the boxes'
+    dtype (a box with no rows, +inf and -inf: NaN or infinite; its callers mask it).
+
+    max(q * low, q * high) is q * high where q >= 0 and q * low where q < 0, so a kv head's
+    sum over its query heads is positive . high + negative . low, where ``positive`` sums
+    max(q, 0) over the group and ``negative`` min(q, 0): two products a dimension and kv
+    head, where the max per query head took four (the eager reference's ``_box_bound`` is
+    that max, the same value up to float rounding)."""
+    batch, q_heads, head_dim = query.shape
+    kv_heads = low.shape[1]
+    q = query.reshape(batch, kv_heads, q_heads // kv_heads, head_dim).to(low.dtype)
+    # read for every page: computed once (the query's rotary embedding with them)
+    positive = materialized(q.clamp(min=0).sum(2))[:, :, None, :]  # [B, Hkv, 1, D]
+    negative = materialized(q.clamp(max=0).sum(2))[:, :, None, :]
+    return (positive * high + negative * low).sum(-1).sum(1) / q_heads
 
 
 def pages_of(image_tokens: int, page_size: int) -> int:
@@ -69,13 +83,8 @@ class CorePages:
 
     def page_bounds(self, query: Tensor) -> Tensor:
         """Every page's digest bound under ``query`` [B, Hq, D], averaged over the query
-        heads: [B, pages] in the boxes' dtype."""
-        batch, q_heads, head_dim = query.shape
-        kv_heads, n_pages = self.low.shape[1], self.low.shape[2]
-        q = query.reshape(batch, kv_heads, q_heads // kv_heads, 1, head_dim).to(self.low.dtype)
-        q = materialized(q)  # read for every page: its rotary embedding computed once
-        bound = digest_bound(q, self.low[:, :, None], self.high[:, :, None])
-        return bound.reshape(batch, q_heads, n_pages).mean(dim=1)
+        heads: [B, pages] in the boxes' dtype (``group_bounds``)."""
+        return group_bounds(query, self.low, self.high)
 
     def bound_per_slot(self, query: Tensor, ordinal: Tensor, candidate: Tensor) -> Tensor:
         """For every ``candidate`` slot [B, C] (bool), its page's digest bound under

@@ -46,7 +46,7 @@ from avl_compile.policies.page_core import (
     CorePages,
     box_of,
     box_of_held,
-    digest_bound,
+    group_bounds,
     held_members,
     image_ordinals,
 )
@@ -267,12 +267,10 @@ def choose_pages(query: Tensor, pages: HostPages, recall_pages: int) -> Tensor:
     """The ``recall_pages`` pages [B, R] (page numbers, in page order) whose digest bounds
     the head-averaged q.k of ``query`` [B, Hq, D] highest (ties: the earlier page); empty
     pages only after the others."""
-    group = query.shape[1] // pages.low.shape[1]
-    q = query.to(score_dtype(query.dtype))
+    dtype = score_dtype(query.dtype)
     page_held = pages.positions[:, :, 0] >= 0  # a page's rows fill its first slots
-    low = pages.low.repeat_interleave(group, 1).to(q.dtype)  # [B, Hq, P, D]
-    high = pages.high.repeat_interleave(group, 1).to(q.dtype)
-    bound = digest_bound(q[:, :, None, :], low, high).mean(1).masked_fill(~page_held, -math.inf)
+    bound = group_bounds(query.to(dtype), pages.low.to(dtype), pages.high.to(dtype))
+    bound = bound.masked_fill(~page_held, -math.inf)
     count = min(recall_pages, bound.shape[1])
     # each page's rank by comparisons, not sorts (two sorts per layer and step were a
     # tenth of a host-bound step; these fuse): pages ahead of page p bound q.k higher, or
