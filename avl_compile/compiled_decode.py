@@ -43,9 +43,11 @@ class StateInputs(list):
     __slots__ = ("__weakref__", "sources")
 
     @classmethod
-    def of(cls, states: list[LayerState]) -> StateInputs:
+    def of(cls, states: list[LayerState], sources: list | None = None) -> StateInputs:
+        """The list of ``states``' tensors (``sources``: their ``state_sources``, where the
+        caller has them already)."""
         inputs = cls(t for state in states for t in state.tensors())
-        inputs.sources = state_sources(states)
+        inputs.sources = state_sources(states) if sources is None else sources
         return inputs
 
 
@@ -194,12 +196,11 @@ class CompiledDecode:
         with it. Staged recall's tensors change at every step: read again."""
         if self.staged_recall:
             return StateInputs.of(states)
-        last = states[0].graph_inputs
-        if last is not None:
-            sources = state_sources(states)
-            if len(sources) == len(last.sources) and all(map(operator.is_, sources, last.sources)):
-                return last
-        inputs = states[0].graph_inputs = StateInputs.of(states)
+        last, sources = states[0].graph_inputs, state_sources(states)
+        same = last is not None and len(sources) == len(last.sources)
+        if same and all(map(operator.is_, sources, last.sources)):
+            return last
+        inputs = states[0].graph_inputs = StateInputs.of(states, sources)
         return inputs
 
     def _finish_staged_recall(self, states: list[LayerState]) -> None:
