@@ -61,6 +61,23 @@ static inline float box_bound(const float *restrict positive, const float *restr
     return lanes_total(lane);
 }
 
+/* asks the memory system for `bytes` from `start` ahead of their use (no effect on results):
+ * the swap's rows lie scattered over MBs of cache and pages, cold after the step's weights
+ * passed through, and read one after another each row's misses were waited for in turn.
+ * Always inlined: GCC takes a function that only prefetches for one without effects and
+ * drops its calls (measured: a swap's prefetches vanished) */
+#define AVL_ALWAYS_INLINE static inline __attribute__((always_inline))
+
+AVL_ALWAYS_INLINE void prefetch_bytes(const void *start, size_t bytes) {
+    const char *at = (const char *)start;
+    for (size_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(at + offset, 0, 3);
+}
+
+AVL_ALWAYS_INLINE void prefetch_bytes_to_write(void *start, size_t bytes) {
+    char *at = (char *)start;
+    for (size_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(at + offset, 1, 3);
+}
+
 /* the element-wise min and max of n rows of dim floats (+inf and -inf for none): LANES
  * columns at a time, held in registers over the rows, branch-free (a compare-and-branch
  * on random keys mispredicts) */

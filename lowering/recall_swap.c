@@ -102,6 +102,19 @@ typedef struct {
     const float **rows;                     /* scratch [Hkv, rows_max] */
 } HeadWork;
 
+/* items (pages, rows) whose memory swap_heads asks for ahead of their use (2 to 8 alike) */
+enum { AHEAD = 4 };
+
+AVL_ALWAYS_INLINE void prefetch_core_page(const HeadWork *w, int64_t bh, int64_t page) {
+    const size_t row_bytes = sizeof(float) * (size_t)w->dim;
+    const int64_t *slots = w->members + (w->b * w->n_core_pages + page) * w->core_page_size;
+    for (int64_t i = 0; i < w->core_page_size; i++)
+        if (slots[i] >= 0) prefetch_bytes(w->keys + (bh * w->capacity + slots[i]) * w->dim, row_bytes);
+    int64_t at = (bh * w->n_core_pages + page) * w->dim;
+    prefetch_bytes_to_write(w->core_low + at, row_bytes);
+    prefetch_bytes_to_write(w->core_high + at, row_bytes);
+}
+
 static void swap_heads(void *context, int64_t begin, int64_t end) {
     const HeadWork *w = (const HeadWork *)context;
     const int64_t dim = w->dim, moves = w->moves, page_size = w->page_size;
@@ -121,6 +134,13 @@ static void swap_heads(void *context, int64_t begin, int64_t end) {
         for (int64_t j = 0; j < w->recall_pages; j++) {
             int64_t page = w->chosen[j], held = 0;
             int64_t base = (bh * w->n_pages + page) * page_size * dim;
+            for (int64_t s = 0; j + 1 < w->recall_pages && s < page_size; s++) {
+                int64_t next = w->page_source[(j + 1) * page_size + s];
+                if (next < 0) break;
+                if (next >= w->capacity) continue; /* a recalled row: copied just now */
+                prefetch_bytes(w->keys + (bh * w->capacity + next) * dim, row_bytes);
+                prefetch_bytes(w->values + (bh * w->capacity + next) * dim, row_bytes);
+            }
             for (int64_t s = 0; s < page_size; s++) {
                 int64_t source = w->page_source[j * page_size + s];
                 if (source < 0) break; /* a page's rows fill its first slots */
@@ -140,6 +160,11 @@ static void swap_heads(void *context, int64_t begin, int64_t end) {
             box_rows(w->page_low + at, w->page_high + at, rows, held, dim);
         }
         for (int64_t k = 0; k < w->n_pairs; k++) {
+            if (k + AHEAD < w->n_pairs) {
+                int64_t ahead = (bh * w->capacity + w->freed[k + AHEAD]) * dim;
+                prefetch_bytes_to_write(w->keys + ahead, row_bytes);
+                prefetch_bytes_to_write(w->values + ahead, row_bytes);
+            }
             int64_t slot = w->freed[k], m = w->incoming[k];
             int64_t to = (bh * w->capacity + slot) * dim;
             memcpy(w->keys + to, recalled_keys + m * dim, row_bytes);
@@ -148,7 +173,9 @@ static void swap_heads(void *context, int64_t begin, int64_t end) {
         }
         /* the core's boxes: a page a row left is boxed again from its members; a page rows
          * only came to widens its box by them (min and max are exact either way) */
+        for (int64_t t = 0; t < AHEAD && t < w->n_rebox; t++) prefetch_core_page(w, bh, w->rebox[t]);
         for (int64_t t = 0; t < w->n_rebox; t++) {
+            if (t + AHEAD < w->n_rebox) prefetch_core_page(w, bh, w->rebox[t + AHEAD]);
             int64_t page = w->rebox[t], n = 0;
             const int64_t *slots = w->members + (w->b * w->n_core_pages + page) * w->core_page_size;
             for (int64_t i = 0; i < w->core_page_size; i++)
@@ -157,6 +184,11 @@ static void swap_heads(void *context, int64_t begin, int64_t end) {
             box_rows(w->core_low + at, w->core_high + at, rows, n, dim);
         }
         for (int64_t t = 0; t < w->n_widen; t++) {
+            if (t + AHEAD < w->n_widen) {
+                int64_t ahead = (bh * w->n_core_pages + w->came_page[w->widen[t + AHEAD]]) * dim;
+                prefetch_bytes_to_write(w->core_low + ahead, row_bytes);
+                prefetch_bytes_to_write(w->core_high + ahead, row_bytes);
+            }
             int64_t k = w->widen[t];
             int64_t at = (bh * w->n_core_pages + w->came_page[k]) * dim;
             widen_box(w->core_low + at, w->core_high + at,
